@@ -1,0 +1,48 @@
+# termopar: the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Development admin, created at start when no admin exists.
+ADMIN_EMAIL ?= admin@termopar.local
+ADMIN_PASSWORD ?= termopar-admin
+export ADMIN_EMAIL ADMIN_PASSWORD
+
+CARGO ?= cargo
+
+.PHONY: help services services-down services-status run test lint fmt ci docker-build up down
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+services: ## Install (if missing) and start (if stopped) PostgreSQL, FerretDB, Mosquitto
+	@scripts/services.sh up
+
+services-down: ## Stop the development services
+	@scripts/services.sh down
+
+services-status: ## Show which development services answer
+	@scripts/services.sh status
+
+run: services ## Run the platform (edge mode) against the development services
+	$(CARGO) run --release -p termopar-api
+
+test: services ## Run every test against real services
+	$(CARGO) test --workspace --all-targets
+
+lint: ## Format check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+ci: lint test ## What CI runs: lint, then the tests
+
+docker-build: ## Build the container image
+	docker build -t termopar:latest .
+
+up: ## Run the whole stack in containers
+	docker compose up -d --build
+
+down: ## Stop the container stack
+	docker compose down

@@ -1,0 +1,35 @@
+//! termopar's REST API: authentication, tenants, users, sensors, and (in later parts)
+//! readings, tracking, webhooks and leads.
+//!
+//! [`Application::build`] turns [`Settings`] into a bound server; `main.rs` only adds
+//! telemetry and signals.
+
+pub mod auth;
+mod bootstrap;
+pub mod clients;
+pub mod error;
+mod health;
+mod http;
+pub mod pagination;
+pub mod sensors;
+pub mod settings;
+mod startup;
+pub mod state;
+pub mod users;
+mod validate;
+
+pub use settings::Settings;
+pub use startup::{openapi_json, routes, Application, API_PREFIX};
+
+/// Groups of operations in the OpenAPI document.
+#[derive(poem_openapi::Tags)]
+pub enum ApiTags {
+    /// Log in, refresh and revoke tokens.
+    Auth,
+    /// User accounts (admins).
+    Users,
+    /// Client companies: the tenants.
+    Clients,
+    /// Temperature sensors.
+    Sensors,
+}

@@ -1,0 +1,102 @@
+//! Shared state of the API: stores, keys and caches.
+
+use std::{ops::Deref, sync::Arc};
+
+use moka::future::Cache;
+use mongodb::Database;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    auth::{Jwt, Principal, Role, TokenType},
+    error::{ApiError, ApiResult},
+    settings::Settings,
+};
+
+/// What a token check needs to know of a user, cached.
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    role: Role,
+    client_id: Option<Uuid>,
+    token_version: i32,
+}
+
+/// Cheap to clone; attached to every request.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The state behind [`AppState`].
+pub struct Inner {
+    /// PostgreSQL: users, clients, sensors, rollups.
+    pub pg: PgPool,
+    /// The MongoDB-compatible store: raw readings and events.
+    pub mongo: Database,
+    /// Token keys.
+    pub jwt: Jwt,
+    /// Users by id, as token checks see them. `None` caches "no such user".
+    auth_users: Cache<Uuid, Option<AuthUser>>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// State over already-connected stores.
+    pub fn new(settings: &Settings, pg: PgPool, mongo: Database) -> Self {
+        Self(Arc::new(Inner {
+            pg,
+            mongo,
+            jwt: Jwt::new(&settings.auth),
+            auth_users: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.auth.user_cache_ttl)
+                .build(),
+            max_body_bytes: settings.max_body_bytes,
+        }))
+    }
+
+    /// Checks an access token and returns who it speaks for. The role and tenant come
+    /// from the user as stored now (through a short cache), so a demoted or deleted user
+    /// loses access without waiting for the token to expire.
+    pub async fn authenticate(&self, token: &str) -> ApiResult<Principal> {
+        let claims = self.jwt.verify(token, TokenType::Access)?;
+        let user = self
+            .auth_users
+            .try_get_with(claims.sub, self.load_auth_user(claims.sub))
+            .await
+            .map_err(|e| (*e).clone())?
+            .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
+        if user.token_version != claims.ver {
+            return Err(ApiError::unauthorized("token revoked"));
+        }
+        Ok(Principal {
+            user_id: claims.sub,
+            role: user.role,
+            client_id: user.client_id,
+        })
+    }
+
+    async fn load_auth_user(&self, id: Uuid) -> ApiResult<Option<AuthUser>> {
+        let row: Option<(String, Option<Uuid>, i32)> =
+            sqlx::query_as("SELECT role, client_id, token_version FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pg)
+                .await?;
+        Ok(row.map(|(role, client_id, token_version)| AuthUser {
+            role: Role::from_db(&role).expect("role is constrained in the schema"),
+            client_id,
+            token_version,
+        }))
+    }
+
+    /// Forgets the cached view of a user after it changed.
+    pub async fn forget_user(&self, id: Uuid) {
+        self.auth_users.invalidate(&id).await;
+    }
+}

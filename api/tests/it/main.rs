@@ -1,0 +1,11 @@
+//! Integration tests of the API over real HTTP on port 0, each against its own fresh
+//! PostgreSQL database and MongoDB database.
+
+mod auth;
+mod authorization;
+mod clients;
+mod errors;
+mod harness;
+mod operations;
+mod sensors;
+mod users;

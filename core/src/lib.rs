@@ -1,0 +1,14 @@
+//! Shared pieces of termopar: settings helpers, PostgreSQL and MongoDB plumbing,
+//! telemetry, metrics, device secrets and time-zone handling.
+//!
+//! Everything the broker, consumer, simulator and API must agree on lives here, so the
+//! parts can never drift apart.
+
+pub mod db;
+pub mod metrics;
+pub mod mongo;
+pub mod secrets;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tz;

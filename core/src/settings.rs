@@ -1,0 +1,97 @@
+//! Reading settings from the environment.
+//!
+//! Only settings modules read the environment; they go through these helpers so a
+//! malformed value always names the variable it came from.
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use secrecy::SecretString;
+
+/// Default PostgreSQL URL (the public contract in SPEC.md).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/termopar";
+/// Default MongoDB URI.
+pub const DEFAULT_MONGODB_URI: &str = "mongodb://127.0.0.1:27017";
+/// Default MongoDB database name.
+pub const DEFAULT_MONGODB_DB: &str = "termopar";
+
+/// The value of `name`, or `None` when it is unset or empty.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The value of `name`, or `default` when it is unset or empty.
+pub fn env_or(name: &str, default: &str) -> String {
+    env_var(name).unwrap_or_else(|| default.to_owned())
+}
+
+/// Parses `name` as `T`, or returns `default` when it is unset or empty.
+pub fn env_parse<T>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match env_var(name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .with_context(|| format!("invalid value {raw:?} for {name}")),
+    }
+}
+
+/// Parses `name` as a whole number of seconds.
+pub fn env_secs(name: &str, default: Duration) -> anyhow::Result<Duration> {
+    env_parse(name, default.as_secs()).map(Duration::from_secs)
+}
+
+/// Where PostgreSQL is and how many connections to keep.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// Connection URL (`DATABASE_URL`). The database is created if missing.
+    pub url: SecretString,
+    /// Upper bound of the pool (`DATABASE_MAX_CONNECTIONS`, default 16).
+    pub max_connections: u32,
+    /// How long a caller waits for a connection before storage counts as unavailable
+    /// (`DATABASE_ACQUIRE_TIMEOUT_SECS`, default 3).
+    pub acquire_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// Reads `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS`, `DATABASE_ACQUIRE_TIMEOUT_SECS`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            url: SecretString::from(env_or("DATABASE_URL", DEFAULT_DATABASE_URL)),
+            max_connections: env_parse("DATABASE_MAX_CONNECTIONS", 16)?,
+            acquire_timeout: env_secs("DATABASE_ACQUIRE_TIMEOUT_SECS", Duration::from_secs(3))?,
+        })
+    }
+
+    /// Settings for `url` with the defaults for everything else.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: SecretString::from(url.into()),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Where the MongoDB-compatible server is.
+#[derive(Debug, Clone)]
+pub struct MongoSettings {
+    /// Connection URI (`MONGODB_URI`).
+    pub uri: String,
+    /// Database name (`MONGODB_DB`).
+    pub database: String,
+}
+
+impl MongoSettings {
+    /// Reads `MONGODB_URI` and `MONGODB_DB`.
+    pub fn from_env() -> Self {
+        Self {
+            uri: env_or("MONGODB_URI", DEFAULT_MONGODB_URI),
+            database: env_or("MONGODB_DB", DEFAULT_MONGODB_DB),
+        }
+    }
+}

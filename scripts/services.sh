@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# Development services for termopar, installed when missing and started when stopped:
+#   PostgreSQL  (Debian package)         127.0.0.1:5432, trust for local TCP as `postgres`
+#   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
+#   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
+#
+# Usage: scripts/services.sh [up|down|status|env]
+# Safe to run any number of times: every step checks first. `up` returns once each
+# service answers, or fails naming the one that did not.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEV_DIR=${TERMOPAR_DEV_DIR:-$HOME/.local/share/termopar-dev}
+PG_PORT=${PG_PORT:-5432}
+FERRETDB_VERSION=v1.24.2
+FERRETDB_ADDR=${FERRETDB_ADDR:-127.0.0.1:27017}
+# FerretDB's debug/metrics listener defaults to 127.0.0.1:8088, which other tools like;
+# keep it beside the wire port instead.
+FERRETDB_DEBUG_ADDR=${FERRETDB_DEBUG_ADDR:-127.0.0.1:27018}
+MOSQUITTO_PORT=${MOSQUITTO_PORT:-1884}
+WAIT_SECS=${WAIT_SECS:-60}
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# True when something accepts TCP connections on host:port.
+port_open() {
+    local host=${1%:*} port=${1##*:}
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# Waits until "$@" succeeds, or fails after WAIT_SECS naming $what.
+wait_for() {
+    local what=$1; shift
+    local deadline=$((SECONDS + WAIT_SECS))
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || die "$what did not answer within ${WAIT_SECS}s"
+        sleep 0.2
+    done
+}
+
+APT_UPDATED=
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ -z "$APT_UPDATED" ]; then
+        log "apt-get update"
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "installing ${missing[*]}"
+    # policy-rc.d keeps the packages' own init scripts from starting system-wide
+    # daemons (a system mosquitto would take port 1883 from our broker).
+    local policy=/usr/sbin/policy-rc.d created_policy=
+    if [ ! -e $policy ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee $policy >/dev/null
+        as_root chmod +x $policy
+        created_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -n "$created_policy" ] && as_root rm -f $policy
+    return 0
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_version() { ls /usr/lib/postgresql | sort -V | tail -n 1; }
+
+pg_up() {
+    apt_install postgresql postgresql-client
+    local ver cluster conf hba
+    ver=$(pg_version)
+    cluster=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $2; exit }')
+    if [ -z "$cluster" ]; then
+        cluster=termopar
+        log "creating PostgreSQL $ver cluster '$cluster' on port $PG_PORT"
+        as_root pg_createcluster "$ver" "$cluster" --port "$PG_PORT" >/dev/null
+    fi
+    ver=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1; exit }')
+    conf=/etc/postgresql/$ver/$cluster
+    hba=$conf/pg_hba.conf
+    # Local TCP as `postgres` without a password, so DATABASE_URL's default
+    # (postgres://postgres@127.0.0.1:5432/termopar) works. Development machines only.
+    if ! grep -q '# termopar-dev' "$hba"; then
+        log "allowing local TCP for postgres in $hba"
+        local tmp
+        tmp=$(mktemp)
+        {
+            echo "host all postgres 127.0.0.1/32 trust # termopar-dev"
+            echo "host all postgres ::1/128 trust # termopar-dev"
+            cat "$hba"
+        } >"$tmp"
+        as_root cp "$tmp" "$hba"
+        rm -f "$tmp"
+        if pg_lsclusters -h | awk -v c="$cluster" '$2 == c' | grep -q online; then
+            as_root pg_ctlcluster "$ver" "$cluster" reload
+        fi
+    fi
+    # Tests create and drop many small databases; a larger pool of connections and no
+    # synchronous commit for them is set per connection by the test harness instead of
+    # weakening durability here.
+    if ! pg_lsclusters -h | awk -v c="$cluster" '$2 == c' | grep -q online; then
+        log "starting PostgreSQL $ver/$cluster"
+        as_root pg_ctlcluster "$ver" "$cluster" start
+    fi
+    wait_for "PostgreSQL" pg_isready -q -h 127.0.0.1 -p "$PG_PORT"
+    wait_for "PostgreSQL login" psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'select 1' -o /dev/null
+    log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
+}
+
+pg_down() {
+    local ver cluster
+    ver=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1; exit }')
+    cluster=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $2; exit }')
+    [ -n "$cluster" ] && as_root pg_ctlcluster "$ver" "$cluster" stop 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- FerretDB
+FERRETDB_BIN=$DEV_DIR/bin/ferretdb
+
+ferretdb_install() {
+    if [ -x "$FERRETDB_BIN" ] && "$FERRETDB_BIN" --version 2>/dev/null | grep -q "version: $FERRETDB_VERSION"; then
+        return 0
+    fi
+    command -v go >/dev/null || die "Go is needed to build FerretDB (install golang)"
+    log "building FerretDB $FERRETDB_VERSION (one time)"
+    # `go install …/cmd/ferretdb@v1.24.2` cannot be used: the module proxy here answers
+    # 403 for the cmd/ferretdb path it probes first, and a plain build of the module
+    # panics at start-up without build/version/version.txt (normally generated by
+    # FerretDB's release tooling). So: download the exact module, copy it, write the
+    # version file and build it as its own main module.
+    local dir src
+    dir=$(cd "$ROOT/tools/ferretdb" && GOFLAGS=-mod=mod go mod download -json "github.com/FerretDB/FerretDB@$FERRETDB_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [ -d "$dir" ] || die "could not download github.com/FerretDB/FerretDB@$FERRETDB_VERSION"
+    src=$(mktemp -d)
+    cp -r "$dir/." "$src/"
+    chmod -R u+w "$src"
+    echo "$FERRETDB_VERSION" >"$src/build/version/version.txt"
+    mkdir -p "$DEV_DIR/bin"
+    (cd "$src" && GOFLAGS=-buildvcs=false go build -trimpath -o "$FERRETDB_BIN.tmp" ./cmd/ferretdb)
+    mv "$FERRETDB_BIN.tmp" "$FERRETDB_BIN"
+    rm -rf "$src"
+}
+
+ferretdb_up() {
+    if port_open "$FERRETDB_ADDR"; then
+        log "FerretDB already answering on $FERRETDB_ADDR"
+        return 0
+    fi
+    ferretdb_install
+    local data=$DEV_DIR/ferretdb
+    mkdir -p "$data/sqlite" "$data/state"
+    log "starting FerretDB on $FERRETDB_ADDR"
+    setsid nohup "$FERRETDB_BIN" \
+        --handler=sqlite --sqlite-url="file:$data/sqlite/" \
+        --state-dir="$data/state" \
+        --listen-addr="$FERRETDB_ADDR" --debug-addr="$FERRETDB_DEBUG_ADDR" \
+        --telemetry=disable --log-level=warn \
+        >"$data/ferretdb.log" 2>&1 </dev/null &
+    echo $! >"$data/ferretdb.pid"
+    wait_for "FerretDB (log: $data/ferretdb.log)" port_open "$FERRETDB_ADDR"
+    log "FerretDB ready on $FERRETDB_ADDR"
+}
+
+ferretdb_down() {
+    local pidfile=$DEV_DIR/ferretdb/ferretdb.pid
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+}
+
+# ---------------------------------------------------------------- Mosquitto
+mosquitto_up() {
+    apt_install mosquitto mosquitto-clients
+    if port_open "127.0.0.1:$MOSQUITTO_PORT"; then
+        log "Mosquitto already answering on 127.0.0.1:$MOSQUITTO_PORT"
+        return 0
+    fi
+    local dir=$DEV_DIR/mosquitto
+    mkdir -p "$dir"
+    # Persistent sessions must queue everything a killed consumer has not acknowledged,
+    # so the queue limits are far above what a test or a benchmark sends.
+    cat >"$dir/mosquitto.conf" <<CONF
+listener $MOSQUITTO_PORT 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $dir/
+max_queued_messages 2000000
+max_inflight_messages 1000
+max_packet_size 2000000
+set_tcp_nodelay true
+log_dest file $dir/mosquitto.log
+log_type error
+log_type warning
+pid_file $dir/mosquitto.pid
+CONF
+    log "starting Mosquitto on 127.0.0.1:$MOSQUITTO_PORT"
+    # Runs as the invoking user; as root mosquitto would drop to the `mosquitto` user,
+    # which cannot write into our directory.
+    if [ "$(id -u)" = 0 ]; then
+        echo "user root" >>"$dir/mosquitto.conf"
+    fi
+    mosquitto -d -c "$dir/mosquitto.conf"
+    wait_for "Mosquitto (log: $dir/mosquitto.log)" port_open "127.0.0.1:$MOSQUITTO_PORT"
+    log "Mosquitto ready on 127.0.0.1:$MOSQUITTO_PORT"
+}
+
+mosquitto_down() {
+    local pidfile=$DEV_DIR/mosquitto/mosquitto.pid
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+}
+
+status() {
+    local s
+    for s in "PostgreSQL 127.0.0.1:$PG_PORT" "FerretDB $FERRETDB_ADDR" "Mosquitto 127.0.0.1:$MOSQUITTO_PORT"; do
+        if port_open "${s#* }"; then echo "up    $s"; else echo "down  $s"; fi
+    done
+}
+
+case "${1:-up}" in
+    up)
+        mkdir -p "$DEV_DIR"
+        pg_up
+        ferretdb_up
+        mosquitto_up
+        ;;
+    down)
+        mosquitto_down
+        ferretdb_down
+        pg_down
+        ;;
+    status) status ;;
+    env)
+        echo "DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/termopar"
+        echo "MONGODB_URI=mongodb://$FERRETDB_ADDR"
+        echo "MOSQUITTO_URL=mqtt://127.0.0.1:$MOSQUITTO_PORT"
+        ;;
+    *) die "usage: $0 [up|down|status|env]" ;;
+esac
