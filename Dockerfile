@@ -1,22 +1,18 @@
 # syntax=docker/dockerfile:1
-# One image with every termopar binary; docker-compose.yml picks the command per service.
+# One image with every termopar binary; docker-compose.yml picks the command per service:
+#   termopar (edge: broker + consumer + API), termopar-api, termopar-broker,
+#   termopar-consumer, device-sim.
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-# Dependencies first, so code changes do not rebuild them.
-COPY Cargo.toml Cargo.lock ./
-COPY core/Cargo.toml core/Cargo.toml
-COPY api/Cargo.toml api/Cargo.toml
-COPY test-support/Cargo.toml test-support/Cargo.toml
-RUN for c in core api test-support; do mkdir -p $c/src && echo "" > $c/src/lib.rs; done \
-    && echo "fn main() {}" > api/src/main.rs \
-    && mkdir -p migrations \
-    && cargo build --release -p termopar-api || true
 COPY . .
-RUN touch core/src/lib.rs api/src/lib.rs api/src/main.rs \
-    && cargo build --release --bins \
+# Cache mounts keep the registry and build artefacts between image builds.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
     && mkdir -p /out \
-    && find target/release -maxdepth 1 -type f -executable -name 'termopar*' -exec cp {} /out/ \;
+    && cp target/release/termopar target/release/termopar-api target/release/termopar-broker \
+          target/release/termopar-consumer target/release/device-sim /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
@@ -24,6 +20,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 termopar
 COPY --from=builder /out/ /usr/local/bin/
 USER termopar
-ENV LOG_FORMAT=json RUST_LOG=info API_ADDR=0.0.0.0:8080
-EXPOSE 8080
-CMD ["termopar-api"]
+ENV LOG_FORMAT=json RUST_LOG=info
+EXPOSE 8080 1883 1885
+CMD ["termopar"]

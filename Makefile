@@ -9,7 +9,7 @@ export ADMIN_EMAIL ADMIN_PASSWORD
 
 CARGO ?= cargo
 
-.PHONY: help services services-down services-status run test lint fmt ci docker-build up down
+.PHONY: help services services-down services-status run simulate test lint fmt ci docker-build up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -23,8 +23,11 @@ services-down: ## Stop the development services
 services-status: ## Show which development services answer
 	@scripts/services.sh status
 
-run: services ## Run the platform (edge mode) against the development services
-	$(CARGO) run --release -p termopar-api
+run: services ## Run the platform (edge mode: broker + consumer + API) on the dev services
+	$(CARGO) run --release -p termopar --bin termopar
+
+simulate: ## Publish simulated readings of two demo clients to a running `make run`
+	$(CARGO) run --release -p termopar-device-sim -- $(ARGS)
 
 test: services ## Run every test against real services
 	$(CARGO) test --workspace --all-targets

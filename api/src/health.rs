@@ -16,8 +16,9 @@ pub async fn health() -> Response {
     poem::web::Json(json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /ready`: PostgreSQL and the MongoDB-compatible store answer. 503 otherwise,
-/// with which check failed.
+/// `GET /ready`: PostgreSQL and the MongoDB-compatible store answer, and the MQTT
+/// broker accepts connections when one is configured. 503 otherwise, with which check
+/// failed.
 #[handler]
 pub async fn ready(state: Data<&AppState>) -> Response {
     let pg = async {
@@ -32,17 +33,30 @@ pub async fn ready(state: Data<&AppState>) -> Response {
             .await
             .map_err(|e| e.to_string())
     };
-    let (pg, mongo) = tokio::join!(with_timeout(pg), with_timeout(mongo));
-    let ok = pg.is_ok() && mongo.is_ok();
+    let broker = async {
+        match &state.ready_broker {
+            Some(b) => tokio::net::TcpStream::connect((b.host.as_str(), b.port))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    };
+    let (pg, mongo, mqtt) = tokio::join!(with_timeout(pg), with_timeout(mongo), with_timeout(broker));
+    let ok = pg.is_ok() && mongo.is_ok() && mqtt.is_ok();
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let check = |r: Result<(), String>| r.map_or_else(|e| e, |()| "ok".to_owned());
+    let mut checks = json!({ "postgres": check(pg), "mongodb": check(mongo) });
+    if state.ready_broker.is_some() {
+        checks["mqtt"] = check(mqtt).into();
+    }
     poem::web::Json(json!({
         "status": if ok { "ready" } else { "unavailable" },
-        "checks": { "postgres": check(pg), "mongodb": check(mongo) },
+        "checks": checks,
     }))
     .with_status(status)
     .into_response()

@@ -9,6 +9,7 @@ use poem_openapi::{
     ApiResponse, Object, OpenApi,
 };
 use sqlx::FromRow;
+use termopar_core::ids::SensorId;
 use uuid::Uuid;
 
 use crate::{
@@ -349,6 +350,7 @@ impl SensorsApi {
         if deleted == 0 {
             return Err(ApiError::not_found("sensor"));
         }
+        state.directory.invalidate(SensorId(id.0)).await;
         tracing::info!(sensor_id = %id.0, "sensor deleted");
         Ok(Deleted::Deleted)
     }
@@ -380,6 +382,7 @@ impl SensorsApi {
         if updated == 0 {
             return Err(ApiError::not_found("sensor"));
         }
+        state.directory.invalidate(SensorId(id.0)).await;
         Ok(SecretOk::Ok(Json(RotatedSecret {
             sensor_id: id.0,
             device_secret: secret,

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{bail, Context};
 use secrecy::{ExposeSecret, SecretString};
 use termopar_core::settings::{
-    env_or, env_parse, env_secs, env_var, DatabaseSettings, MongoSettings,
+    env_or, env_parse, env_secs, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
 };
 
 /// The JWT secret used when `JWT_SECRET` is unset. Only for development: the API logs a
@@ -28,6 +28,9 @@ pub struct Settings {
     pub bootstrap_admin: Option<BootstrapAdmin>,
     /// Largest request body accepted, in bytes (`API_MAX_BODY_BYTES`, default 1 MiB).
     pub max_body_bytes: usize,
+    /// An MQTT broker `/ready` checks for reachability: the embedded one in edge mode,
+    /// `MQTT_URL` when set for a standalone API.
+    pub ready_broker: Option<MqttEndpoint>,
 }
 
 /// How tokens are signed and how long they live.
@@ -82,6 +85,9 @@ impl Settings {
             },
             bootstrap_admin,
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
+            ready_broker: env_var("MQTT_URL")
+                .map(|url| MqttEndpoint::parse(&url))
+                .transpose()?,
         };
         settings.validate()?;
         Ok(settings)

@@ -13,6 +13,7 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
+use termopar_core::ingest::IngestStore;
 
 use crate::{
     auth::AuthApi,
@@ -80,10 +81,20 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pg = termopar_core::db::connect_and_migrate(&settings.database).await?;
         let mongo = termopar_core::mongo::connect(&settings.mongo).await?;
+        Self::prepare(&settings, pg, mongo).await
+    }
+
+    /// Over stores already connected and migrated: creates the MongoDB indexes, ensures
+    /// the bootstrap admin, and binds the listener.
+    pub async fn prepare(settings: &Settings, pg: PgPool, mongo: Database) -> anyhow::Result<Self> {
+        IngestStore::new(pg.clone(), &mongo)
+            .ensure_indexes()
+            .await
+            .context("failed to create the MongoDB indexes")?;
         if let Some(admin) = &settings.bootstrap_admin {
             crate::bootstrap::ensure_admin(&pg, admin).await?;
         }
-        Self::with_stores(&settings, pg, mongo)
+        Self::with_stores(settings, pg, mongo)
     }
 
     /// Binds the listener over stores the caller already holds (which may be down: the

@@ -5,6 +5,7 @@ use std::{ops::Deref, sync::Arc};
 use moka::future::Cache;
 use mongodb::Database;
 use sqlx::PgPool;
+use termopar_core::{directory::SensorDirectory, settings::MqttEndpoint};
 use uuid::Uuid;
 
 use crate::{
@@ -37,6 +38,11 @@ pub struct Inner {
     auth_users: Cache<Uuid, Option<AuthUser>>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Sensors by id (shared with the broker and consumer in edge mode, so a rotated
+    /// secret or a deleted sensor takes effect there at once).
+    pub directory: SensorDirectory,
+    /// The broker `/ready` checks, if any.
+    pub ready_broker: Option<MqttEndpoint>,
 }
 
 impl Deref for AppState {
@@ -49,6 +55,7 @@ impl Deref for AppState {
 impl AppState {
     /// State over already-connected stores.
     pub fn new(settings: &Settings, pg: PgPool, mongo: Database) -> Self {
+        let pg_for_directory = pg.clone();
         Self(Arc::new(Inner {
             pg,
             mongo,
@@ -58,6 +65,8 @@ impl AppState {
                 .time_to_live(settings.auth.user_cache_ttl)
                 .build(),
             max_body_bytes: settings.max_body_bytes,
+            directory: SensorDirectory::new(pg_for_directory),
+            ready_broker: settings.ready_broker.clone(),
         }))
     }
 

@@ -5,10 +5,15 @@
 //! parts can never drift apart.
 
 pub mod db;
+pub mod directory;
+pub mod ids;
+pub mod ingest;
 pub mod metrics;
 pub mod mongo;
+pub mod reading;
 pub mod secrets;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod topic;
 pub mod tz;

@@ -29,3 +29,35 @@ pub fn prometheus() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Serves `/metrics` (Prometheus text) and `/health` on `addr` until `shutdown`: the
+/// operations endpoints of the processes that have no API of their own (broker,
+/// consumer).
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use poem::{get, handler, listener::TcpListener, Route, Server};
+
+    #[handler]
+    fn metrics_text() -> poem::Response {
+        poem::Response::builder()
+            .content_type("text/plain; version=0.0.4")
+            .body(prometheus().render())
+    }
+
+    #[handler]
+    fn health() -> &'static str {
+        "{\"status\":\"ok\"}"
+    }
+
+    prometheus();
+    let app = Route::new()
+        .at("/metrics", get(metrics_text))
+        .at("/health", get(health));
+    tracing::info!(%addr, "metrics listening");
+    Server::new(TcpListener::bind(addr))
+        .run_with_graceful_shutdown(app, shutdown, None)
+        .await?;
+    Ok(())
+}

@@ -95,3 +95,82 @@ impl MongoSettings {
         }
     }
 }
+
+/// An MQTT broker to connect to, and the credentials to present.
+#[derive(Debug, Clone)]
+pub struct MqttEndpoint {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Username and password, when the broker requires them.
+    pub credentials: Option<(String, SecretString)>,
+}
+
+impl MqttEndpoint {
+    /// `MQTT_URL` (default `mqtt://127.0.0.1:1883`) with `MQTT_USERNAME`/`MQTT_PASSWORD`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let mut endpoint = Self::parse(&env_or("MQTT_URL", "mqtt://127.0.0.1:1883"))?;
+        endpoint.credentials = match (env_var("MQTT_USERNAME"), env_var("MQTT_PASSWORD")) {
+            (Some(u), Some(p)) => Some((u, SecretString::from(p))),
+            (None, None) => None,
+            _ => anyhow::bail!("MQTT_USERNAME and MQTT_PASSWORD must be set together"),
+        };
+        Ok(endpoint)
+    }
+
+    /// Parses `mqtt://host:port` (also `tcp://`, or a bare `host:port`; port 1883 when
+    /// absent). Credentials do not belong in the URL.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        if rest.contains('@') {
+            anyhow::bail!("put MQTT credentials in MQTT_USERNAME/MQTT_PASSWORD, not in the URL");
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .with_context(|| format!("invalid port in {url:?}"))?,
+            ),
+            None => (rest, 1883),
+        };
+        let host = host.trim_matches(['[', ']']);
+        if host.is_empty() {
+            anyhow::bail!("no host in {url:?}");
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            credentials: None,
+        })
+    }
+
+    /// Adds credentials.
+    pub fn with_credentials(mut self, username: &str, password: &str) -> Self {
+        self.credentials = Some((username.to_owned(), SecretString::from(password.to_owned())));
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_urls_parse_into_host_and_port() {
+        let parse = |u| MqttEndpoint::parse(u).map(|e| (e.host, e.port));
+        assert_eq!(
+            parse("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(parse("tcp://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(parse("localhost:1").unwrap(), ("localhost".into(), 1));
+        assert!(parse("mqtt://u:p@host:1").is_err());
+        assert!(parse("mqtt://host:notaport").is_err());
+        assert!(parse("mqtt://").is_err());
+    }
+}

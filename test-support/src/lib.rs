@@ -179,3 +179,129 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind an ephemeral port")
 }
+
+/// The development Mosquitto (`MOSQUITTO_URL`, default `mqtt://127.0.0.1:1884`).
+pub fn mosquitto_endpoint() -> termopar_core::settings::MqttEndpoint {
+    termopar_core::settings::MqttEndpoint::parse(&env_or("MOSQUITTO_URL", "mqtt://127.0.0.1:1884"))
+        .expect("MOSQUITTO_URL is a valid mqtt:// URL")
+}
+
+/// A topic prefix no other test uses, for tests that share a broker.
+pub fn unique_prefix() -> String {
+    format!("test-{}", Uuid::new_v4().simple())
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy to a real service that a test can cut off and restore, to see how the
+/// code behaves while the service is unreachable.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    /// Starts forwarding `127.0.0.1:<free port>` to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound); // refused: closed at once
+                    continue;
+                }
+                let mut cut_rx = cut2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, cut }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Publishes with mosquitto_pub (a real, independent client); panics if it fails.
+pub fn mosquitto_pub(
+    endpoint: &termopar_core::settings::MqttEndpoint,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    version: &str,
+) {
+    let status = mosquitto_pub_status(endpoint, topic, payload, qos, version, None);
+    assert!(status.success(), "mosquitto_pub failed: {status}");
+}
+
+/// Runs mosquitto_pub with optional credentials; returns its exit status.
+pub fn mosquitto_pub_status(
+    endpoint: &termopar_core::settings::MqttEndpoint,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    version: &str,
+    credentials: Option<(&str, &str)>,
+) -> std::process::ExitStatus {
+    let file = std::env::temp_dir().join(format!("payload-{}", Uuid::new_v4().simple()));
+    std::fs::write(&file, payload).unwrap();
+    let mut cmd = std::process::Command::new("mosquitto_pub");
+    cmd.args([
+        "-h",
+        &endpoint.host,
+        "-p",
+        &endpoint.port.to_string(),
+        "-t",
+        topic,
+    ])
+    .args(["-q", &qos.to_string(), "-V", version, "-f"])
+    .arg(&file)
+    .args(["-i", &format!("pub-{}", Uuid::new_v4().simple())]);
+    if let Some((u, p)) = credentials {
+        cmd.args(["-u", u, "-P", p]);
+    }
+    let status = cmd
+        .status()
+        .expect("mosquitto_pub is installed (make services)");
+    let _ = std::fs::remove_file(file);
+    status
+}

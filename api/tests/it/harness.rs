@@ -34,6 +34,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
             password: SecretString::from(ADMIN_PASSWORD),
         }),
         max_body_bytes: MAX_BODY,
+        ready_broker: None,
     }
 }
 

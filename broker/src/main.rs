@@ -1,0 +1,17 @@
+use termopar_broker::BrokerSettings;
+use termopar_core::{db, directory::SensorDirectory, settings::DatabaseSettings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    termopar_core::telemetry::init("info");
+    let settings = BrokerSettings::from_env()?;
+    let directory = if settings.require_auth {
+        let pg = db::connect_and_migrate(&DatabaseSettings::from_env()?).await?;
+        Some(SensorDirectory::new(pg))
+    } else {
+        None
+    };
+    termopar_broker::start(&settings, directory).await?;
+    let metrics_addr = termopar_core::settings::env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102");
+    termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal()).await
+}

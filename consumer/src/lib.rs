@@ -1,0 +1,138 @@
+//! termopar's consumer: subscribes to readings over MQTT, validates them, stores raw
+//! readings in MongoDB and rollups in PostgreSQL exactly once, dead-letters what is
+//! wrong, and acknowledges each QoS 1 message only after it is persisted.
+//!
+//! Works against any MQTT 3.1.1 broker (the embedded rumqttd, Mosquitto, EMQX). Several
+//! consumers split the load with a share group, on a broker that keeps persistent
+//! shared sessions (not rumqttd 0.20, which crashes; see docs/ARCHITECTURE.md).
+
+pub mod mqtt;
+pub mod pipeline;
+pub mod settings;
+pub mod sink;
+
+use std::future::Future;
+
+use rumqttc::AsyncClient;
+use termopar_core::{directory::SensorDirectory, topic::Topics};
+use tokio::sync::{mpsc, watch};
+
+pub use settings::ConsumerSettings;
+pub use sink::Sink;
+
+/// A consumer, ready to run.
+pub struct Consumer<S> {
+    settings: ConsumerSettings,
+    directory: SensorDirectory,
+    sink: S,
+    subscribed: watch::Sender<bool>,
+}
+
+impl<S: Sink> Consumer<S> {
+    /// A consumer of readings from `settings.broker` into `sink`.
+    pub fn new(settings: ConsumerSettings, directory: SensorDirectory, sink: S) -> Self {
+        Self {
+            settings,
+            directory,
+            sink,
+            subscribed: watch::channel(false).0,
+        }
+    }
+
+    /// Turns true once the broker confirmed the subscription (and false while
+    /// disconnected): from then on nothing published is missed.
+    pub fn subscribed(&self) -> watch::Receiver<bool> {
+        self.subscribed.subscribe()
+    }
+
+    /// Runs until `shutdown` resolves, then finishes the batch in hand, disconnects
+    /// (keeping the persistent session) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            directory,
+            sink,
+            subscribed,
+        } = self;
+        settings.validate()?;
+        let topics = Topics::new(&settings.topic_prefix);
+        let filter = match &settings.share_group {
+            Some(group) => {
+                tracing::warn!(
+                    group,
+                    "shared subscription with a persistent session: the broker must keep \
+                     persistent shared sessions (Mosquitto, EMQX). rumqttd 0.20 crashes when \
+                     such a subscriber disconnects abruptly."
+                );
+                topics.shared_readings_filter(group)
+            }
+            None => topics.readings_filter(),
+        };
+
+        // Batches a crash left pending are finished first, then periodically.
+        if let Err(e) = sink.recover(settings.recover_after).await {
+            tracing::warn!(error = %e, "recovery of pending batches failed; will retry");
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let recovery = {
+            let sink = sink.clone();
+            let every = settings
+                .recover_after
+                .max(std::time::Duration::from_secs(1))
+                / 2;
+            let mut stop = stop_rx.clone();
+            let older_than = settings.recover_after;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => return,
+                    }
+                    if let Err(e) = sink.recover(older_than).await {
+                        tracing::warn!(error = %e, "recovery of pending batches failed");
+                    }
+                }
+            })
+        };
+
+        let (client, eventloop) = AsyncClient::new(mqtt::options(&settings), 4096);
+        let (tx, rx) = mpsc::channel(settings.max_unacked.max(settings.batch_size).min(100_000));
+        let epoch = mqtt::Epoch::default();
+        let driver = tokio::spawn(mqtt::drive(
+            client.clone(),
+            eventloop,
+            filter,
+            tx,
+            epoch.clone(),
+            subscribed,
+        ));
+        let pipeline = pipeline::Pipeline {
+            settings,
+            topics,
+            directory,
+            sink,
+            client: client.clone(),
+            epoch,
+        };
+        let worker = tokio::spawn(pipeline.run(rx, stop_rx));
+
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = worker.await;
+        // Let the queued acknowledgements go out before saying goodbye.
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), driver).await;
+        let _ = recovery.await;
+        Ok(())
+    }
+}
+
+/// Runs a consumer until `shutdown` (see [`Consumer::run`]).
+pub async fn run<S: Sink>(
+    settings: ConsumerSettings,
+    directory: SensorDirectory,
+    sink: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    Consumer::new(settings, directory, sink).run(shutdown).await
+}

@@ -1,0 +1,139 @@
+//! SIGKILL the consumer again and again in the middle of a QoS 1 stream through the
+//! embedded broker: nothing is lost, nothing is counted twice.
+
+use std::{process::Command, time::Duration};
+
+use rumqttc::QoS;
+use termopar_broker::BrokerSettings;
+use termopar_core::{settings::MqttEndpoint, topic::Topics};
+use termopar_device_sim::{Profile, SimConfig, SimSensor};
+use test_support::{eventually, ChildGuard};
+use uuid::Uuid;
+
+use crate::harness::*;
+
+fn consumer_process(stores: &Stores, endpoint: &MqttEndpoint, client_id: &str) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
+        .envs(stores.consumer_env())
+        .env(
+            "MQTT_URL",
+            format!("mqtt://{}:{}", endpoint.host, endpoint.port),
+        )
+        .env("MQTT_CLIENT_ID", client_id)
+        .env("CONSUMER_RECOVER_AFTER_SECS", "2")
+        .env("CONSUMER_METRICS_ADDR", "off")
+        .spawn()
+        .expect("start the consumer binary");
+    ChildGuard(child)
+}
+
+#[tokio::test]
+async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(5).await;
+    let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None)
+        .await
+        .unwrap();
+    let endpoint = MqttEndpoint::parse(&broker.url()).unwrap();
+    let client_id = format!("crashy-{}", Uuid::new_v4().simple());
+
+    // The first run creates the persistent session; readings are only published after.
+    let mut consumer = consumer_process(&stores, &endpoint, &client_id);
+    let probe = Uuid::new_v4();
+    let topic = Topics::new("").readings(client, sensors[0].0);
+    eventually(
+        "the consumer subscribed",
+        Duration::from_secs(20),
+        || async {
+            mosquitto_pub(
+                &endpoint,
+                &topic,
+                reading(probe, 0, 1.0).to_string().as_bytes(),
+                1,
+                "mqttv311",
+            );
+            (stores.reading_count().await >= 1).then_some(())
+        },
+    )
+    .await;
+
+    let total = 3000u64;
+    let config = SimConfig {
+        broker: endpoint.clone(),
+        client_id: format!("sim-{}", Uuid::new_v4().simple()),
+        topics: Topics::new(""),
+        sensors: sensors
+            .iter()
+            .map(|(s, _)| SimSensor {
+                client_id: client,
+                sensor_id: *s,
+                profile: Profile::cold_storage(chrono_tz::UTC)[0].clone(),
+            })
+            .collect(),
+        rate: 600.0,
+        count: Some(total),
+        duration: None,
+        qos: QoS::AtLeastOnce,
+        batch: 1,
+        start: None,
+        speed: 1.0,
+        bad_ratio: 0.0,
+        seed: 2,
+        progress: false,
+    };
+    let publisher = tokio::spawn(termopar_device_sim::run(config));
+
+    let mut kills = 0;
+    let mut last = stores.reading_count().await;
+    while kills < 3 {
+        let seen = eventually(
+            "progress between kills",
+            Duration::from_secs(30),
+            || async {
+                let n = stores.reading_count().await;
+                (n >= last + 300 || n > total).then_some(n)
+            },
+        )
+        .await;
+        if seen > total {
+            break;
+        }
+        consumer.kill();
+        kills += 1;
+        last = seen;
+        consumer = consumer_process(&stores, &endpoint, &client_id);
+    }
+    assert!(
+        kills >= 2,
+        "the stream ended before the consumer could be killed twice"
+    );
+    let summary = publisher.await.unwrap().unwrap();
+    assert_eq!(summary.acked, total);
+
+    stores
+        .wait_for_readings(total + 1, Duration::from_secs(60))
+        .await;
+    eventually("no pending batch", Duration::from_secs(30), || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
+            .fetch_one(&stores.db.pool)
+            .await
+            .unwrap();
+        (pending == 0).then_some(())
+    })
+    .await;
+    drop(consumer);
+
+    let mut stored: Vec<Uuid> = stores
+        .readings()
+        .await
+        .iter()
+        .map(|r| r.id)
+        .filter(|id| *id != probe)
+        .collect();
+    let mut sent = summary.reading_ids.clone();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored.len(), sent.len());
+    assert_eq!(stored, sent, "every reading stored exactly once");
+    stores.assert_rollups_match_raw().await;
+}

@@ -1,0 +1,239 @@
+//! Stores, sensors, a consumer, and publishers for one test.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use termopar_consumer::{Consumer, ConsumerSettings};
+use termopar_core::{
+    directory::SensorDirectory,
+    ids::{ClientId, SensorId},
+    ingest::{bucket_of, IngestStore, StoredReading},
+    settings::MqttEndpoint,
+};
+pub use test_support::mosquitto_pub;
+use test_support::{eventually, TestDb, TestMongo};
+use uuid::Uuid;
+
+/// The stores of one test.
+pub struct Stores {
+    pub db: TestDb,
+    pub mongo: TestMongo,
+    pub store: IngestStore,
+}
+
+impl Stores {
+    pub async fn new() -> Self {
+        let db = TestDb::new().await;
+        let mongo = TestMongo::new();
+        let store = IngestStore::new(db.pool.clone(), &mongo.database().await);
+        store.ensure_indexes().await.expect("indexes");
+        Self { db, mongo, store }
+    }
+
+    /// A client with `n` sensors, written straight to PostgreSQL. Returns the client,
+    /// the sensors and their secrets.
+    pub async fn client_with_sensors(&self, n: usize) -> (ClientId, Vec<(SensorId, String)>) {
+        let client = Uuid::new_v4();
+        sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, $2, 'UTC')")
+            .bind(client)
+            .bind(format!("client {client}"))
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+        let mut sensors = Vec::new();
+        for i in 0..n {
+            let id = Uuid::new_v4();
+            let secret = termopar_core::secrets::generate();
+            sqlx::query(
+                "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id)
+            .bind(client)
+            .bind(format!("sensor {i}"))
+            .bind(termopar_core::secrets::hash(&secret))
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+            sensors.push((SensorId(id), secret));
+        }
+        (ClientId(client), sensors)
+    }
+
+    pub async fn reading_count(&self) -> u64 {
+        self.store
+            .readings()
+            .count_documents(doc! {})
+            .await
+            .unwrap()
+    }
+
+    pub async fn readings(&self) -> Vec<StoredReading> {
+        let docs: Vec<Document> = self
+            .store
+            .readings()
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        docs.iter()
+            .map(|d| StoredReading::from_doc(d).expect("a reading document"))
+            .collect()
+    }
+
+    pub async fn dead_letters(&self) -> Vec<Document> {
+        self.store
+            .dead_letters()
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `n` readings are stored (and not more after a moment of quiet is not
+    /// checked here: callers compare exact id sets).
+    pub async fn wait_for_readings(&self, n: u64, deadline: Duration) {
+        eventually(&format!("{n} readings stored"), deadline, || async {
+            (self.reading_count().await >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Asserts that every PostgreSQL bucket equals an aggregate of the raw readings, and
+    /// that there is no bucket without readings or readings without bucket; and that
+    /// each sensor's latest row is its newest raw reading.
+    pub async fn assert_rollups_match_raw(&self) {
+        let readings = self.readings().await;
+        let mut groups: HashMap<(Uuid, DateTime<Utc>), Vec<f64>> = HashMap::new();
+        for r in &readings {
+            groups
+                .entry((r.sensor_id.0, bucket_of(r.ts)))
+                .or_default()
+                .push(r.temperature);
+        }
+        let buckets: Vec<(Uuid, DateTime<Utc>, i64, String, f64, f64)> = sqlx::query_as(
+            "SELECT sensor_id, bucket, count, sum::text, min, max FROM reading_buckets",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(buckets.len(), groups.len(), "number of buckets");
+        for (sensor, bucket, count, sum, min, max) in buckets {
+            let temps = groups
+                .get(&(sensor, bucket))
+                .unwrap_or_else(|| panic!("bucket {bucket} of {sensor} has no readings"));
+            // The recomputation is SQL over the raw values, independent of ingestion.
+            let expected: (i64, String, f64, f64) = sqlx::query_as(
+                "SELECT count(*), sum(t::numeric)::text, min(t), max(t) FROM unnest($1::float8[]) t",
+            )
+            .bind(temps)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                (count, sum, min, max),
+                expected,
+                "bucket {bucket} of {sensor}"
+            );
+        }
+        let latest: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT sensor_id, reading_id FROM sensor_latest")
+                .fetch_all(&self.db.pool)
+                .await
+                .unwrap();
+        let mut newest: HashMap<Uuid, &StoredReading> = HashMap::new();
+        for r in &readings {
+            let slot = newest.entry(r.sensor_id.0).or_insert(r);
+            if (r.ts, r.id) > (slot.ts, slot.id) {
+                *slot = r;
+            }
+        }
+        assert_eq!(latest.len(), newest.len(), "latest rows");
+        for (sensor, reading) in latest {
+            assert_eq!(reading, newest[&sensor].id, "latest of {sensor}");
+        }
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(pending, 0, "batches left pending");
+    }
+
+    /// Environment for a consumer process on these stores.
+    pub fn consumer_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.db.url.clone()),
+            ("MONGODB_URI", self.mongo.settings.uri.clone()),
+            ("MONGODB_DB", self.mongo.settings.database.clone()),
+            ("RUST_LOG", "warn".into()),
+        ]
+    }
+}
+
+/// Consumer settings for a test: unique client id, quick recovery.
+pub fn consumer_settings(broker: MqttEndpoint) -> ConsumerSettings {
+    let mut settings =
+        ConsumerSettings::new(broker, format!("consumer-{}", Uuid::new_v4().simple()));
+    settings.recover_after = Duration::from_secs(2);
+    settings
+}
+
+/// A consumer running in this process; stops when dropped.
+pub struct RunningConsumer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningConsumer {
+    /// Starts it and waits until its subscription is confirmed.
+    pub async fn start(settings: ConsumerSettings, stores: &Stores) -> Self {
+        let consumer = Consumer::new(
+            settings,
+            SensorDirectory::new(stores.db.pool.clone()),
+            stores.store.clone(),
+        );
+        let mut subscribed = consumer.subscribed();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(async move {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(20), subscribed.wait_for(|s| *s))
+            .await
+            .expect("the consumer subscribes within 20 s")
+            .unwrap();
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops it, finishing its batch.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for RunningConsumer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A reading payload with an id and a timestamp `secs` after 2026-03-01T00:00Z.
+pub fn reading(id: Uuid, secs: i64, temperature: f64) -> serde_json::Value {
+    let ts = DateTime::parse_from_rfc3339("2026-03-01T00:00:00Z").unwrap()
+        + chrono::Duration::seconds(secs);
+    serde_json::json!({ "id": id, "ts": ts.to_rfc3339(), "temperature": temperature })
+}

@@ -1,0 +1,8 @@
+//! Consumer tests against real brokers (the embedded rumqttd and Mosquitto), real
+//! PostgreSQL and FerretDB, with mosquitto_pub and consumer processes killed mid-stream.
+
+mod corpus;
+mod crash;
+mod harness;
+mod mosquitto;
+mod pipeline;

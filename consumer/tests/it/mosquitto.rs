@@ -1,0 +1,156 @@
+//! The consumer against Mosquitto: a real second broker, and share groups.
+
+use std::{process::Command, time::Duration};
+
+use rumqttc::QoS;
+use termopar_core::topic::Topics;
+use termopar_device_sim::{Profile, SimConfig, SimSensor};
+use test_support::{
+    eventually, free_port, mosquitto_endpoint, unique_prefix, ChildGuard, DEFAULT_DEADLINE,
+};
+use uuid::Uuid;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn the_consumer_reads_from_mosquitto() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(1).await;
+    let mut settings = consumer_settings(mosquitto_endpoint());
+    settings.topic_prefix = unique_prefix();
+    let topic = Topics::new(&settings.topic_prefix).readings(client, sensors[0].0);
+    let consumer = RunningConsumer::start(settings, &stores).await;
+
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        mosquitto_pub(
+            &mosquitto_endpoint(),
+            &topic,
+            reading(*id, i as i64, 2.0).to_string().as_bytes(),
+            1,
+            "mqttv5",
+        );
+    }
+    stores.wait_for_readings(5, DEFAULT_DEADLINE).await;
+    consumer.stop().await;
+    stores.assert_rollups_match_raw().await;
+}
+
+/// A consumer process in a share group on Mosquitto.
+fn shared_consumer(
+    stores: &Stores,
+    client_id: &str,
+    prefix: &str,
+    metrics_port: u16,
+) -> ChildGuard {
+    let endpoint = mosquitto_endpoint();
+    let child = Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
+        .envs(stores.consumer_env())
+        .env(
+            "MQTT_URL",
+            format!("mqtt://{}:{}", endpoint.host, endpoint.port),
+        )
+        .env("MQTT_CLIENT_ID", client_id)
+        .env("MQTT_TOPIC_PREFIX", prefix)
+        .env("CONSUMER_SHARE_GROUP", "ingest")
+        .env("CONSUMER_RECOVER_AFTER_SECS", "2")
+        .env("CONSUMER_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .spawn()
+        .expect("start the consumer binary");
+    ChildGuard(child)
+}
+
+/// The consumer's own count of received messages, from its /metrics.
+async fn received(metrics_port: u16) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    if value("consumer_subscribed") != Some(1.0) {
+        return None;
+    }
+    Some(value("consumer_messages_received_total").unwrap_or(0.0))
+}
+
+#[tokio::test]
+async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one_is_killed() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(4).await;
+    let prefix = unique_prefix();
+    let (port_a, port_b) = (free_port(), free_port());
+    let id_a = format!("shared-a-{}", Uuid::new_v4().simple());
+    let id_b = format!("shared-b-{}", Uuid::new_v4().simple());
+    let mut a = shared_consumer(&stores, &id_a, &prefix, port_a);
+    let b = shared_consumer(&stores, &id_b, &prefix, port_b);
+    for port in [port_a, port_b] {
+        eventually("both consumers subscribed", DEFAULT_DEADLINE, || {
+            received(port)
+        })
+        .await;
+    }
+
+    let config = SimConfig {
+        broker: mosquitto_endpoint(),
+        client_id: format!("sim-{}", Uuid::new_v4().simple()),
+        topics: Topics::new(&prefix),
+        sensors: sensors
+            .iter()
+            .map(|(s, _)| SimSensor {
+                client_id: client,
+                sensor_id: *s,
+                profile: Profile::pharma(chrono_tz::UTC)[0].clone(),
+            })
+            .collect(),
+        rate: 400.0,
+        count: Some(2000),
+        duration: None,
+        qos: QoS::AtLeastOnce,
+        batch: 1,
+        start: None,
+        speed: 1.0,
+        bad_ratio: 0.0,
+        seed: 1,
+        progress: false,
+    };
+    let publisher = tokio::spawn(termopar_device_sim::run(config));
+
+    // Kill A in the middle of the stream, then bring it back with the same session.
+    eventually("a share of the stream at A", DEFAULT_DEADLINE, || async {
+        received(port_a).await.filter(|n| *n >= 200.0)
+    })
+    .await;
+    a.kill();
+    let summary = publisher.await.unwrap().unwrap();
+    assert_eq!(summary.acked, 2000);
+    let _a = shared_consumer(&stores, &id_a, &prefix, port_a);
+
+    stores
+        .wait_for_readings(2000, Duration::from_secs(60))
+        .await;
+    let b_received = received(port_b).await.unwrap_or(0.0);
+    assert!(b_received >= 200.0, "B took part: {b_received}");
+    eventually("no pending batch", Duration::from_secs(30), || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
+            .fetch_one(&stores.db.pool)
+            .await
+            .unwrap();
+        (pending == 0).then_some(())
+    })
+    .await;
+    drop(b);
+
+    let mut stored: Vec<Uuid> = stores.readings().await.iter().map(|r| r.id).collect();
+    let mut sent = summary.reading_ids.clone();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored, sent, "every reading stored exactly once");
+    stores.assert_rollups_match_raw().await;
+}

@@ -1,0 +1,128 @@
+//! Edge mode: the embedded broker, the consumer and the API in one process, over one
+//! PostgreSQL pool, one MongoDB client and one sensor directory.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::bail;
+use secrecy::SecretString;
+use termopar_api::Application;
+use termopar_broker::{BrokerSettings, RunningBroker};
+use termopar_consumer::ConsumerSettings;
+use termopar_core::{ingest::IngestStore, settings::MqttEndpoint};
+
+/// Everything edge mode needs.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// The API.
+    pub api: termopar_api::Settings,
+    /// The embedded broker.
+    pub broker: BrokerSettings,
+    /// The consumer; its broker endpoint is replaced by the embedded broker's.
+    pub consumer: ConsumerSettings,
+}
+
+impl EdgeSettings {
+    /// Reads all three from the environment, and refuses combinations that cannot work.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let settings = Self {
+            api: termopar_api::Settings::from_env()?,
+            broker: BrokerSettings::from_env()?,
+            consumer: ConsumerSettings::from_env()?,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuses combinations known to fail.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.consumer.share_group.is_some() {
+            bail!(
+                "CONSUMER_SHARE_GROUP is set, but edge mode runs the embedded rumqttd, which \
+                 crashes when a persistent shared subscriber disconnects abruptly (rumqttd \
+                 0.20). Run consumers against Mosquitto or EMQX to share the load."
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A running edge node.
+pub struct Edge {
+    /// The API, bound but not yet serving.
+    pub app: Application,
+    /// The embedded broker.
+    pub broker: RunningBroker,
+    consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop_consumer: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Where a client on this host reaches a listener bound to `addr`.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
+    }
+}
+
+impl Edge {
+    /// Connects the stores (creating the database and applying migrations), starts the
+    /// broker and the consumer, and binds the API.
+    pub async fn start(mut settings: EdgeSettings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let pg = termopar_core::db::connect_and_migrate(&settings.api.database).await?;
+        let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
+        // The listeners are resolved first so /ready can check the embedded broker.
+        settings.broker.v4_addr = termopar_broker::resolve(settings.broker.v4_addr)?;
+        settings.broker.v5_addr = settings.broker.v5_addr.map(termopar_broker::resolve).transpose()?;
+        settings.api.ready_broker = Some(MqttEndpoint::parse(&format!(
+            "mqtt://{}",
+            reachable(settings.broker.v4_addr)
+        ))?);
+        let app = Application::prepare(&settings.api, pg.clone(), mongo.clone()).await?;
+        let directory = app.state().directory.clone();
+
+        // The in-process consumer needs credentials when devices must authenticate; when
+        // none are configured it gets a random one-off service account.
+        if settings.broker.require_auth && settings.broker.service.is_none() {
+            let password = termopar_core::secrets::generate();
+            settings.broker.service = Some((
+                "termopar-edge-consumer".to_owned(),
+                SecretString::from(password),
+            ));
+        }
+        let broker = termopar_broker::start(&settings.broker, Some(directory.clone())).await?;
+        let addr = reachable(broker.v4_addr);
+        let mut endpoint = MqttEndpoint::parse(&format!("mqtt://{addr}"))?;
+        endpoint.credentials = settings.broker.service.clone();
+        settings.consumer.broker = endpoint;
+
+        let store = IngestStore::new(pg, &mongo);
+        let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
+        let consumer = tokio::spawn(termopar_consumer::run(
+            settings.consumer,
+            directory,
+            store,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            app,
+            broker,
+            consumer,
+            stop_consumer,
+        })
+    }
+
+    /// Serves the API until `shutdown`, then stops the consumer (finishing its batch).
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let served = self.app.run_until(shutdown).await;
+        let _ = self.stop_consumer.send(());
+        self.consumer.await??;
+        served
+    }
+}

@@ -1,0 +1,211 @@
+//! End to end: simulator → embedded broker → consumer → MongoDB and PostgreSQL, in one
+//! edge process, with the API provisioning the sensors.
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use rumqttc::QoS;
+use secrecy::SecretString;
+use termopar::{Edge, EdgeSettings};
+use termopar_api::settings::{AuthSettings, BootstrapAdmin};
+use termopar_broker::BrokerSettings;
+use termopar_consumer::ConsumerSettings;
+use termopar_core::{settings::MqttEndpoint, topic::Topics};
+use termopar_device_sim::SimConfig;
+use test_support::{eventually, TestDb, TestMongo};
+use uuid::Uuid;
+
+fn edge_settings(db: &TestDb, mongo: &TestMongo) -> EdgeSettings {
+    let mut broker = BrokerSettings::ephemeral();
+    broker.require_auth = true;
+    broker.service = Some(("sim".into(), SecretString::from("sim-password-1")));
+    let mut consumer = ConsumerSettings::new(
+        MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(),
+        format!("edge-{}", Uuid::new_v4().simple()),
+    );
+    consumer.recover_after = Duration::from_secs(2);
+    EdgeSettings {
+        api: termopar_api::Settings {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            database: db.settings(),
+            mongo: mongo.settings.clone(),
+            auth: AuthSettings {
+                jwt_secret: SecretString::from("edge-test-secret-of-at-least-32-bytes"),
+                access_ttl: Duration::from_secs(600),
+                refresh_ttl: Duration::from_secs(3600),
+                user_cache_ttl: Duration::from_secs(30),
+            },
+            bootstrap_admin: Some(BootstrapAdmin {
+                email: "admin@edge.test".into(),
+                password: SecretString::from("edge-admin-pw"),
+            }),
+            max_body_bytes: 1 << 20,
+            ready_broker: None,
+        },
+        broker,
+        consumer,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_feeds_both_stores_through_an_edge_node() {
+    let db = TestDb::new().await;
+    let mongo = TestMongo::new();
+    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
+    let api = format!("http://{}", edge.app.addr());
+    let broker = edge.broker;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(edge.run_until(async move {
+        let _ = stopped.await;
+    }));
+
+    let sensors = termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2)
+        .await
+        .unwrap();
+    assert_eq!(sensors.len(), 4, "two clients with two sensors each");
+    // Provisioning again reuses what exists.
+    let again = termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|s| s.sensor_id).collect::<Vec<_>>(),
+        sensors.iter().map(|s| s.sensor_id).collect::<Vec<_>>()
+    );
+
+    let store_db = mongo.database().await;
+    let readings = store_db.collection::<Document>("readings");
+    // The consumer subscribes right after start; wait until a first message gets through.
+    let config = |count, bad_ratio, seed| SimConfig {
+        broker: MqttEndpoint::parse(&broker.url())
+            .unwrap()
+            .with_credentials("sim", "sim-password-1"),
+        client_id: format!("sim-{}", Uuid::new_v4().simple()),
+        topics: Topics::new(""),
+        sensors: sensors.clone(),
+        rate: 500.0,
+        count: Some(count),
+        duration: None,
+        qos: QoS::AtLeastOnce,
+        batch: 3,
+        start: None,
+        speed: 1.0,
+        bad_ratio,
+        seed,
+        progress: false,
+    };
+    let warmup = eventually(
+        "the edge consumer subscribed",
+        Duration::from_secs(20),
+        || async {
+            let s = termopar_device_sim::run(config(1, 0.0, 0)).await.unwrap();
+            let n = readings.count_documents(doc! {}).await.unwrap();
+            (n > 0).then_some(s)
+        },
+    )
+    .await;
+    let before = readings.count_documents(doc! {}).await.unwrap();
+
+    let summary = termopar_device_sim::run(config(300, 0.1, 7)).await.unwrap();
+    assert_eq!(summary.acked, 300);
+    assert!(summary.bad > 0);
+    eventually("every reading stored", Duration::from_secs(30), || async {
+        (readings.count_documents(doc! {}).await.unwrap() >= before + summary.readings)
+            .then_some(())
+    })
+    .await;
+    let dead = store_db.collection::<Document>("dead_letters");
+    eventually(
+        "every bad message dead-lettered",
+        Duration::from_secs(30),
+        || async { (dead.count_documents(doc! {}).await.unwrap() >= summary.bad).then_some(()) },
+    )
+    .await;
+
+    let stored: Vec<Document> = readings
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = stored
+        .iter()
+        .map(|d| d.get_str("_id").unwrap().to_owned())
+        .collect();
+    ids.sort();
+    // Warm-up attempts before the subscription may or may not have arrived; the last one
+    // did.
+    assert!(ids.len() > summary.readings as usize);
+    assert!(ids
+        .binary_search(&warmup.reading_ids[0].to_string())
+        .is_ok());
+    for id in summary.reading_ids.iter().map(Uuid::to_string) {
+        assert!(ids.binary_search(&id).is_ok(), "reading {id} missing");
+    }
+    assert_eq!(dead.count_documents(doc! {}).await.unwrap(), summary.bad);
+    let bucket_total: i64 = sqlx::query_scalar("SELECT sum(count)::bigint FROM reading_buckets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(bucket_total as usize, stored.len());
+    let latest: i64 = sqlx::query_scalar("SELECT count(*) FROM sensor_latest")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(latest, 4);
+
+    let ready: serde_json::Value = reqwest::get(format!("{api}/ready")).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["checks"]["mqtt"], "ok", "{ready}");
+
+    // The edge node's single /metrics shows the broker, the consumer and the store.
+    let metrics = reqwest::get(format!("{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "readings_stored_total",
+        "readings_rejected_total",
+        "consumer_messages_received_total",
+        "mqtt_broker_connects_total",
+        "ingest_store_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+
+    let _ = stop.send(());
+    node.await.unwrap().unwrap();
+}
+
+#[test]
+fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
+    let db_settings =
+        termopar_core::settings::DatabaseSettings::with_url("postgres://x@127.0.0.1/x");
+    let mut settings = EdgeSettings {
+        api: termopar_api::Settings {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            database: db_settings,
+            mongo: termopar_core::settings::MongoSettings {
+                uri: "mongodb://127.0.0.1".into(),
+                database: "x".into(),
+            },
+            auth: AuthSettings {
+                jwt_secret: SecretString::from("x".repeat(32)),
+                access_ttl: Duration::from_secs(1),
+                refresh_ttl: Duration::from_secs(1),
+                user_cache_ttl: Duration::from_secs(1),
+            },
+            bootstrap_admin: None,
+            max_body_bytes: 1 << 20,
+            ready_broker: None,
+        },
+        broker: BrokerSettings::ephemeral(),
+        consumer: ConsumerSettings::new(MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(), "c"),
+    };
+    assert!(settings.validate().is_ok());
+    settings.consumer.share_group = Some("ingest".into());
+    let err = settings.validate().unwrap_err().to_string();
+    assert!(err.contains("rumqttd"), "{err}");
+}
