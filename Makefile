@@ -9,7 +9,7 @@ export ADMIN_EMAIL ADMIN_PASSWORD
 
 CARGO ?= cargo
 
-.PHONY: help services services-down services-status run simulate test lint fmt ci docker-build up down
+.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-ingest docker-build up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 ci: lint test ## What CI runs: lint, then the tests
+
+bench: bench-ingest ## Every benchmark, each printed as a table with ratios to baselines
+
+bench-ingest: services ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS
+	$(CARGO) build --release -p termopar-bench -p termopar-consumer
+	./target/release/bench-ingest
 
 docker-build: ## Build the container image
 	docker build -t termopar:latest .

@@ -42,7 +42,8 @@ pub async fn ready(state: Data<&AppState>) -> Response {
             None => Ok(()),
         }
     };
-    let (pg, mongo, mqtt) = tokio::join!(with_timeout(pg), with_timeout(mongo), with_timeout(broker));
+    let (pg, mongo, mqtt) =
+        tokio::join!(with_timeout(pg), with_timeout(mongo), with_timeout(broker));
     let ok = pg.is_ok() && mongo.is_ok() && mqtt.is_ok();
     let status = if ok {
         StatusCode::OK

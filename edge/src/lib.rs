@@ -74,7 +74,11 @@ impl Edge {
         let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
         // The listeners are resolved first so /ready can check the embedded broker.
         settings.broker.v4_addr = termopar_broker::resolve(settings.broker.v4_addr)?;
-        settings.broker.v5_addr = settings.broker.v5_addr.map(termopar_broker::resolve).transpose()?;
+        settings.broker.v5_addr = settings
+            .broker
+            .v5_addr
+            .map(termopar_broker::resolve)
+            .transpose()?;
         settings.api.ready_broker = Some(MqttEndpoint::parse(&format!(
             "mqtt://{}",
             reachable(settings.broker.v4_addr)

@@ -155,7 +155,12 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
         .unwrap();
     assert_eq!(latest, 4);
 
-    let ready: serde_json::Value = reqwest::get(format!("{api}/ready")).await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value = reqwest::get(format!("{api}/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["checks"]["mqtt"], "ok", "{ready}");
 
     // The edge node's single /metrics shows the broker, the consumer and the store.
