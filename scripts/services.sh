@@ -4,7 +4,7 @@
 #   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
 #   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
 #
-# Usage: scripts/services.sh [up|down|status|env]
+# Usage: scripts/services.sh [up|down|status|env|bench-tools]
 # Safe to run any number of times: every step checks first. `up` returns once each
 # service answers, or fails naming the one that did not.
 set -euo pipefail
@@ -236,10 +236,14 @@ case "${1:-up}" in
         pg_down
         ;;
     status) status ;;
+    bench-tools)
+        # wrk: the HTTP load generator of `make bench`.
+        apt_install wrk
+        ;;
     env)
         echo "DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/termopar"
         echo "MONGODB_URI=mongodb://$FERRETDB_ADDR"
         echo "MOSQUITTO_URL=mqtt://127.0.0.1:$MOSQUITTO_PORT"
         ;;
-    *) die "usage: $0 [up|down|status|env]" ;;
+    *) die "usage: $0 [up|down|status|env|bench-tools]" ;;
 esac

@@ -26,6 +26,11 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Machine-readable details, where an error has them (the refused readings of an
+    /// ingest request).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// An error answered to the client.
@@ -47,6 +52,7 @@ impl ApiError {
                 code: code.to_owned(),
                 message: message.into(),
                 field: None,
+                details: None,
             },
         }
     }
@@ -54,6 +60,12 @@ impl ApiError {
     /// Names the request field at fault.
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
         self.body.field = Some(field.into());
+        self
+    }
+
+    /// Adds machine-readable details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.body.details = Some(details);
         self
     }
 
@@ -171,6 +183,31 @@ impl From<sqlx::Error> for ApiError {
                 "a value is out of the accepted range",
             ),
             _ => Self::internal(&err),
+        }
+    }
+}
+
+/// A copy of a shared sqlx error (from a cache) that keeps its classification: only the
+/// kind matters to the conversion into [`ApiError`].
+pub fn shared_sqlx(err: &sqlx::Error) -> sqlx::Error {
+    if termopar_core::db::is_unavailable(err) {
+        sqlx::Error::PoolTimedOut
+    } else {
+        sqlx::Error::Protocol(err.to_string())
+    }
+}
+
+impl From<std::sync::Arc<sqlx::Error>> for ApiError {
+    fn from(err: std::sync::Arc<sqlx::Error>) -> Self {
+        shared_sqlx(&err).into()
+    }
+}
+
+impl From<termopar_core::ingest::StoreError> for ApiError {
+    fn from(err: termopar_core::ingest::StoreError) -> Self {
+        match err {
+            termopar_core::ingest::StoreError::Postgres(e) => e.into(),
+            termopar_core::ingest::StoreError::Mongo(e) => e.into(),
         }
     }
 }

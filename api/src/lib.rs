@@ -7,10 +7,12 @@
 pub mod auth;
 mod bootstrap;
 pub mod clients;
+pub mod daily;
 pub mod error;
 mod health;
 mod http;
 pub mod pagination;
+pub mod readings;
 pub mod sensors;
 pub mod settings;
 mod startup;
@@ -32,4 +34,6 @@ pub enum ApiTags {
     Clients,
     /// Temperature sensors.
     Sensors,
+    /// Readings: history, latest, daily averages, HTTP ingest.
+    Readings,
 }

@@ -31,6 +31,9 @@ pub struct Settings {
     /// An MQTT broker `/ready` checks for reachability: the embedded one in edge mode,
     /// `MQTT_URL` when set for a standalone API.
     pub ready_broker: Option<MqttEndpoint>,
+    /// How long a cached latest reading may be served (`LATEST_CACHE_TTL_MS`, default
+    /// 1000). Edge mode raises it: its consumer updates the cache as it stores.
+    pub latest_cache_ttl: Duration,
 }
 
 /// How tokens are signed and how long they live.
@@ -85,6 +88,7 @@ impl Settings {
             },
             bootstrap_admin,
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
+            latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
                 .transpose()?,

@@ -18,6 +18,8 @@ use termopar_core::ingest::IngestStore;
 use crate::{
     auth::AuthApi,
     clients::ClientsApi,
+    daily::DailyApi,
+    readings::ReadingsApi,
     error::{into_json_error, panic_response},
     health,
     http::{limit_body, record_metrics},
@@ -31,9 +33,11 @@ use crate::{
 pub const API_PREFIX: &str = "/api/v1";
 
 /// The OpenAPI service of everything under `/api/v1`.
-fn openapi() -> OpenApiService<(AuthApi, UsersApi, ClientsApi, SensorsApi), ()> {
+type Apis = (AuthApi, UsersApi, ClientsApi, SensorsApi, ReadingsApi, DailyApi);
+
+fn openapi() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (AuthApi, UsersApi, ClientsApi, SensorsApi),
+        (AuthApi, UsersApi, ClientsApi, SensorsApi, ReadingsApi, DailyApi),
         "termopar",
         env!("CARGO_PKG_VERSION"),
     )
@@ -132,9 +136,12 @@ impl Application {
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let acceptor = TcpAcceptor::from_std(self.listener)?;
+        let listener = tokio::spawn(self.state.daily.clone().listen(self.state.pg.clone()));
         Server::new_with_acceptor(acceptor)
             .run_with_graceful_shutdown(routes(self.state), shutdown, None)
             .await
-            .context("HTTP server failed")
+            .context("HTTP server failed")?;
+        listener.abort();
+        Ok(())
     }
 }

@@ -5,7 +5,12 @@ use std::{ops::Deref, sync::Arc};
 use moka::future::Cache;
 use mongodb::Database;
 use sqlx::PgPool;
-use termopar_core::{directory::SensorDirectory, settings::MqttEndpoint};
+use termopar_core::{
+    directory::SensorDirectory, ingest::IngestStore, latest::LatestCache, reading::Limits,
+    settings::MqttEndpoint,
+};
+
+use crate::daily::DailyCache;
 use uuid::Uuid;
 
 use crate::{
@@ -43,6 +48,16 @@ pub struct Inner {
     pub directory: SensorDirectory,
     /// The broker `/ready` checks, if any.
     pub ready_broker: Option<MqttEndpoint>,
+    /// Raw readings and rollups (HTTP ingest, history, corrections).
+    pub ingest: IngestStore,
+    /// Each sensor's latest reading.
+    pub latest: LatestCache,
+    /// Finished days of daily averages.
+    pub daily: DailyCache,
+    /// Client time zones (the default `tz` of daily averages).
+    pub client_tz: Cache<Uuid, String>,
+    /// Limits of HTTP ingest (the same as MQTT's).
+    pub ingest_limits: Limits,
 }
 
 impl Deref for AppState {
@@ -56,6 +71,11 @@ impl AppState {
     /// State over already-connected stores.
     pub fn new(settings: &Settings, pg: PgPool, mongo: Database) -> Self {
         let pg_for_directory = pg.clone();
+        let latest = LatestCache::new(settings.latest_cache_ttl);
+        let daily = DailyCache::new();
+        let ingest = IngestStore::new(pg.clone(), &mongo)
+            .with_latest_cache(latest.clone())
+            .with_change_hook(daily.hook());
         Self(Arc::new(Inner {
             pg,
             mongo,
@@ -67,6 +87,14 @@ impl AppState {
             max_body_bytes: settings.max_body_bytes,
             directory: SensorDirectory::new(pg_for_directory),
             ready_broker: settings.ready_broker.clone(),
+            ingest,
+            latest,
+            daily,
+            client_tz: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(60))
+                .build(),
+            ingest_limits: Limits::default(),
         }))
     }
 

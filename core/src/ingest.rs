@@ -38,6 +38,7 @@ use uuid::Uuid;
 
 use crate::{
     ids::{ClientId, SensorId},
+    latest::LatestCache,
     reading::{Reading, RejectReason},
 };
 
@@ -102,10 +103,28 @@ pub struct DeadLetter {
 struct RollupRow {
     id: Uuid,
     sensor_id: Uuid,
+    client_id: Uuid,
     ts: DateTime<Utc>,
     temperature: f64,
     received_at: DateTime<Utc>,
     extra: Value,
+}
+
+impl RollupRow {
+    fn stored(&self) -> StoredReading {
+        StoredReading {
+            id: self.id,
+            sensor_id: SensorId(self.sensor_id),
+            client_id: ClientId(self.client_id),
+            ts: self.ts,
+            temperature: self.temperature,
+            received_at: self.received_at,
+            extra: match &self.extra {
+                Value::Object(m) => m.clone(),
+                _ => Map::new(),
+            },
+        }
+    }
 }
 
 impl From<&Reading> for RollupRow {
@@ -113,6 +132,7 @@ impl From<&Reading> for RollupRow {
         Self {
             id: r.id,
             sensor_id: r.sensor_id.0,
+            client_id: r.client_id.0,
             ts: r.ts,
             temperature: r.temperature.get(),
             received_at: r.received_at,
@@ -127,9 +147,16 @@ pub struct IngestStore {
     pg: PgPool,
     readings: Collection<Document>,
     dead_letters: Collection<Document>,
+    latest: Option<LatestCache>,
+    on_change: Option<ChangeHook>,
 }
 
-fn bson_time(t: DateTime<Utc>) -> bson::DateTime {
+/// Called after a commit with the buckets of finished days it changed, so caches in
+/// this process forget them at once (other processes learn from NOTIFY).
+pub type ChangeHook = std::sync::Arc<dyn Fn(&[BucketChange]) + Send + Sync>;
+
+/// A BSON date (milliseconds) from a UTC time.
+pub fn bson_time(t: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(t.timestamp_millis())
 }
 
@@ -197,6 +224,7 @@ impl StoredReading {
         RollupRow {
             id: self.id,
             sensor_id: self.sensor_id.0,
+            client_id: self.client_id.0,
             ts: self.ts,
             temperature: self.temperature,
             received_at: self.received_at,
@@ -212,6 +240,35 @@ impl IngestStore {
             pg,
             readings: mongo.collection(READINGS),
             dead_letters: mongo.collection(DEAD_LETTERS),
+            latest: None,
+            on_change: None,
+        }
+    }
+
+    /// Calls `hook` after every commit that changed buckets of possibly finished days.
+    pub fn with_change_hook(mut self, hook: ChangeHook) -> Self {
+        self.on_change = Some(hook);
+        self
+    }
+
+    fn changed(&self, changes: &[BucketChange]) {
+        if let (Some(hook), false) = (&self.on_change, changes.is_empty()) {
+            hook(changes);
+        }
+    }
+
+    /// Offers every new latest reading this store commits to `cache` (edge mode shares
+    /// the API's cache, so the latest reading is current without a short TTL).
+    pub fn with_latest_cache(mut self, cache: LatestCache) -> Self {
+        self.latest = Some(cache);
+        self
+    }
+
+    async fn offer_latest(&self, winners: Vec<StoredReading>) {
+        if let Some(cache) = &self.latest {
+            for w in winners {
+                cache.offer(w).await;
+            }
         }
     }
 
@@ -318,10 +375,14 @@ impl IngestStore {
             .await?
             .rows_affected();
         // Zero when a slow store was overtaken by `recover`, which then rolled it up.
-        if claimed == 1 {
-            apply_rollups(&mut tx, &new).await?;
-        }
+        let (winners, changes) = if claimed == 1 {
+            apply_rollups(&mut tx, &new).await?
+        } else {
+            Default::default()
+        };
         tx.commit().await?;
+        self.changed(&changes);
+        self.offer_latest(winners).await;
 
         metrics::histogram!("ingest_store_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("ingest_batch_readings").record(readings.len() as f64);
@@ -348,6 +409,8 @@ impl IngestStore {
                 tx.commit().await?;
                 return Ok(finished);
             }
+            let mut winners = Vec::new();
+            let mut changes = Vec::new();
             for (batch, ids) in &pending {
                 let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
                 let mut cursor = self
@@ -362,7 +425,9 @@ impl IngestStore {
                         rows.push(r.rollup_row());
                     }
                 }
-                apply_rollups(&mut tx, &rows).await?;
+                let (w, c) = apply_rollups(&mut tx, &rows).await?;
+                winners.extend(w);
+                changes.extend(c);
                 sqlx::query("DELETE FROM ingest_batches WHERE id = $1")
                     .bind(batch)
                     .execute(&mut *tx)
@@ -370,6 +435,8 @@ impl IngestStore {
                 tracing::info!(%batch, readings = rows.len(), "recovered a pending ingest batch");
             }
             tx.commit().await?;
+            self.changed(&changes);
+            self.offer_latest(winners).await;
             finished += pending.len();
             metrics::counter!("ingest_batches_recovered_total").increment(pending.len() as u64);
         }
@@ -420,6 +487,7 @@ impl IngestStore {
             .filter(|(_, b)| !pending.contains(b))
             .map(|(t, _)| t)
             .collect();
+        let change = notify_changed(&mut tx, &[(sensor.0, bucket, bucket)]).await?;
         if temps.is_empty() {
             sqlx::query("DELETE FROM reading_buckets WHERE sensor_id = $1 AND bucket = $2")
                 .bind(sensor.0)
@@ -439,6 +507,97 @@ impl IngestStore {
             .bind(&temps)
             .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        self.changed(&change);
+        Ok(())
+    }
+
+    /// A stored reading by id.
+    pub async fn find(&self, id: Uuid) -> Result<Option<StoredReading>, StoreError> {
+        Ok(self
+            .readings
+            .find_one(doc! { "_id": id.to_string() })
+            .await?
+            .and_then(|d| StoredReading::from_doc(&d)))
+    }
+
+    /// Sets a reading's temperature (an admin correction; the first original value is
+    /// kept in `original_temperature`) and brings its bucket, the latest row and the
+    /// caches up to date. Returns the corrected reading, or `None` if there is none.
+    pub async fn correct(&self, id: Uuid, temperature: f64) -> Result<Option<StoredReading>, StoreError> {
+        let Some(before) = self.find(id).await? else {
+            return Ok(None);
+        };
+        let mut set = doc! { "temperature": temperature, "corrected_at": bson_time(Utc::now()) };
+        if before.extra.get("original_temperature").is_none() {
+            set.insert("extra.original_temperature", before.temperature);
+        }
+        self.readings
+            .update_one(doc! { "_id": id.to_string() }, doc! { "$set": set })
+            .await?;
+        self.refresh_sensor(before.sensor_id, bucket_of(before.ts)).await?;
+        self.find(id).await
+    }
+
+    /// Deletes a reading and brings its bucket, the latest row and the caches up to
+    /// date. Returns the deleted reading, or `None` if there was none.
+    pub async fn delete(&self, id: Uuid) -> Result<Option<StoredReading>, StoreError> {
+        let Some(before) = self.find(id).await? else {
+            return Ok(None);
+        };
+        self.readings.delete_one(doc! { "_id": id.to_string() }).await?;
+        self.refresh_sensor(before.sensor_id, bucket_of(before.ts)).await?;
+        Ok(Some(before))
+    }
+
+    async fn refresh_sensor(&self, sensor: SensorId, bucket: DateTime<Utc>) -> Result<(), StoreError> {
+        self.recompute_bucket(sensor, bucket).await?;
+        self.recompute_latest(sensor).await?;
+        if let Some(cache) = &self.latest {
+            cache.invalidate(sensor).await;
+        }
+        Ok(())
+    }
+
+    /// Recomputes a sensor's latest row from the raw readings.
+    pub async fn recompute_latest(&self, sensor: SensorId) -> Result<(), StoreError> {
+        let mut tx = self.pg.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
+            .bind(ROLLUP_LOCK_CLASS)
+            .bind(sensor.0)
+            .execute(&mut *tx)
+            .await?;
+        let newest = self
+            .readings
+            .find_one(doc! { "sensor_id": sensor.to_string() })
+            .sort(doc! { "ts": -1, "_id": -1 })
+            .await?
+            .and_then(|d| StoredReading::from_doc(&d));
+        match newest {
+            None => {
+                sqlx::query("DELETE FROM sensor_latest WHERE sensor_id = $1")
+                    .bind(sensor.0)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Some(r) => {
+                sqlx::query(
+                    "INSERT INTO sensor_latest (sensor_id, reading_id, ts, temperature, received_at, extra)
+                     SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sensors WHERE id = $1)
+                     ON CONFLICT (sensor_id) DO UPDATE SET reading_id = excluded.reading_id,
+                        ts = excluded.ts, temperature = excluded.temperature,
+                        received_at = excluded.received_at, extra = excluded.extra, updated_at = now()",
+                )
+                .bind(sensor.0)
+                .bind(r.id)
+                .bind(r.ts)
+                .bind(r.temperature)
+                .bind(r.received_at)
+                .bind(Value::Object(r.extra))
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -491,9 +650,9 @@ impl IngestStore {
 async fn apply_rollups(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[RollupRow],
-) -> Result<(), sqlx::Error> {
+) -> Result<(Vec<StoredReading>, Vec<BucketChange>), sqlx::Error> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Default::default());
     }
     let mut sensors: Vec<Uuid> = rows
         .iter()
@@ -545,7 +704,7 @@ async fn apply_rollups(
     }
     let mut newest: Vec<&RollupRow> = newest.into_values().collect();
     newest.sort_by_key(|r| r.sensor_id);
-    sqlx::query(
+    let won: Vec<(Uuid, Uuid)> = sqlx::query_as(
         "INSERT INTO sensor_latest AS l (sensor_id, reading_id, ts, temperature, received_at, extra)
          SELECT r.s, r.id, r.ts, r.t, r.received_at, r.extra
          FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::float8[], $5::timestamptz[], $6::jsonb[])
@@ -555,7 +714,8 @@ async fn apply_rollups(
          ON CONFLICT (sensor_id) DO UPDATE SET
             reading_id = excluded.reading_id, ts = excluded.ts, temperature = excluded.temperature,
             received_at = excluded.received_at, extra = excluded.extra, updated_at = now()
-         WHERE (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)",
+         WHERE (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+         RETURNING l.sensor_id, l.reading_id",
     )
     .bind(newest.iter().map(|r| r.sensor_id).collect::<Vec<_>>())
     .bind(newest.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -563,9 +723,71 @@ async fn apply_rollups(
     .bind(newest.iter().map(|r| r.temperature).collect::<Vec<_>>())
     .bind(newest.iter().map(|r| r.received_at).collect::<Vec<_>>())
     .bind(newest.iter().map(|r| r.extra.clone()).collect::<Vec<_>>())
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+
+    // Late readings change days that may be finished and cached somewhere.
+    let late_before = Utc::now() - chrono::Duration::from_std(LATE_AFTER).expect("small");
+    let mut late: HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)> = HashMap::new();
+    for r in rows.iter().filter(|r| r.ts < late_before) {
+        let b = bucket_of(r.ts);
+        let span = late.entry(r.sensor_id).or_insert((b, b));
+        span.0 = span.0.min(b);
+        span.1 = span.1.max(b);
+    }
+    let late: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
+        late.into_iter().map(|(s, (a, b))| (s, a, b)).collect();
+    let changes = notify_changed(tx, &late).await?;
+
+    let winners = newest
+        .into_iter()
+        .filter(|r| won.contains(&(r.sensor_id, r.id)))
+        .map(RollupRow::stored)
+        .collect();
+    Ok((winners, changes))
+}
+
+/// Readings older than this are "late": they may land in a day some cache considers
+/// finished, so their buckets are announced on [`BUCKETS_CHANNEL`].
+pub const LATE_AFTER: Duration = Duration::from_secs(3600);
+/// PostgreSQL NOTIFY channel announcing changed buckets of finished days, as JSON
+/// `[{"sensor_id", "from", "to"}]` (bucket starts, inclusive), or `"*"` for everything.
+pub const BUCKETS_CHANNEL: &str = "termopar_buckets";
+
+/// A change announced on [`BUCKETS_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BucketChange {
+    /// The sensor.
+    pub sensor_id: Uuid,
+    /// First changed bucket.
+    pub from: DateTime<Utc>,
+    /// Last changed bucket.
+    pub to: DateTime<Utc>,
+}
+
+/// Announces changed buckets (delivered when the transaction commits); returns them.
+async fn notify_changed(
+    tx: &mut Transaction<'_, Postgres>,
+    changes: &[(Uuid, DateTime<Utc>, DateTime<Utc>)],
+) -> Result<Vec<BucketChange>, sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let changes: Vec<BucketChange> = changes
+        .iter()
+        .map(|&(sensor_id, from, to)| BucketChange { sensor_id, from, to })
+        .collect();
+    let mut payload = serde_json::to_string(&changes).expect("serializable");
+    // NOTIFY payloads are limited to 8000 bytes.
+    if payload.len() > 7900 {
+        payload = "\"*\"".to_owned();
+    }
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(BUCKETS_CHANNEL)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(changes)
 }
 
 /// The start of the 15-minute bucket holding `t` (the same `date_bin` the SQL uses).

@@ -8,6 +8,7 @@ pub mod db;
 pub mod directory;
 pub mod ids;
 pub mod ingest;
+pub mod latest;
 pub mod metrics;
 pub mod mongo;
 pub mod reading;

@@ -24,12 +24,17 @@ pub struct EdgeSettings {
 impl EdgeSettings {
     /// Reads all three from the environment, and refuses combinations that cannot work.
     pub fn from_env() -> anyhow::Result<Self> {
-        let settings = Self {
+        let mut settings = Self {
             api: termopar_api::Settings::from_env()?,
             broker: BrokerSettings::from_env()?,
             consumer: ConsumerSettings::from_env()?,
         };
         settings.validate()?;
+        // The in-process consumer pushes every new latest reading into the API's cache,
+        // so entries can live longer than in cloud mode.
+        if termopar_core::settings::env_var("LATEST_CACHE_TTL_MS").is_none() {
+            settings.api.latest_cache_ttl = std::time::Duration::from_secs(60);
+        }
         Ok(settings)
     }
 
@@ -101,7 +106,11 @@ impl Edge {
         endpoint.credentials = settings.broker.service.clone();
         settings.consumer.broker = endpoint;
 
-        let store = IngestStore::new(pg, &mongo);
+        // The consumer updates the API's caches as it stores.
+        let state = app.state();
+        let store = IngestStore::new(pg, &mongo)
+            .with_latest_cache(state.latest.clone())
+            .with_change_hook(state.daily.hook());
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn(termopar_consumer::run(
             settings.consumer,

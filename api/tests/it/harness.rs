@@ -35,11 +35,13 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
         }),
         max_body_bytes: MAX_BODY,
         ready_broker: None,
+        latest_cache_ttl: std::time::Duration::from_secs(1),
     }
 }
 
 /// A running API and the stores behind it.
 pub struct TestApp {
+    pub state: termopar_api::state::AppState,
     pub base: String,
     pub http: reqwest::Client,
     pub db: TestDb,
@@ -62,8 +64,10 @@ impl TestApp {
         let app = Application::build(settings(&db, &mongo))
             .await
             .expect("the API starts");
+        let state = app.state().clone();
         let base = serve(app);
         let mut test = Self {
+            state,
             base,
             http: reqwest::Client::new(),
             db,
@@ -212,4 +216,28 @@ pub fn assert_error(got: &(StatusCode, Value), status: StatusCode, code: &str) {
 
 pub fn id(v: &Value) -> &str {
     v["id"].as_str().expect("an id")
+}
+
+impl TestApp {
+    /// Posts readings for a sensor with its device secret.
+    pub async fn ingest(&self, sensor: &Value, body: Value) -> (StatusCode, Value) {
+        let req = self
+            .request(Method::POST, &format!("/sensors/{}/readings", id(sensor)), None)
+            .header("x-device-secret", sensor["device_secret"].as_str().unwrap())
+            .json(&body);
+        read(req.send().await.unwrap()).await
+    }
+
+    /// Waits until the daily-average cache listens for changes (it is bypassed before).
+    pub async fn daily_cache_live(&self) {
+        test_support::eventually("the daily cache listening", test_support::DEFAULT_DEADLINE, || async {
+            self.state.daily.is_live().then_some(())
+        })
+        .await;
+    }
+}
+
+/// A reading payload.
+pub fn reading_at(ts: chrono::DateTime<chrono::Utc>, temperature: f64) -> Value {
+    json!({ "id": Uuid::new_v4(), "ts": ts.to_rfc3339(), "temperature": temperature })
 }

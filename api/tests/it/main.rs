@@ -4,8 +4,10 @@
 mod auth;
 mod authorization;
 mod clients;
+mod daily;
 mod errors;
 mod harness;
 mod operations;
+mod readings;
 mod sensors;
 mod users;

@@ -1,0 +1,435 @@
+//! Daily averages: avg, min, max and count per local day in any IANA time zone, from the
+//! 15-minute buckets, with finished days cached.
+//!
+//! Every time-zone offset in use today is a multiple of 15 minutes, so a local day is a
+//! whole number of buckets (92, 96 or 100 across DST changes) and the bucket's local date
+//! is the day it belongs to. PostgreSQL converts bucket starts with `AT TIME ZONE`, which
+//! follows the zone's DST rules.
+//!
+//! A day is cached once it ended more than [`LATE_AFTER`] ago. Later changes to it (late
+//! readings, corrections) are announced by the ingest store on a NOTIFY channel, which
+//! every API process listens to; while not listening, the cache is bypassed.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+use moka::sync::Cache;
+use poem::web::Data;
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    ApiResponse, Object, OpenApi,
+};
+use sqlx::PgPool;
+use termopar_core::{
+    ids::SensorId,
+    ingest::{BucketChange, BUCKETS_CHANNEL, BUCKET_MINUTES, LATE_AFTER},
+};
+use uuid::Uuid;
+
+use crate::{
+    auth::BearerAuth,
+    error::{ApiError, ApiResult},
+    state::AppState,
+    ApiTags,
+};
+
+/// Longest range of one request, in days.
+pub const MAX_DAYS: i64 = 1000;
+/// Days returned when `from` is not given: the last 30 up to `to`.
+const DEFAULT_DAYS: i64 = 30;
+
+/// One local day's statistics of one sensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DayStat {
+    count: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl DayStat {
+    fn merge(self, other: DayStat) -> DayStat {
+        DayStat {
+            count: self.count + other.count,
+            sum: self.sum + other.sum,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+        }
+    }
+}
+
+type Key = (SensorId, Tz, NaiveDate);
+
+/// Finished days by (sensor, zone, date); `None` caches "no data that day".
+#[derive(Clone)]
+pub struct DailyCache {
+    days: Cache<Key, Option<DayStat>>,
+    /// True while changes are being listened to; the cache is bypassed otherwise.
+    live: Arc<AtomicBool>,
+}
+
+impl Default for DailyCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DailyCache {
+    /// An empty cache, bypassed until [`DailyCache::listen`] connects.
+    pub fn new() -> Self {
+        Self {
+            days: Cache::builder()
+                .max_capacity(5_000_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .support_invalidation_closures()
+                .build(),
+            live: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// True while the cache is in use (its change listener is connected).
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// A hook for an ingest store of this process: its changes apply at once.
+    pub fn hook(&self) -> termopar_core::ingest::ChangeHook {
+        let cache = self.clone();
+        Arc::new(move |changes: &[BucketChange]| changes.iter().for_each(|c| cache.apply(c)))
+    }
+
+    /// Forgets every cached day that overlaps a change.
+    pub fn apply(&self, change: &BucketChange) {
+        let sensor = SensorId(change.sensor_id);
+        let (from, to) = (change.from, change.to + chrono::Duration::minutes(BUCKET_MINUTES));
+        let _ = self.days.invalidate_entries_if(move |key, _| {
+            key.0 == sensor && {
+                let start = local_day_start(key.1, key.2);
+                let end = local_day_start(key.1, key.2 + chrono::Days::new(1));
+                start < to && from < end
+            }
+        });
+    }
+
+    /// Listens to bucket changes until the process ends, reconnecting as needed.
+    pub async fn listen(self, pg: PgPool) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&pg).await?;
+                l.listen(BUCKETS_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = match listener.await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "daily-average cache: cannot listen for changes");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            // Changes made while not listening are unknown: start from nothing.
+            self.days.invalidate_all();
+            self.live.store(true, Ordering::Release);
+            backoff = Duration::from_millis(200);
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) => self.on_payload(n.payload()),
+                    // The connection dropped; notifications may have been missed.
+                    Ok(None) | Err(_) => {
+                        self.live.store(false, Ordering::Release);
+                        self.days.invalidate_all();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_payload(&self, payload: &str) {
+        match serde_json::from_str::<Vec<BucketChange>>(payload) {
+            Ok(changes) => changes.iter().for_each(|c| self.apply(c)),
+            Err(_) => self.days.invalidate_all(),
+        }
+    }
+}
+
+/// The UTC instant a local day starts (the first valid local time of that date, for
+/// zones whose DST change skips midnight).
+pub fn local_day_start(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
+    let mut t = date.and_hms_opt(0, 0, 0).expect("midnight exists");
+    for _ in 0..16 {
+        if let Some(start) = tz.from_local_datetime(&t).earliest() {
+            return start.with_timezone(&Utc);
+        }
+        t += chrono::Duration::minutes(15);
+    }
+    tz.from_utc_datetime(&t).with_timezone(&Utc)
+}
+
+/// Per-sensor statistics of the days `from..=to`, from the cache where possible.
+pub async fn sensor_days(
+    state: &AppState,
+    sensors: &[SensorId],
+    tz: Tz,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> ApiResult<BTreeMap<NaiveDate, Vec<DayStat>>> {
+    let now = Utc::now();
+    let late = chrono::Duration::from_std(LATE_AFTER).expect("small");
+    let finished = |d: NaiveDate| local_day_start(tz, d + chrono::Days::new(1)) + late <= now;
+    let use_cache = state.daily.is_live();
+    let mut out: BTreeMap<NaiveDate, Vec<DayStat>> = BTreeMap::new();
+    // The first day anything must be read for; everything after it is queried at once.
+    let mut query_from: Option<NaiveDate> = None;
+    let mut day = from;
+    'days: while day <= to {
+        if !(use_cache && finished(day)) {
+            query_from = Some(day);
+            break;
+        }
+        let mut hits = Vec::with_capacity(sensors.len());
+        for s in sensors {
+            match state.daily.days.get(&(*s, tz, day)) {
+                Some(stat) => hits.push(stat),
+                None => {
+                    query_from = Some(day);
+                    break 'days;
+                }
+            }
+        }
+        metrics::counter!("daily_cache_hits_total").increment(1);
+        let stats: Vec<DayStat> = hits.into_iter().flatten().collect();
+        if !stats.is_empty() {
+            out.insert(day, stats);
+        }
+        day = day + chrono::Days::new(1);
+    }
+    let Some(query_from) = query_from else {
+        return Ok(out);
+    };
+    metrics::counter!("daily_cache_misses_total").increment(1);
+    let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
+    let rows: Vec<(Uuid, NaiveDate, i64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT sensor_id, (bucket AT TIME ZONE $2)::date AS day,
+                sum(count)::bigint, sum(sum)::float8, min(min), max(max)
+         FROM reading_buckets
+         WHERE sensor_id = ANY($1) AND bucket >= $3 AND bucket < $4
+         GROUP BY sensor_id, day",
+    )
+    .bind(&ids)
+    .bind(tz.name())
+    .bind(local_day_start(tz, query_from))
+    .bind(local_day_start(tz, to + chrono::Days::new(1)))
+    .fetch_all(&state.pg)
+    .await
+    .map_err(|e| match termopar_core::db::sqlstate(&e).as_deref() {
+        Some("22023") => ApiError::validation("tz", "time zone unknown to the database"),
+        _ => e.into(),
+    })?;
+    let mut fetched: BTreeMap<(SensorId, NaiveDate), DayStat> = BTreeMap::new();
+    for (sensor, day, count, sum, min, max) in rows {
+        fetched.insert((SensorId(sensor), day), DayStat { count, sum, min, max });
+    }
+    let mut day = query_from;
+    while day <= to {
+        let cache = use_cache && finished(day);
+        for s in sensors {
+            let stat = fetched.get(&(*s, day)).copied();
+            if cache {
+                state.daily.days.insert((*s, tz, day), stat);
+            }
+            if let Some(stat) = stat {
+                out.entry(day).or_default().push(stat);
+            }
+        }
+        day = day + chrono::Days::new(1);
+    }
+    Ok(out)
+}
+
+/// Averages of one local day.
+#[derive(Debug, Object)]
+pub struct DailyAverage {
+    /// The local date (`YYYY-MM-DD`).
+    pub date: NaiveDate,
+    /// Mean temperature, °C.
+    pub avg: f64,
+    /// Lowest temperature, °C.
+    pub min: f64,
+    /// Highest temperature, °C.
+    pub max: f64,
+    /// Readings that day.
+    pub count: i64,
+}
+
+/// Daily averages, oldest day first; days without readings are omitted.
+#[derive(Debug, Object)]
+pub struct DailyAverages {
+    /// The time zone the days are in.
+    pub tz: String,
+    /// One item per local day with data.
+    pub items: Vec<DailyAverage>,
+}
+
+#[derive(ApiResponse)]
+enum DailyResponse {
+    /// The days.
+    #[oai(status = 200)]
+    Ok(Json<DailyAverages>),
+}
+
+/// Resolves `from`, `to` and `tz` against the defaults and limits.
+fn range(
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+    tz: Tz,
+) -> ApiResult<(NaiveDate, NaiveDate)> {
+    let to = to.unwrap_or_else(|| Utc::now().with_timezone(&tz).date_naive());
+    let from = from.unwrap_or(to - chrono::Days::new(DEFAULT_DAYS as u64 - 1));
+    if from > to {
+        return Err(ApiError::bad_request("`from` is after `to`").with_field("from"));
+    }
+    if (to - from).num_days() >= MAX_DAYS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_DAYS} days per request; narrow `from`..`to`"
+        ))
+        .with_field("to"));
+    }
+    Ok((from, to))
+}
+
+fn parse_tz(tz: Option<&str>) -> ApiResult<Option<Tz>> {
+    tz.map(|name| {
+        termopar_core::tz::parse(name).ok_or_else(|| {
+            ApiError::bad_request(format!("{name:?} is not an IANA time zone")).with_field("tz")
+        })
+    })
+    .transpose()
+}
+
+/// The client's time zone (cached).
+async fn client_tz(state: &AppState, client: Uuid) -> ApiResult<Tz> {
+    let pg = state.pg.clone();
+    let name = state
+        .client_tz
+        .try_get_with(client, async move {
+            sqlx::query_scalar::<_, String>("SELECT timezone FROM clients WHERE id = $1")
+                .bind(client)
+                .fetch_one(&pg)
+                .await
+        })
+        .await
+        .map_err(|e| match &*e {
+            sqlx::Error::RowNotFound => ApiError::not_found("client"),
+            _ => ApiError::from(crate::error::shared_sqlx(&e)),
+        })?;
+    Ok(termopar_core::tz::parse(&name).unwrap_or(chrono_tz::UTC))
+}
+
+async fn respond(
+    state: &AppState,
+    sensors: &[SensorId],
+    tz: Tz,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> ApiResult<DailyResponse> {
+    let days = sensor_days(state, sensors, tz, from, to).await?;
+    let items = days
+        .into_iter()
+        .filter_map(|(date, stats)| {
+            let total = stats.into_iter().reduce(DayStat::merge)?;
+            (total.count > 0).then(|| DailyAverage {
+                date,
+                avg: total.sum / total.count as f64,
+                min: total.min,
+                max: total.max,
+                count: total.count,
+            })
+        })
+        .collect();
+    Ok(DailyResponse::Ok(Json(DailyAverages {
+        tz: tz.name().to_owned(),
+        items,
+    })))
+}
+
+/// Daily averages.
+pub struct DailyApi;
+
+#[OpenApi(tag = "ApiTags::Readings")]
+impl DailyApi {
+    /// Daily averages of a sensor.
+    ///
+    /// One item per local day in `tz` (default: the client's time zone) with the mean,
+    /// lowest and highest temperature and the number of readings, oldest day first.
+    /// Correct across DST changes and for offsets such as +05:30 and +05:45. Computed
+    /// from 15-minute rollups, never from raw readings. At most 1000 days per request;
+    /// the default range is the 30 days up to today.
+    #[oai(path = "/sensors/:id/daily-averages", method = "get", operation_id = "sensorDailyAverages")]
+    async fn sensor(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        /// First local day (inclusive).
+        from: Query<Option<NaiveDate>>,
+        /// Last local day (inclusive).
+        to: Query<Option<NaiveDate>>,
+        /// IANA time zone, e.g. `America/Sao_Paulo`.
+        tz: Query<Option<String>>,
+    ) -> ApiResult<DailyResponse> {
+        let sensor = crate::readings::visible_sensor(&state, &auth, id.0).await?;
+        let tz = match parse_tz(tz.0.as_deref())? {
+            Some(tz) => tz,
+            None => client_tz(&state, sensor.client_id.0).await?,
+        };
+        let (from, to) = range(from.0, to.0, tz)?;
+        respond(&state, &[SensorId(id.0)], tz, from, to).await
+    }
+
+    /// Daily averages over all sensors of a client.
+    ///
+    /// Like the per-sensor form, with every reading of every sensor of the client.
+    #[oai(path = "/clients/:id/daily-averages", method = "get", operation_id = "clientDailyAverages")]
+    async fn client(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        /// First local day (inclusive).
+        from: Query<Option<NaiveDate>>,
+        /// Last local day (inclusive).
+        to: Query<Option<NaiveDate>>,
+        /// IANA time zone, e.g. `America/Sao_Paulo`.
+        tz: Query<Option<String>>,
+    ) -> ApiResult<DailyResponse> {
+        if !auth.0.sees_client(id.0) {
+            return Err(ApiError::not_found("client"));
+        }
+        let client_zone = client_tz(&state, id.0).await?;
+        let tz = parse_tz(tz.0.as_deref())?.unwrap_or(client_zone);
+        let (from, to) = range(from.0, to.0, tz)?;
+        let sensors: Vec<SensorId> =
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM sensors WHERE client_id = $1")
+                .bind(id.0)
+                .fetch_all(&state.pg)
+                .await?
+                .into_iter()
+                .map(SensorId)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+        respond(&state, &sensors, tz, from, to).await
+    }
+}
