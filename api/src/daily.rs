@@ -110,7 +110,10 @@ impl DailyCache {
     /// Forgets every cached day that overlaps a change.
     pub fn apply(&self, change: &BucketChange) {
         let sensor = SensorId(change.sensor_id);
-        let (from, to) = (change.from, change.to + chrono::Duration::minutes(BUCKET_MINUTES));
+        let (from, to) = (
+            change.from,
+            change.to + chrono::Duration::minutes(BUCKET_MINUTES),
+        );
         let _ = self.days.invalidate_entries_if(move |key, _| {
             key.0 == sensor && {
                 let start = local_day_start(key.1, key.2);
@@ -239,7 +242,15 @@ pub async fn sensor_days(
     })?;
     let mut fetched: BTreeMap<(SensorId, NaiveDate), DayStat> = BTreeMap::new();
     for (sensor, day, count, sum, min, max) in rows {
-        fetched.insert((SensorId(sensor), day), DayStat { count, sum, min, max });
+        fetched.insert(
+            (SensorId(sensor), day),
+            DayStat {
+                count,
+                sum,
+                min,
+                max,
+            },
+        );
     }
     let mut day = query_from;
     while day <= to {
@@ -376,7 +387,11 @@ impl DailyApi {
     /// Correct across DST changes and for offsets such as +05:30 and +05:45. Computed
     /// from 15-minute rollups, never from raw readings. At most 1000 days per request;
     /// the default range is the 30 days up to today.
-    #[oai(path = "/sensors/:id/daily-averages", method = "get", operation_id = "sensorDailyAverages")]
+    #[oai(
+        path = "/sensors/:id/daily-averages",
+        method = "get",
+        operation_id = "sensorDailyAverages"
+    )]
     async fn sensor(
         &self,
         state: Data<&AppState>,
@@ -401,7 +416,11 @@ impl DailyApi {
     /// Daily averages over all sensors of a client.
     ///
     /// Like the per-sensor form, with every reading of every sensor of the client.
-    #[oai(path = "/clients/:id/daily-averages", method = "get", operation_id = "clientDailyAverages")]
+    #[oai(
+        path = "/clients/:id/daily-averages",
+        method = "get",
+        operation_id = "clientDailyAverages"
+    )]
     async fn client(
         &self,
         state: Data<&AppState>,

@@ -37,7 +37,8 @@ pub struct ErrorBody {
 #[derive(Debug, Clone)]
 pub struct ApiError {
     status: StatusCode,
-    body: ErrorBody,
+    // Boxed: results carrying it stay small on the happy path.
+    body: Box<ErrorBody>,
 }
 
 /// Result of a handler.
@@ -48,12 +49,12 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 code: code.to_owned(),
                 message: message.into(),
                 field: None,
                 details: None,
-            },
+            }),
         }
     }
 
@@ -150,6 +151,11 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.body.message
     }
+
+    /// The JSON body.
+    pub fn body(&self) -> &ErrorBody {
+        &self.body
+    }
 }
 
 /// Displays an error with its whole chain of causes.
@@ -236,7 +242,7 @@ fn unique_message(constraint: Option<&str>) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        PoemJson(self.body).with_status(self.status).into_response()
+        PoemJson(*self.body).with_status(self.status).into_response()
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod auth;
 mod bootstrap;
 pub mod clients;
+pub mod conversations;
 pub mod daily;
 pub mod error;
 mod health;
@@ -17,8 +18,10 @@ pub mod sensors;
 pub mod settings;
 mod startup;
 pub mod state;
+mod ui;
 pub mod users;
 mod validate;
+pub mod webhook;
 
 pub use settings::Settings;
 pub use startup::{openapi_json, routes, Application, API_PREFIX};
@@ -36,4 +39,6 @@ pub enum ApiTags {
     Sensors,
     /// Readings: history, latest, daily averages, HTTP ingest.
     Readings,
+    /// Chat webhook events and conversations.
+    Conversations,
 }

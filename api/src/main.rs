@@ -1,10 +1,53 @@
+use clap::{Parser, Subcommand};
 use termopar_api::{Application, Settings};
+
+/// termopar's REST API.
+#[derive(Parser)]
+#[command(name = "termopar-api", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Fill demo conversations through the webhook's own code path.
+    Seed {
+        /// Conversations to create.
+        #[arg(long, default_value_t = 1)]
+        conversations: usize,
+        /// Messages per conversation.
+        #[arg(long, default_value_t = 5)]
+        messages: usize,
+    },
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     termopar_core::telemetry::init("info");
-    let settings = Settings::from_env()?;
-    let app = Application::build(settings).await?;
-    tracing::info!(addr = %app.addr(), "API listening (docs at /docs)");
-    app.run_until(termopar_core::shutdown::signal()).await
+    let mut settings = Settings::from_env()?;
+    match Cli::parse().command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            tracing::info!(addr = %app.addr(), "API listening (docs at /docs)");
+            app.run_until(termopar_core::shutdown::signal()).await
+        }
+        Command::Seed {
+            conversations,
+            messages,
+        } => {
+            settings.addr = "127.0.0.1:0".parse()?;
+            let app = Application::build(settings).await?;
+            let events = termopar_api::webhook::seed(app.state(), conversations, messages)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            println!(
+                "seeded {conversations} conversations with {messages} messages each ({} events)",
+                events.len()
+            );
+            Ok(())
+        }
+    }
 }

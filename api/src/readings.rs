@@ -91,11 +91,17 @@ impl ToJSON for ReadingOut {
         m.insert("id".into(), r.id.to_string().into());
         m.insert("sensor_id".into(), r.sensor_id.to_string().into());
         m.insert("client_id".into(), r.client_id.to_string().into());
-        m.insert("ts".into(), r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into());
+        m.insert(
+            "ts".into(),
+            r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .into(),
+        );
         m.insert("temperature".into(), r.temperature.into());
         m.insert(
             "received_at".into(),
-            r.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into(),
+            r.received_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .into(),
         );
         Some(Value::Object(m))
     }
@@ -103,7 +109,9 @@ impl ToJSON for ReadingOut {
 
 impl ParseFromJSON for ReadingOut {
     fn parse_from_json(_: Option<Value>) -> ParseResult<Self> {
-        Err(ParseError::custom("readings are only produced by the server"))
+        Err(ParseError::custom(
+            "readings are only produced by the server",
+        ))
     }
 }
 
@@ -227,7 +235,11 @@ pub enum IngestAuth {
 }
 
 /// The sensor if the caller may see it (404 otherwise, also for other tenants').
-pub async fn visible_sensor(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<SensorEntry> {
+pub async fn visible_sensor(
+    state: &AppState,
+    auth: &BearerAuth,
+    id: Uuid,
+) -> ApiResult<SensorEntry> {
     state
         .directory
         .get(SensorId(id))
@@ -244,7 +256,11 @@ fn encode_cursor(r: &StoredReading) -> String {
 fn decode_cursor(cursor: &str) -> ApiResult<(DateTime<Utc>, Uuid)> {
     let bad = || ApiError::bad_request("invalid cursor").with_field("cursor");
     let (ts, id) = cursor.split_once('.').ok_or_else(bad)?;
-    let ts = ts.parse::<i64>().ok().and_then(DateTime::from_timestamp_millis).ok_or_else(bad)?;
+    let ts = ts
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
     Ok((ts, id))
 }
@@ -265,7 +281,11 @@ impl ReadingsApi {
     /// page's `next_cursor`), which costs the same at any depth. `from` (inclusive) and
     /// `to` (exclusive) limit the measurement time. `latest=true` returns only the last
     /// reading.
-    #[oai(path = "/sensors/:id/readings", method = "get", operation_id = "listReadings")]
+    #[oai(
+        path = "/sensors/:id/readings",
+        method = "get",
+        operation_id = "listReadings"
+    )]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
@@ -289,10 +309,16 @@ impl ReadingsApi {
         latest: Query<bool>,
     ) -> ApiResult<PageResponse> {
         let sensor = visible_sensor(&state, &auth, id.0).await?;
-        let page_size = page_size.0.unwrap_or(crate::pagination::DEFAULT_PAGE_SIZE).min(MAX_PAGE_SIZE);
+        let page_size = page_size
+            .0
+            .unwrap_or(crate::pagination::DEFAULT_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE);
         if latest.0 {
             let latest = state.latest.get(&state.pg, SensorId(id.0)).await?;
-            let items: Vec<ReadingOut> = latest.map(|r| ReadingOut((*r).clone())).into_iter().collect();
+            let items: Vec<ReadingOut> = latest
+                .map(|r| ReadingOut((*r).clone()))
+                .into_iter()
+                .collect();
             return Ok(PageResponse::Ok(Json(ReadingPage {
                 total: Some(items.len() as i64),
                 items,
@@ -367,7 +393,11 @@ impl ReadingsApi {
     ///
     /// Served from a cache in front of the latest row PostgreSQL keeps per sensor; never
     /// a scan of the readings. 404 `not_found` when the sensor has no reading yet.
-    #[oai(path = "/sensors/:id/readings/latest", method = "get", operation_id = "getLatestReading")]
+    #[oai(
+        path = "/sensors/:id/readings/latest",
+        method = "get",
+        operation_id = "getLatestReading"
+    )]
     async fn latest(
         &self,
         state: Data<&AppState>,
@@ -384,7 +414,11 @@ impl ReadingsApi {
     }
 
     /// The latest reading of every sensor of a client.
-    #[oai(path = "/clients/:id/readings/latest", method = "get", operation_id = "listClientLatestReadings")]
+    #[oai(
+        path = "/clients/:id/readings/latest",
+        method = "get",
+        operation_id = "listClientLatestReadings"
+    )]
     async fn client_latest(
         &self,
         state: Data<&AppState>,
@@ -392,14 +426,15 @@ impl ReadingsApi {
         id: Path<Uuid>,
     ) -> ApiResult<ListResponse> {
         crate::clients::visible(&state, &auth, id.0).await?;
-        let sensors: Vec<SensorId> =
-            sqlx::query_scalar::<_, Uuid>("SELECT id FROM sensors WHERE client_id = $1 ORDER BY id")
-                .bind(id.0)
-                .fetch_all(&state.pg)
-                .await?
-                .into_iter()
-                .map(SensorId)
-                .collect();
+        let sensors: Vec<SensorId> = sqlx::query_scalar::<_, Uuid>(
+            "SELECT id FROM sensors WHERE client_id = $1 ORDER BY id",
+        )
+        .bind(id.0)
+        .fetch_all(&state.pg)
+        .await?
+        .into_iter()
+        .map(SensorId)
+        .collect();
         let items = termopar_core::latest::load(&state.pg, &sensors)
             .await?
             .into_iter()
@@ -415,7 +450,11 @@ impl ReadingsApi {
     /// an admin or an operator of its client. Same validation, idempotency and
     /// dead-letter rules as MQTT: 202 once persisted, 200 when every reading was already
     /// stored (a replay), 422 `rejected` (with `details`) when nothing could be accepted.
-    #[oai(path = "/sensors/:id/readings", method = "post", operation_id = "ingestReadings")]
+    #[oai(
+        path = "/sensors/:id/readings",
+        method = "post",
+        operation_id = "ingestReadings"
+    )]
     async fn ingest(
         &self,
         state: Data<&AppState>,
@@ -449,7 +488,13 @@ impl ReadingsApi {
             index,
             received_at,
         };
-        let parsed = match parse_message(&payload, sensor, entry.client_id, received_at, &state.ingest_limits) {
+        let parsed = match parse_message(
+            &payload,
+            sensor,
+            entry.client_id,
+            received_at,
+            &state.ingest_limits,
+        ) {
             Ok(parsed) => parsed,
             Err(reject) => {
                 state
@@ -525,7 +570,11 @@ impl ReadingsApi {
     ///
     /// The first original value is kept as `original_temperature`. Its 15-minute
     /// bucket, the sensor's latest reading and the cached daily averages follow at once.
-    #[oai(path = "/readings/:id", method = "patch", operation_id = "correctReading")]
+    #[oai(
+        path = "/readings/:id",
+        method = "patch",
+        operation_id = "correctReading"
+    )]
     async fn correct(
         &self,
         state: Data<&AppState>,
@@ -545,7 +594,11 @@ impl ReadingsApi {
     }
 
     /// Delete a reading (admins). Its bucket and the sensor's latest reading follow.
-    #[oai(path = "/readings/:id", method = "delete", operation_id = "deleteReading")]
+    #[oai(
+        path = "/readings/:id",
+        method = "delete",
+        operation_id = "deleteReading"
+    )]
     async fn delete(
         &self,
         state: Data<&AppState>,
@@ -575,4 +628,3 @@ fn rejected(details: Vec<RejectedReading>) -> ApiError {
     )
     .with_details(serde_json::to_value(details).expect("serializable"))
 }
-

@@ -34,6 +34,9 @@ pub struct Settings {
     /// How long a cached latest reading may be served (`LATEST_CACHE_TTL_MS`, default
     /// 1000). Edge mode raises it: its consumer updates the cache as it stores.
     pub latest_cache_ttl: Duration,
+    /// HMAC-SHA256 key webhook senders sign bodies with (`WEBHOOK_SECRET`); when unset,
+    /// signatures are not checked.
+    pub webhook_secret: Option<SecretString>,
 }
 
 /// How tokens are signed and how long they live.
@@ -89,6 +92,7 @@ impl Settings {
             bootstrap_admin,
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
             latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
+            webhook_secret: env_var("WEBHOOK_SECRET").map(SecretString::from),
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
                 .transpose()?,

@@ -1,6 +1,6 @@
 //! Building the application from settings and serving it.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use mongodb::Database;
@@ -8,7 +8,7 @@ use poem::{
     endpoint::BoxEndpoint,
     get,
     listener::TcpAcceptor,
-    middleware::{AddData, CatchPanic},
+    middleware::{AddData, CatchPanic, NormalizePath, TrailingSlash},
     EndpointExt, Route, Server,
 };
 use poem_openapi::OpenApiService;
@@ -18,14 +18,16 @@ use termopar_core::ingest::IngestStore;
 use crate::{
     auth::AuthApi,
     clients::ClientsApi,
+    conversations::ConversationsApi,
     daily::DailyApi,
-    readings::ReadingsApi,
     error::{into_json_error, panic_response},
     health,
     http::{limit_body, record_metrics},
+    readings::ReadingsApi,
     sensors::SensorsApi,
     settings::Settings,
     state::AppState,
+    ui,
     users::UsersApi,
 };
 
@@ -33,11 +35,27 @@ use crate::{
 pub const API_PREFIX: &str = "/api/v1";
 
 /// The OpenAPI service of everything under `/api/v1`.
-type Apis = (AuthApi, UsersApi, ClientsApi, SensorsApi, ReadingsApi, DailyApi);
+type Apis = (
+    AuthApi,
+    UsersApi,
+    ClientsApi,
+    SensorsApi,
+    ReadingsApi,
+    DailyApi,
+    ConversationsApi,
+);
 
 fn openapi() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (AuthApi, UsersApi, ClientsApi, SensorsApi, ReadingsApi, DailyApi),
+        (
+            AuthApi,
+            UsersApi,
+            ClientsApi,
+            SensorsApi,
+            ReadingsApi,
+            DailyApi,
+            ConversationsApi,
+        ),
         "termopar",
         env!("CARGO_PKG_VERSION"),
     )
@@ -55,15 +73,24 @@ pub fn openapi_json() -> String {
 
 /// Every route of the API, with its middleware.
 pub fn routes(state: AppState) -> BoxEndpoint<'static> {
-    let api = openapi();
+    let spec = openapi();
+    let (spec_json, swagger, redoc) = (spec.spec_endpoint(), spec.swagger_ui(), spec.redoc());
+    let api = Arc::new(spec.boxed());
     Route::new()
-        .at("/openapi.json", api.spec_endpoint())
-        .nest("/docs", api.swagger_ui())
-        .nest("/redoc", api.redoc())
+        .at("/openapi.json", spec_json)
+        .nest("/docs", swagger)
+        .nest("/redoc", redoc)
         .at("/health", get(health::health))
         .at("/ready", get(health::ready))
         .at("/metrics", get(health::metrics))
+        .at("/ui/conversations", get(ui::conversations))
+        // The chat system's own paths (seed 001): the same operations as under /api/v1.
+        .at("/webhook", api.clone())
+        .at("/conversations", api.clone())
+        .at("/conversations/:id", api.clone())
         .nest(API_PREFIX, api)
+        // `/webhook/` and `/webhook` alike, everywhere.
+        .with(NormalizePath::new(TrailingSlash::Trim))
         .around(limit_body)
         .with(AddData::new(state))
         .with(CatchPanic::new().with_handler(panic_response))

@@ -58,6 +58,8 @@ pub struct Inner {
     pub client_tz: Cache<Uuid, String>,
     /// Limits of HTTP ingest (the same as MQTT's).
     pub ingest_limits: Limits,
+    /// The key webhook bodies must be signed with, if any.
+    pub webhook_secret: Option<String>,
 }
 
 impl Deref for AppState {
@@ -95,6 +97,10 @@ impl AppState {
                 .time_to_live(std::time::Duration::from_secs(60))
                 .build(),
             ingest_limits: Limits::default(),
+            webhook_secret: settings
+                .webhook_secret
+                .as_ref()
+                .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned()),
         }))
     }
 

@@ -106,24 +106,54 @@ fn parse_wrk_duration(s: &str) -> Option<Duration> {
 }
 
 /// Runs wrk (installed by `scripts/services.sh bench-tools`) against `url`.
-pub fn wrk(url: &str, headers: &[(&str, &str)], seconds: u32, connections: u32) -> anyhow::Result<Load> {
+pub fn wrk(
+    url: &str,
+    headers: &[(&str, &str)],
+    seconds: u32,
+    connections: u32,
+) -> anyhow::Result<Load> {
     let mut cmd = std::process::Command::new("wrk");
-    cmd.args(["-t", "1", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
+    cmd.args([
+        "-t",
+        "1",
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+    ]);
     for (k, v) in headers {
         cmd.args(["-H", &format!("{k}: {v}")]);
     }
-    let out = cmd.arg(url).output().map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
+    let out = cmd
+        .arg(url)
+        .output()
+        .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk failed: {text}");
-    anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw errors for {url}:\n{text}");
+    anyhow::ensure!(
+        !text.contains("Non-2xx"),
+        "wrk saw errors for {url}:\n{text}"
+    );
     let field = |prefix: &str| {
         text.lines()
             .find(|l| l.trim_start().starts_with(prefix))
-            .and_then(|l| l.trim_start()[prefix.len()..].split_whitespace().next().map(str::to_owned))
+            .and_then(|l| {
+                l.trim_start()[prefix.len()..]
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned)
+            })
     };
-    let rps: f64 = field("Requests/sec:").and_then(|v| v.parse().ok()).ok_or_else(|| anyhow::anyhow!("no Requests/sec in:\n{text}"))?;
-    let p50 = field("50%").and_then(|v| parse_wrk_duration(&v)).unwrap_or_default();
-    let p99 = field("99%").and_then(|v| parse_wrk_duration(&v)).unwrap_or_default();
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Requests/sec in:\n{text}"))?;
+    let p50 = field("50%")
+        .and_then(|v| parse_wrk_duration(&v))
+        .unwrap_or_default();
+    let p99 = field("99%")
+        .and_then(|v| parse_wrk_duration(&v))
+        .unwrap_or_default();
     Ok(Load { rps, p50, p99 })
 }
 

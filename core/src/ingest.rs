@@ -525,7 +525,11 @@ impl IngestStore {
     /// Sets a reading's temperature (an admin correction; the first original value is
     /// kept in `original_temperature`) and brings its bucket, the latest row and the
     /// caches up to date. Returns the corrected reading, or `None` if there is none.
-    pub async fn correct(&self, id: Uuid, temperature: f64) -> Result<Option<StoredReading>, StoreError> {
+    pub async fn correct(
+        &self,
+        id: Uuid,
+        temperature: f64,
+    ) -> Result<Option<StoredReading>, StoreError> {
         let Some(before) = self.find(id).await? else {
             return Ok(None);
         };
@@ -536,7 +540,8 @@ impl IngestStore {
         self.readings
             .update_one(doc! { "_id": id.to_string() }, doc! { "$set": set })
             .await?;
-        self.refresh_sensor(before.sensor_id, bucket_of(before.ts)).await?;
+        self.refresh_sensor(before.sensor_id, bucket_of(before.ts))
+            .await?;
         self.find(id).await
     }
 
@@ -546,12 +551,19 @@ impl IngestStore {
         let Some(before) = self.find(id).await? else {
             return Ok(None);
         };
-        self.readings.delete_one(doc! { "_id": id.to_string() }).await?;
-        self.refresh_sensor(before.sensor_id, bucket_of(before.ts)).await?;
+        self.readings
+            .delete_one(doc! { "_id": id.to_string() })
+            .await?;
+        self.refresh_sensor(before.sensor_id, bucket_of(before.ts))
+            .await?;
         Ok(Some(before))
     }
 
-    async fn refresh_sensor(&self, sensor: SensorId, bucket: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn refresh_sensor(
+        &self,
+        sensor: SensorId,
+        bucket: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.recompute_bucket(sensor, bucket).await?;
         self.recompute_latest(sensor).await?;
         if let Some(cache) = &self.latest {
@@ -775,7 +787,11 @@ async fn notify_changed(
     }
     let changes: Vec<BucketChange> = changes
         .iter()
-        .map(|&(sensor_id, from, to)| BucketChange { sensor_id, from, to })
+        .map(|&(sensor_id, from, to)| BucketChange {
+            sensor_id,
+            from,
+            to,
+        })
         .collect();
     let mut payload = serde_json::to_string(&changes).expect("serializable");
     // NOTIFY payloads are limited to 8000 bytes.

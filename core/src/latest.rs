@@ -27,7 +27,10 @@ impl LatestCache {
     /// Entries live for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         Self {
-            cache: Cache::builder().max_capacity(1_000_000).time_to_live(ttl).build(),
+            cache: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 
@@ -42,7 +45,9 @@ impl LatestCache {
         self.cache
             .try_get_with(sensor, async move {
                 metrics::counter!("latest_cache_loads_total").increment(1);
-                load(&pg, &[sensor]).await.map(|mut v| v.pop().map(Arc::new))
+                load(&pg, &[sensor])
+                    .await
+                    .map(|mut v| v.pop().map(Arc::new))
             })
             .await
     }
@@ -75,7 +80,15 @@ impl LatestCache {
 
 /// The latest rows of `sensors` from PostgreSQL (sensors without readings are absent).
 pub async fn load(pg: &PgPool, sensors: &[SensorId]) -> Result<Vec<StoredReading>, sqlx::Error> {
-    type Row = (Uuid, Uuid, Uuid, chrono::DateTime<chrono::Utc>, f64, chrono::DateTime<chrono::Utc>, Value);
+    type Row = (
+        Uuid,
+        Uuid,
+        Uuid,
+        chrono::DateTime<chrono::Utc>,
+        f64,
+        chrono::DateTime<chrono::Utc>,
+        Value,
+    );
     let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT l.sensor_id, s.client_id, l.reading_id, l.ts, l.temperature, l.received_at, l.extra
@@ -87,17 +100,19 @@ pub async fn load(pg: &PgPool, sensors: &[SensorId]) -> Result<Vec<StoredReading
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(sensor, client, id, ts, temperature, received_at, extra)| StoredReading {
-            id,
-            sensor_id: SensorId(sensor),
-            client_id: ClientId(client),
-            ts,
-            temperature,
-            received_at,
-            extra: match extra {
-                Value::Object(m) => m,
-                _ => Map::new(),
+        .map(
+            |(sensor, client, id, ts, temperature, received_at, extra)| StoredReading {
+                id,
+                sensor_id: SensorId(sensor),
+                client_id: ClientId(client),
+                ts,
+                temperature,
+                received_at,
+                extra: match extra {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
             },
-        })
+        )
         .collect())
 }

@@ -26,7 +26,9 @@ fn brute_force(readings: &[Value], tz: Tz) -> BTreeMap<NaiveDate, (f64, f64, f64
     let mut days: BTreeMap<NaiveDate, Vec<f64>> = BTreeMap::new();
     for r in readings {
         let ts: DateTime<Utc> = r["ts"].as_str().unwrap().parse().unwrap();
-        days.entry(ts.with_timezone(&tz).date_naive()).or_default().push(r["temperature"].as_f64().unwrap());
+        days.entry(ts.with_timezone(&tz).date_naive())
+            .or_default()
+            .push(r["temperature"].as_f64().unwrap());
     }
     days.into_iter()
         .map(|(d, t)| {
@@ -39,7 +41,9 @@ fn brute_force(readings: &[Value], tz: Tz) -> BTreeMap<NaiveDate, (f64, f64, f64
 }
 
 fn assert_matches(got: &Value, want: &BTreeMap<NaiveDate, (f64, f64, f64, i64)>, what: &str) {
-    let items = got["items"].as_array().unwrap_or_else(|| panic!("{what}: {got}"));
+    let items = got["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: {got}"));
     assert_eq!(items.len(), want.len(), "{what}: days");
     for (item, (date, (avg, min, max, count))) in items.iter().zip(want) {
         assert_eq!(item["date"], date.to_string(), "{what}");
@@ -47,7 +51,10 @@ fn assert_matches(got: &Value, want: &BTreeMap<NaiveDate, (f64, f64, f64, i64)>,
         assert_eq!(item["min"].as_f64().unwrap(), *min, "{what} {date}");
         assert_eq!(item["max"].as_f64().unwrap(), *max, "{what} {date}");
         let got_avg = item["avg"].as_f64().unwrap();
-        assert!((got_avg - avg).abs() <= 1e-9 * avg.abs().max(1.0), "{what} {date}: {got_avg} vs {avg}");
+        assert!(
+            (got_avg - avg).abs() <= 1e-9 * avg.abs().max(1.0),
+            "{what} {date}: {got_avg} vs {avg}"
+        );
     }
 }
 
@@ -72,23 +79,55 @@ async fn daily_averages_equal_a_brute_force_computation_in_every_zone() {
         let (status, body) = app.ingest(&a, Value::Array(chunk.to_vec())).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         if i % 3 == 0 {
-            assert_eq!(app.ingest(&a, Value::Array(chunk.to_vec())).await.0, StatusCode::OK);
+            assert_eq!(
+                app.ingest(&a, Value::Array(chunk.to_vec())).await.0,
+                StatusCode::OK
+            );
         }
     }
     app.ingest(&b, Value::Array(of_b.clone())).await;
 
     let both: Vec<Value> = of_a.iter().chain(of_b.iter()).cloned().collect();
-    for zone in ["America/Sao_Paulo", "Europe/Berlin", "Asia/Kolkata", "Asia/Kathmandu", "UTC"] {
+    for zone in [
+        "America/Sao_Paulo",
+        "Europe/Berlin",
+        "Asia/Kolkata",
+        "Asia/Kathmandu",
+        "UTC",
+    ] {
         let tz: Tz = zone.parse().unwrap();
         let q = format!("from=2026-03-20&to=2026-10-31&tz={zone}");
-        let (status, sensor) = app.get(&format!("/sensors/{}/daily-averages?{q}", id(&a)), &app.admin).await;
+        let (status, sensor) = app
+            .get(
+                &format!("/sensors/{}/daily-averages?{q}", id(&a)),
+                &app.admin,
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{sensor}");
         assert_eq!(sensor["tz"], zone);
-        assert_matches(&sensor, &brute_force(&of_a, tz), &format!("sensor a in {zone}"));
-        let (_, whole) = app.get(&format!("/clients/{}/daily-averages?{q}", id(&client)), &app.admin).await;
-        assert_matches(&whole, &brute_force(&both, tz), &format!("client in {zone}"));
+        assert_matches(
+            &sensor,
+            &brute_force(&of_a, tz),
+            &format!("sensor a in {zone}"),
+        );
+        let (_, whole) = app
+            .get(
+                &format!("/clients/{}/daily-averages?{q}", id(&client)),
+                &app.admin,
+            )
+            .await;
+        assert_matches(
+            &whole,
+            &brute_force(&both, tz),
+            &format!("client in {zone}"),
+        );
         // Asked twice (the second time from the cache where days are finished).
-        let (_, again) = app.get(&format!("/sensors/{}/daily-averages?{q}", id(&a)), &app.admin).await;
+        let (_, again) = app
+            .get(
+                &format!("/sensors/{}/daily-averages?{q}", id(&a)),
+                &app.admin,
+            )
+            .await;
         assert_eq!(again, sensor);
     }
 }
@@ -101,18 +140,35 @@ async fn dst_days_have_23_and_25_hours_of_readings() {
     let berlin = chrono_tz::Europe::Berlin;
     for (date, hours) in [("2026-03-29", 23), ("2026-10-25", 25), ("2026-06-01", 24)] {
         let day: NaiveDate = date.parse().unwrap();
-        let start = berlin.from_local_datetime(&day.and_hms_opt(0, 0, 0).unwrap()).unwrap().with_timezone(&Utc);
-        let readings: Vec<Value> = (0..hours * 12).map(|i| reading_at(start + Duration::minutes(5 * i), 1.0)).collect();
+        let start = berlin
+            .from_local_datetime(&day.and_hms_opt(0, 0, 0).unwrap())
+            .unwrap()
+            .with_timezone(&Utc);
+        let readings: Vec<Value> = (0..hours * 12)
+            .map(|i| reading_at(start + Duration::minutes(5 * i), 1.0))
+            .collect();
         for chunk in readings.chunks(500) {
             app.ingest(&sensor, Value::Array(chunk.to_vec())).await;
         }
         let (_, got) = app
-            .get(&format!("/sensors/{}/daily-averages?from={date}&to={date}&tz=Europe/Berlin", id(&sensor)), &app.admin)
+            .get(
+                &format!(
+                    "/sensors/{}/daily-averages?from={date}&to={date}&tz=Europe/Berlin",
+                    id(&sensor)
+                ),
+                &app.admin,
+            )
             .await;
         assert_eq!(got["items"][0]["count"], hours * 12, "{date}: {got}");
         // In UTC the same readings spread over two dates.
         let (_, utc) = app
-            .get(&format!("/sensors/{}/daily-averages?from={date}&to={date}&tz=UTC", id(&sensor)), &app.admin)
+            .get(
+                &format!(
+                    "/sensors/{}/daily-averages?from={date}&to={date}&tz=UTC",
+                    id(&sensor)
+                ),
+                &app.admin,
+            )
             .await;
         assert!(utc["items"][0]["count"].as_i64().unwrap() < hours * 12);
     }
@@ -122,7 +178,11 @@ async fn dst_days_have_23_and_25_hours_of_readings() {
 async fn the_zone_defaults_to_the_clients_and_bad_ranges_are_400() {
     let app = TestApp::spawn().await;
     let (_, client) = app
-        .post("/clients", &app.admin, json!({"name": "Kathmandu Cold", "timezone": "Asia/Kathmandu"}))
+        .post(
+            "/clients",
+            &app.admin,
+            json!({"name": "Kathmandu Cold", "timezone": "Asia/Kathmandu"}),
+        )
         .await;
     let sensor = app.create_sensor(id(&client), "s").await;
     let path = format!("/sensors/{}/daily-averages", id(&sensor));
@@ -153,25 +213,41 @@ async fn a_late_reading_in_a_cached_finished_day_shows_on_the_next_request() {
     let sensor = app.create_sensor(id(&client), "s").await;
     let day = Utc.with_ymd_and_hms(2026, 4, 2, 10, 0, 0).unwrap();
     app.ingest(&sensor, reading_at(day, 10.0)).await;
-    let path = format!("/sensors/{}/daily-averages?from=2026-04-01&to=2026-04-03&tz=UTC", id(&sensor));
+    let path = format!(
+        "/sensors/{}/daily-averages?from=2026-04-01&to=2026-04-03&tz=UTC",
+        id(&sensor)
+    );
     assert_eq!(app.get(&path, &app.admin).await.1["items"][0]["count"], 1);
 
     // Through this API process: its own cache forgets the day at once.
-    app.ingest(&sensor, reading_at(day + Duration::hours(3), 20.0)).await;
+    app.ingest(&sensor, reading_at(day + Duration::hours(3), 20.0))
+        .await;
     let (_, got) = app.get(&path, &app.admin).await;
     assert_eq!(got["items"][0]["count"], 2);
     assert_eq!(got["items"][0]["avg"], 15.0);
 
     // Through another process (a consumer): announced over PostgreSQL NOTIFY.
-    let elsewhere = termopar_core::ingest::IngestStore::new(app.db.pool.clone(), &app._mongo.database().await);
+    let elsewhere =
+        termopar_core::ingest::IngestStore::new(app.db.pool.clone(), &app._mongo.database().await);
     let sensor_id = termopar_core::ids::SensorId(id(&sensor).parse().unwrap());
     let client_id = termopar_core::ids::ClientId(id(&client).parse().unwrap());
     let payload = reading_at(day + Duration::hours(4), 30.0).to_string();
-    let parsed = termopar_core::reading::parse_message(payload.as_bytes(), sensor_id, client_id, Utc::now(), &Default::default()).unwrap();
+    let parsed = termopar_core::reading::parse_message(
+        payload.as_bytes(),
+        sensor_id,
+        client_id,
+        Utc::now(),
+        &Default::default(),
+    )
+    .unwrap();
     elsewhere.store(&parsed.readings).await.unwrap();
-    test_support::eventually("the other process's reading in the cached day", test_support::DEFAULT_DEADLINE, || async {
-        let (_, got) = app.get(&path, &app.admin).await;
-        (got["items"][0]["count"] == 3).then_some(())
-    })
+    test_support::eventually(
+        "the other process's reading in the cached day",
+        test_support::DEFAULT_DEADLINE,
+        || async {
+            let (_, got) = app.get(&path, &app.admin).await;
+            (got["items"][0]["count"] == 3).then_some(())
+        },
+    )
     .await;
 }

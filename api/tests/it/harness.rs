@@ -15,7 +15,7 @@ use uuid::Uuid;
 pub const JWT_SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 pub const ADMIN_EMAIL: &str = "admin@termopar.test";
 pub const ADMIN_PASSWORD: &str = "admin-password-1";
-pub const MAX_BODY: usize = 64 * 1024;
+pub const MAX_BODY: usize = 256 * 1024;
 
 /// Settings for a test app on port 0 over the given stores.
 pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
@@ -36,6 +36,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
         max_body_bytes: MAX_BODY,
         ready_broker: None,
         latest_cache_ttl: std::time::Duration::from_secs(1),
+        webhook_secret: None,
     }
 }
 
@@ -222,7 +223,11 @@ impl TestApp {
     /// Posts readings for a sensor with its device secret.
     pub async fn ingest(&self, sensor: &Value, body: Value) -> (StatusCode, Value) {
         let req = self
-            .request(Method::POST, &format!("/sensors/{}/readings", id(sensor)), None)
+            .request(
+                Method::POST,
+                &format!("/sensors/{}/readings", id(sensor)),
+                None,
+            )
             .header("x-device-secret", sensor["device_secret"].as_str().unwrap())
             .json(&body);
         read(req.send().await.unwrap()).await
@@ -230,9 +235,11 @@ impl TestApp {
 
     /// Waits until the daily-average cache listens for changes (it is bypassed before).
     pub async fn daily_cache_live(&self) {
-        test_support::eventually("the daily cache listening", test_support::DEFAULT_DEADLINE, || async {
-            self.state.daily.is_live().then_some(())
-        })
+        test_support::eventually(
+            "the daily cache listening",
+            test_support::DEFAULT_DEADLINE,
+            || async { self.state.daily.is_live().then_some(()) },
+        )
         .await;
     }
 }
@@ -240,4 +247,43 @@ impl TestApp {
 /// A reading payload.
 pub fn reading_at(ts: chrono::DateTime<chrono::Utc>, temperature: f64) -> Value {
     json!({ "id": Uuid::new_v4(), "ts": ts.to_rfc3339(), "temperature": temperature })
+}
+
+impl TestApp {
+    /// Posts a raw webhook body to `path` (outside /api/v1).
+    pub async fn webhook_raw(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    /// Posts an event to `/webhook/`.
+    pub async fn webhook(&self, event: &Value) -> (StatusCode, Value) {
+        self.webhook_raw("/webhook/", serde_json::to_vec(event).unwrap(), &[])
+            .await
+    }
+
+    /// A conversation as `GET /conversations/{id}` shows it (all messages).
+    pub async fn conversation(&self, id: &str) -> (StatusCode, Value) {
+        read(
+            self.http
+                .get(self.url(&format!("/conversations/{id}?page_size=1000")))
+                .bearer_auth(&self.admin)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
 }

@@ -11,3 +11,5 @@ mod operations;
 mod readings;
 mod sensors;
 mod users;
+mod webhook;
+mod webhook_model;

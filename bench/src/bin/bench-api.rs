@@ -25,7 +25,10 @@ use termopar_core::{
 use test_support::{TestDb, TestMongo};
 use uuid::Uuid;
 
-async fn start(db: &TestDb, mongo: &TestMongo) -> anyhow::Result<(String, termopar_api::state::AppState)> {
+async fn start(
+    db: &TestDb,
+    mongo: &TestMongo,
+) -> anyhow::Result<(String, termopar_api::state::AppState)> {
     let settings = Settings {
         addr: "127.0.0.1:0".parse()?,
         database: db.settings(),
@@ -36,10 +39,14 @@ async fn start(db: &TestDb, mongo: &TestMongo) -> anyhow::Result<(String, termop
             refresh_ttl: Duration::from_secs(7200),
             user_cache_ttl: Duration::from_secs(30),
         },
-        bootstrap_admin: Some(BootstrapAdmin { email: "admin@bench".into(), password: SecretString::from("bench-admin-pw") }),
+        bootstrap_admin: Some(BootstrapAdmin {
+            email: "admin@bench".into(),
+            password: SecretString::from("bench-admin-pw"),
+        }),
         max_body_bytes: 1 << 20,
         ready_broker: None,
         latest_cache_ttl: Duration::from_secs(1),
+        webhook_secret: None,
     };
     let app = Application::build(settings).await?;
     let state = app.state().clone();
@@ -48,7 +55,13 @@ async fn start(db: &TestDb, mongo: &TestMongo) -> anyhow::Result<(String, termop
     Ok((base, state))
 }
 
-async fn call(http: &reqwest::Client, method: reqwest::Method, url: &str, token: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let mut req = http.request(method, url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -62,7 +75,11 @@ async fn call(http: &reqwest::Client, method: reqwest::Method, url: &str, token:
 }
 
 /// Times `n` sequential GETs.
-async fn sample(http: &reqwest::Client, urls: &[String], token: &str) -> anyhow::Result<Vec<Duration>> {
+async fn sample(
+    http: &reqwest::Client,
+    urls: &[String],
+    token: &str,
+) -> anyhow::Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(urls.len());
     for url in urls {
         let t = Instant::now();
@@ -79,14 +96,16 @@ async fn sample(http: &reqwest::Client, urls: &[String], token: &str) -> anyhow:
 async fn load_year(pg: &sqlx::PgPool, sensor: Uuid, start: DateTime<Utc>) -> anyhow::Result<u64> {
     let buckets = 365 * 96;
     let mut rows_bucket = Vec::with_capacity(buckets);
-    let (mut counts, mut sums, mut mins, mut maxs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut counts, mut sums, mut mins, mut maxs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut total = 0u64;
     for b in 0..buckets {
         let t0 = start + chrono::Duration::minutes(15 * b as i64);
         let (mut sum, mut min, mut max) = (0.0f64, f64::INFINITY, f64::NEG_INFINITY);
         for s in 0..900 {
             let secs = (b * 900 + s) as f64;
-            let v = ((5.0 + 3.0 * (secs / 86_400.0 * std::f64::consts::TAU).sin()) * 100.0).round() / 100.0;
+            let v = ((5.0 + 3.0 * (secs / 86_400.0 * std::f64::consts::TAU).sin()) * 100.0).round()
+                / 100.0;
             sum += v;
             min = min.min(v);
             max = max.max(v);
@@ -127,24 +146,63 @@ async fn main() -> anyhow::Result<()> {
     let (base, state) = start(&db, &mongo).await?;
     let http = reqwest::Client::new();
     let api = format!("{base}/api/v1");
-    let login = call(&http, reqwest::Method::POST, &format!("{api}/auth/login"), None, Some(json!({"email": "admin@bench", "password": "bench-admin-pw"}))).await?;
+    let login = call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{api}/auth/login"),
+        None,
+        Some(json!({"email": "admin@bench", "password": "bench-admin-pw"})),
+    )
+    .await?;
     let token = login["access_token"].as_str().unwrap().to_owned();
-    let client = call(&http, reqwest::Method::POST, &format!("{api}/clients"), Some(&token), Some(json!({"name": "bench", "timezone": "America/Sao_Paulo"}))).await?;
+    let client = call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{api}/clients"),
+        Some(&token),
+        Some(json!({"name": "bench", "timezone": "America/Sao_Paulo"})),
+    )
+    .await?;
     let client_id = client["id"].as_str().unwrap().to_owned();
     let mk_sensor = |name: &str| {
-        let (http, api, token, client_id) = (http.clone(), api.clone(), token.clone(), client_id.clone());
+        let (http, api, token, client_id) =
+            (http.clone(), api.clone(), token.clone(), client_id.clone());
         let name = name.to_owned();
-        async move { call(&http, reqwest::Method::POST, &format!("{api}/sensors"), Some(&token), Some(json!({"client_id": client_id, "name": name}))).await }
+        async move {
+            call(
+                &http,
+                reqwest::Method::POST,
+                &format!("{api}/sensors"),
+                Some(&token),
+                Some(json!({"client_id": client_id, "name": name})),
+            )
+            .await
+        }
     };
 
     // 1. Latest reading with JWT and caches, against /health.
     let live = mk_sensor("live").await?;
     let live_id = live["id"].as_str().unwrap();
-    call(&http, reqwest::Method::POST, &format!("{api}/sensors/{live_id}/readings"), Some(&token), Some(json!({"temperature": 4.2}))).await?;
+    call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{api}/sensors/{live_id}/readings"),
+        Some(&token),
+        Some(json!({"temperature": 4.2})),
+    )
+    .await?;
     let auth = format!("Bearer {token}");
     let ceiling = wrk(&format!("{base}/health"), &[], seconds, 32)?;
-    let latest = wrk(&format!("{api}/sensors/{live_id}/readings/latest"), &[("Authorization", &auth)], seconds, 32)?;
-    eprintln!("latest: {:.0} req/s vs /health {:.0} req/s", latest.rps, ceiling.rps);
+    let latest = wrk(
+        &format!("{api}/sensors/{live_id}/readings/latest"),
+        &[("Authorization", &auth)],
+        seconds,
+        32,
+    )?;
+    eprintln!(
+        "latest: {:.0} req/s vs /health {:.0} req/s",
+        latest.rps, ceiling.rps
+    );
 
     // 2. Daily averages over a year of 1 Hz data.
     let year = mk_sensor("year").await?;
@@ -153,7 +211,10 @@ async fn main() -> anyhow::Result<()> {
     let loaded = load_year(&state.pg, year_id, start).await?;
     let daily = format!("{api}/sensors/{year_id}/daily-averages?from=2025-01-01&to=2025-12-31");
     let check = call(&http, reqwest::Method::GET, &daily, Some(&token), None).await?;
-    anyhow::ensure!(check["items"].as_array().map(Vec::len) == Some(365), "a year of days: {check}");
+    anyhow::ensure!(
+        check["items"].as_array().map(Vec::len) == Some(365),
+        "a year of days: {check}"
+    );
     // Uncached: every request in a zone not asked before (the cache is per zone).
     let zones: Vec<String> = chrono_tz::TZ_VARIANTS
         .iter()
@@ -178,9 +239,18 @@ async fn main() -> anyhow::Result<()> {
         let batch: Vec<Value> = (chunk_start..(chunk_start + 5000).min(history))
             .map(|i| json!({"id": Uuid::new_v4(), "ts": (t0 + chrono::Duration::seconds(i as i64)).to_rfc3339(), "temperature": (i % 300) as f64 / 10.0}))
             .collect();
-        let readings = parse_message(serde_json::to_vec(&batch)?.as_slice(), big_id, ClientId(client_id.parse()?), Utc::now(), &Limits { max_payload_bytes: 64 << 20, ..Limits::default() })
-            .map_err(|r| anyhow::anyhow!("{r:?}"))?
-            .readings;
+        let readings = parse_message(
+            serde_json::to_vec(&batch)?.as_slice(),
+            big_id,
+            ClientId(client_id.parse()?),
+            Utc::now(),
+            &Limits {
+                max_payload_bytes: 64 << 20,
+                ..Limits::default()
+            },
+        )
+        .map_err(|r| anyhow::anyhow!("{r:?}"))?
+        .readings;
         if chunk_start == 0 {
             // The position after the 100th oldest reading: nearly the last page.
             let r = &readings[100];
@@ -189,7 +259,10 @@ async fn main() -> anyhow::Result<()> {
         state.ingest.store(&readings).await?;
     }
     let page1 = format!("{api}/sensors/{}/readings?page_size=50", big_id);
-    let deep = format!("{api}/sensors/{}/readings?page_size=50&cursor={deep_cursor}", big_id);
+    let deep = format!(
+        "{api}/sensors/{}/readings?page_size=50&cursor={deep_cursor}",
+        big_id
+    );
     let mut first = sample(&http, &vec![page1; 20], &token).await?;
     let mut deeper = sample(&http, &vec![deep; 20], &token).await?;
     let (first_p50, deep_p50) = (percentile(&mut first, 50.0), percentile(&mut deeper, 50.0));

@@ -1,0 +1,235 @@
+//! `/webhook` and `/conversations`: receiving chat events and reading conversations.
+
+use chrono::{DateTime, Utc};
+use poem::web::Data;
+use poem_openapi::{
+    param::{Path, Query},
+    payload::{Binary, Json},
+    ApiRequest, ApiResponse, Enum, Object, OpenApi,
+};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use crate::{
+    auth::BearerAuth,
+    error::{ApiError, ApiResult},
+    pagination::{Page, PageParams},
+    state::AppState,
+    webhook::{deliver, WebhookAck},
+    ApiTags,
+};
+
+/// A conversation's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum ConversationState {
+    /// Accepting messages.
+    #[oai(rename = "OPEN")]
+    Open,
+    /// Closed: new messages are refused.
+    #[oai(rename = "CLOSED")]
+    Closed,
+}
+
+impl ConversationState {
+    fn as_str(self) -> &'static str {
+        match self {
+            ConversationState::Open => "OPEN",
+            ConversationState::Closed => "CLOSED",
+        }
+    }
+}
+
+/// A conversation.
+#[derive(Debug, Clone, Object, FromRow)]
+pub struct Conversation {
+    /// Id (from NEW_CONVERSATION).
+    pub id: Uuid,
+    /// `OPEN` or `CLOSED`.
+    pub state: String,
+    /// When it was opened (the event's timestamp).
+    pub created_at: DateTime<Utc>,
+    /// When it was closed (the event's timestamp).
+    pub closed_at: Option<DateTime<Utc>>,
+    /// Messages in it.
+    pub message_count: i64,
+}
+
+/// A message.
+#[derive(Debug, Clone, Object, FromRow)]
+pub struct Message {
+    /// Id.
+    pub id: Uuid,
+    /// Its conversation.
+    pub conversation_id: Uuid,
+    /// `SENT` or `RECEIVED`.
+    pub direction: String,
+    /// Text.
+    pub content: String,
+    /// When it was sent (the event's timestamp).
+    pub timestamp: DateTime<Utc>,
+    /// When termopar received the event.
+    pub received_at: DateTime<Utc>,
+}
+
+/// A conversation with a page of its messages, in chronological order.
+#[derive(Debug, Object)]
+pub struct ConversationDetail {
+    #[oai(flatten)]
+    conversation: Conversation,
+    /// Messages, oldest first.
+    messages: Page<Message>,
+}
+
+/// A webhook event: `{"type", "timestamp", "data"}`.
+#[derive(ApiRequest)]
+enum WebhookBody {
+    /// NEW_CONVERSATION `{"id"}`, NEW_MESSAGE `{"id","direction","content",
+    /// "conversation_id"}` or CLOSE_CONVERSATION `{"id"}` in `data`.
+    #[oai(content_type = "application/json")]
+    Json(Binary<Vec<u8>>),
+}
+
+#[derive(ApiResponse)]
+enum AckResponse {
+    /// Applied (`processed`), or a redelivery of an event already applied
+    /// (`duplicate`).
+    #[oai(status = 200)]
+    Ok(Json<WebhookAck>),
+}
+
+#[derive(ApiResponse)]
+enum DetailResponse {
+    /// The conversation.
+    #[oai(status = 200)]
+    Ok(Json<ConversationDetail>),
+}
+
+#[derive(ApiResponse)]
+enum ListResponse {
+    /// Conversations, newest first.
+    #[oai(status = 200)]
+    Ok(Json<Page<Conversation>>),
+}
+
+macro_rules! conversation_columns {
+    () => {
+        "c.id, c.state, c.created_at, c.closed_at,
+         (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
+    };
+}
+
+/// The webhook receiver and conversation reads.
+pub struct ConversationsApi;
+
+#[OpenApi(tag = "ApiTags::Conversations")]
+impl ConversationsApi {
+    /// Receive a chat event (also at `POST /webhook/`).
+    ///
+    /// Errors say whether a retry can help: 404 `conversation_not_found` (a message
+    /// before its conversation: retry later), 409 `conflict` (an id reused by a
+    /// different event) or `conversation_closed`, 422 for a malformed event, 503 while
+    /// storage is down. A redelivered event gets 200 `duplicate`. With `WEBHOOK_SECRET`
+    /// set, `X-Signature: sha256=<hex HMAC-SHA256 of the body>` is required (401).
+    #[oai(path = "/webhook", method = "post", operation_id = "receiveWebhook")]
+    async fn receive(
+        &self,
+        state: Data<&AppState>,
+        req: &poem::Request,
+        body: WebhookBody,
+    ) -> ApiResult<AckResponse> {
+        let WebhookBody::Json(Binary(body)) = body;
+        Ok(AckResponse::Ok(Json(
+            deliver(&state, req.headers(), &body).await?,
+        )))
+    }
+
+    /// List conversations, newest first (admins; also at `GET /conversations`).
+    #[oai(
+        path = "/conversations",
+        method = "get",
+        operation_id = "listConversations"
+    )]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// Only conversations in this state.
+        #[oai(name = "state")]
+        filter: Query<Option<ConversationState>>,
+        /// Page number, from 1.
+        #[oai(validator(minimum(value = "1")))]
+        page: Query<Option<u32>>,
+        /// Items per page (1 to 1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        page_size: Query<Option<u32>>,
+    ) -> ApiResult<ListResponse> {
+        auth.0.require_admin()?;
+        let params = PageParams::new(page.0, page_size.0);
+        let wanted = filter.0.map(ConversationState::as_str);
+        let total: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM conversations WHERE ($1::text IS NULL OR state = $1)",
+        )
+        .bind(wanted)
+        .fetch_one(&state.pg)
+        .await?;
+        let items = sqlx::query_as::<_, Conversation>(concat!(
+            "SELECT ",
+            conversation_columns!(),
+            " FROM conversations c WHERE ($1::text IS NULL OR c.state = $1)
+             ORDER BY c.created_at DESC, c.id DESC LIMIT $2 OFFSET $3"
+        ))
+        .bind(wanted)
+        .bind(params.limit())
+        .bind(params.offset())
+        .fetch_all(&state.pg)
+        .await?;
+        Ok(ListResponse::Ok(Json(params.page(items, total))))
+    }
+
+    /// A conversation: its state and a page of its messages, oldest first (admins;
+    /// also at `GET /conversations/{id}`).
+    #[oai(
+        path = "/conversations/:id",
+        method = "get",
+        operation_id = "getConversation"
+    )]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        /// Page of messages, from 1.
+        #[oai(validator(minimum(value = "1")))]
+        page: Query<Option<u32>>,
+        /// Messages per page (1 to 1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        page_size: Query<Option<u32>>,
+    ) -> ApiResult<DetailResponse> {
+        auth.0.require_admin()?;
+        let params = PageParams::new(page.0, page_size.0);
+        let conversation = sqlx::query_as::<_, Conversation>(concat!(
+            "SELECT ",
+            conversation_columns!(),
+            " FROM conversations c WHERE c.id = $1"
+        ))
+        .bind(id.0)
+        .fetch_optional(&state.pg)
+        .await?
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+        let items = sqlx::query_as::<_, Message>(
+            "SELECT id, conversation_id, direction, content, \"timestamp\", received_at
+             FROM messages WHERE conversation_id = $1
+             ORDER BY \"timestamp\", id LIMIT $2 OFFSET $3",
+        )
+        .bind(id.0)
+        .bind(params.limit())
+        .bind(params.offset())
+        .fetch_all(&state.pg)
+        .await?;
+        let total = conversation.message_count;
+        Ok(DetailResponse::Ok(Json(ConversationDetail {
+            conversation,
+            messages: params.page(items, total),
+        })))
+    }
+}

@@ -1,0 +1,531 @@
+//! The chat webhook processor: conversation and message events from a WhatsApp
+//! customer-service system (`POST /webhook/`).
+//!
+//! Rules: a conversation starts OPEN; CLOSE_CONVERSATION closes it; a message needs an
+//! existing conversation and is refused once the conversation is closed (unless it was
+//! sent before the close, per its timestamp: a late delivery of an earlier message);
+//! ids are unique. The same event delivered again gets the same answer; a different
+//! event reusing an id is a 409. Database constraints and row locks decide races, never
+//! check-then-insert: a message and a close of the same conversation serialize on the
+//! conversation row.
+//!
+//! Every delivery is also kept raw in MongoDB (`webhook_events`) with its outcome.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use hmac::{Hmac, Mac};
+use mongodb::bson::{self, doc, Binary};
+use poem::http::{HeaderMap, StatusCode};
+use serde_json::{json, Map, Value};
+use sha2::Sha256;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{error::ApiError, state::AppState};
+
+/// Collection of raw deliveries.
+pub const EVENTS: &str = "webhook_events";
+/// Longest message content accepted, in bytes.
+pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
+/// Largest body kept raw.
+const MAX_RAW_BYTES: usize = 256 * 1024;
+
+/// Who sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by the company.
+    Sent,
+    /// Received from the customer.
+    Received,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Sent => "SENT",
+            Direction::Received => "RECEIVED",
+        }
+    }
+}
+
+/// A webhook event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `NEW_CONVERSATION`.
+    NewConversation {
+        /// Conversation id.
+        id: Uuid,
+        /// Event time.
+        timestamp: DateTime<Utc>,
+    },
+    /// `NEW_MESSAGE`.
+    NewMessage {
+        /// Message id.
+        id: Uuid,
+        /// Its conversation.
+        conversation_id: Uuid,
+        /// SENT or RECEIVED.
+        direction: Direction,
+        /// Text.
+        content: String,
+        /// Event time.
+        timestamp: DateTime<Utc>,
+    },
+    /// `CLOSE_CONVERSATION`.
+    CloseConversation {
+        /// Conversation id.
+        id: Uuid,
+        /// Event time.
+        timestamp: DateTime<Utc>,
+    },
+}
+
+impl Event {
+    /// The event type as sent.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::NewConversation { .. } => "NEW_CONVERSATION",
+            Event::NewMessage { .. } => "NEW_MESSAGE",
+            Event::CloseConversation { .. } => "CLOSE_CONVERSATION",
+        }
+    }
+
+    /// The id the event is about.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Event::NewConversation { id, .. }
+            | Event::NewMessage { id, .. }
+            | Event::CloseConversation { id, .. } => *id,
+        }
+    }
+
+    /// The JSON the sender posts (what the `seed` command sends).
+    pub fn to_json(&self) -> Value {
+        let ts = |t: &DateTime<Utc>| t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+        match self {
+            Event::NewConversation { id, timestamp }
+            | Event::CloseConversation { id, timestamp } => {
+                json!({ "type": self.kind(), "timestamp": ts(timestamp), "data": { "id": id } })
+            }
+            Event::NewMessage {
+                id,
+                conversation_id,
+                direction,
+                content,
+                timestamp,
+            } => json!({
+                "type": self.kind(),
+                "timestamp": ts(timestamp),
+                "data": {
+                    "id": id, "direction": direction.as_str(), "content": content,
+                    "conversation_id": conversation_id,
+                },
+            }),
+        }
+    }
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied now.
+    Processed,
+    /// The same event was applied before; nothing changed.
+    Duplicate,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::validation(field, message)
+}
+
+/// Event times: RFC 3339, or without offset (as in the sender's examples) meaning UTC.
+/// Kept to the microsecond, PostgreSQL's precision, so a redelivery compares equal.
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    let t = DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|n| n.and_utc())
+        })?;
+    DateTime::from_timestamp_micros(t.timestamp_micros())
+}
+
+fn uuid_field(data: &Map<String, Value>, name: &str) -> Result<Uuid, ApiError> {
+    let field = format!("data.{name}");
+    match data.get(name) {
+        Some(Value::String(s)) => {
+            Uuid::parse_str(s).map_err(|_| invalid(&field, format!("{field} is not a UUID")))
+        }
+        Some(_) => Err(invalid(&field, format!("{field} must be a UUID string"))),
+        None => Err(invalid(&field, format!("{field} is required"))),
+    }
+}
+
+/// Parses a delivery. Not JSON is a 400; JSON of the wrong shape a 422 naming the field.
+pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+    let Value::Object(event) = value else {
+        return Err(invalid("body", "the event must be a JSON object"));
+    };
+    let kind = match event.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(invalid("type", "type must be a string")),
+        None => return Err(invalid("type", "type is required")),
+    };
+    let timestamp = match event.get("timestamp") {
+        Some(Value::String(s)) => parse_time(s).ok_or_else(|| {
+            invalid(
+                "timestamp",
+                format!("timestamp {s:?} is not an ISO 8601 date-time"),
+            )
+        })?,
+        Some(_) => return Err(invalid("timestamp", "timestamp must be a string")),
+        None => return Err(invalid("timestamp", "timestamp is required")),
+    };
+    let data = match event.get("data") {
+        Some(Value::Object(d)) => d,
+        Some(_) => return Err(invalid("data", "data must be an object")),
+        None => return Err(invalid("data", "data is required")),
+    };
+    match kind {
+        "NEW_CONVERSATION" => Ok(Event::NewConversation { id: uuid_field(data, "id")?, timestamp }),
+        "CLOSE_CONVERSATION" => Ok(Event::CloseConversation { id: uuid_field(data, "id")?, timestamp }),
+        "NEW_MESSAGE" => {
+            let direction = match data.get("direction") {
+                Some(Value::String(s)) if s == "SENT" => Direction::Sent,
+                Some(Value::String(s)) if s == "RECEIVED" => Direction::Received,
+                _ => return Err(invalid("data.direction", "data.direction must be SENT or RECEIVED")),
+            };
+            let content = match data.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return Err(invalid("data.content", "data.content must be a string")),
+                None => return Err(invalid("data.content", "data.content is required")),
+            };
+            if content.len() > MAX_CONTENT_BYTES {
+                return Err(invalid(
+                    "data.content",
+                    format!("data.content is longer than {MAX_CONTENT_BYTES} bytes"),
+                ));
+            }
+            if content.contains('\0') {
+                return Err(invalid("data.content", "data.content must not contain NUL characters"));
+            }
+            Ok(Event::NewMessage {
+                id: uuid_field(data, "id")?,
+                conversation_id: uuid_field(data, "conversation_id")?,
+                direction,
+                content,
+                timestamp,
+            })
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_event_type",
+            format!("unknown event type {other:?}: expected NEW_CONVERSATION, NEW_MESSAGE or CLOSE_CONVERSATION"),
+        )
+        .with_field("type")),
+    }
+}
+
+fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError::conflict(message)
+}
+
+/// Applies an event to PostgreSQL.
+pub async fn apply(pg: &PgPool, event: &Event) -> Result<Outcome, ApiError> {
+    match event {
+        Event::NewConversation { id, timestamp } => {
+            let inserted = sqlx::query(
+                "INSERT INTO conversations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(timestamp)
+            .execute(pg)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                return Ok(Outcome::Processed);
+            }
+            let created: DateTime<Utc> =
+                sqlx::query_scalar("SELECT created_at FROM conversations WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(pg)
+                    .await?;
+            if created == *timestamp {
+                Ok(Outcome::Duplicate)
+            } else {
+                Err(conflict(format!(
+                    "conversation {id} was already created by a different event"
+                )))
+            }
+        }
+        Event::CloseConversation { id, timestamp } => {
+            let closed = sqlx::query(
+                "UPDATE conversations SET state = 'CLOSED', closed_at = $2, updated_at = now()
+                 WHERE id = $1 AND state = 'OPEN'",
+            )
+            .bind(id)
+            .bind(timestamp)
+            .execute(pg)
+            .await?
+            .rows_affected();
+            if closed == 1 {
+                return Ok(Outcome::Processed);
+            }
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(pg)
+                    .await?;
+            if exists {
+                Ok(Outcome::Duplicate) // closing a closed conversation changes nothing
+            } else {
+                Err(conversation_not_found(*id))
+            }
+        }
+        Event::NewMessage {
+            id,
+            conversation_id,
+            direction,
+            content,
+            timestamp,
+        } => {
+            let mut tx = pg.begin().await?;
+            // Shared: messages of one conversation do not wait for each other, but a close
+            // (which updates the row) waits for them, and they for it.
+            let conversation: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT state, closed_at FROM conversations WHERE id = $1 FOR SHARE",
+            )
+            .bind(conversation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((_, closed_at)) = conversation else {
+                return Err(conversation_not_found(*conversation_id));
+            };
+            let same = |existing: (Uuid, String, String, DateTime<Utc>)| {
+                existing
+                    == (
+                        *conversation_id,
+                        direction.as_str().to_owned(),
+                        content.clone(),
+                        *timestamp,
+                    )
+            };
+            let existing: Option<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT conversation_id, direction, content, \"timestamp\" FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(existing) = existing {
+                return if same(existing) {
+                    Ok(Outcome::Duplicate)
+                } else {
+                    Err(conflict(format!(
+                        "message {id} was already received with other content"
+                    )))
+                };
+            }
+            if closed_at.is_some_and(|closed| *timestamp >= closed) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conversation_closed",
+                    format!("conversation {conversation_id} is closed"),
+                ));
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO messages (id, conversation_id, direction, content, \"timestamp\")
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(conversation_id)
+            .bind(direction.as_str())
+            .bind(content)
+            .bind(timestamp)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                tx.commit().await?;
+                return Ok(Outcome::Processed);
+            }
+            // The same id inserted concurrently by another delivery.
+            let existing: (Uuid, String, String, DateTime<Utc>) = sqlx::query_as(
+                "SELECT conversation_id, direction, content, \"timestamp\" FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if same(existing) {
+                Ok(Outcome::Duplicate)
+            } else {
+                Err(conflict(format!(
+                    "message {id} was already received with other content"
+                )))
+            }
+        }
+    }
+}
+
+fn conversation_not_found(id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "conversation_not_found",
+        format!("conversation {id} does not exist (yet): retry after its NEW_CONVERSATION"),
+    )
+}
+
+/// Checks `X-Signature: sha256=<hex>` (HMAC-SHA256 of the raw body).
+fn signature_ok(secret: &str, header: Option<&str>, body: &[u8]) -> bool {
+    let Some(hex_sig) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_sig) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+/// The signature header value for `body` (for senders and tests).
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The answer to an accepted delivery.
+#[derive(Debug, poem_openapi::Object)]
+pub struct WebhookAck {
+    /// `processed`, or `duplicate` for a redelivery of an event already applied.
+    pub status: String,
+    /// The event type.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// The conversation or message id.
+    pub id: Uuid,
+}
+
+/// Handles one delivery end to end: signature, parsing, applying, raw record.
+pub async fn deliver(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<WebhookAck, ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let result = match &state.webhook_secret {
+        Some(secret) if !signature_ok(secret, header("x-signature"), body) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+            "missing or wrong X-Signature (sha256=<hex HMAC-SHA256 of the body>)",
+        )),
+        _ => match parse(body) {
+            Ok(event) => apply(&state.pg, &event).await.map(|o| (event, o)),
+            Err(e) => Err(e),
+        },
+    };
+    let (status, code, event) = match &result {
+        Ok((event, Outcome::Processed)) => (StatusCode::OK, "processed", Some(event)),
+        Ok((event, Outcome::Duplicate)) => (StatusCode::OK, "duplicate", Some(event)),
+        Err(e) => (e.status(), e.code(), None),
+    };
+    let kind = event.map_or("invalid", Event::kind);
+    metrics::counter!("webhook_deliveries_total", "type" => kind, "status" => status.as_str().to_owned())
+        .increment(1);
+    // Keep the delivery raw. If that fails the sender must retry: the retry is
+    // idempotent, and it is recorded.
+    let kept = &body[..body.len().min(MAX_RAW_BYTES)];
+    let mut raw = doc! {
+        "_id": Uuid::new_v4().to_string(),
+        "received_at": bson::DateTime::now(),
+        "headers": {
+            "content_type": header("content-type").unwrap_or_default(),
+            "user_agent": header("user-agent").unwrap_or_default(),
+            "request_id": header("x-request-id").unwrap_or_default(),
+            "signed": header("x-signature").is_some(),
+        },
+        "body": Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: kept.to_vec() },
+        "body_size": body.len() as i64,
+        "outcome": { "status": i32::from(status.as_u16()), "code": code },
+    };
+    if let Ok(text) = std::str::from_utf8(kept) {
+        raw.insert("body_text", text);
+    }
+    if let Some(event) = event {
+        raw.insert("type", event.kind());
+        raw.insert("event_id", event.id().to_string());
+    }
+    if let Err(e) = state.mongo.collection(EVENTS).insert_one(raw).await {
+        tracing::warn!(error = %e, "could not keep a webhook delivery");
+        return Err(ApiError::unavailable("MongoDB"));
+    }
+    let (event, outcome) = result?;
+    Ok(WebhookAck {
+        status: match outcome {
+            Outcome::Processed => "processed".into(),
+            Outcome::Duplicate => "duplicate".into(),
+        },
+        kind: event.kind().into(),
+        id: event.id(),
+    })
+}
+
+/// Fills demo data: `conversations` conversations of `messages` messages each (every
+/// other one then closed), posted through [`deliver`], the webhook's own path. Returns
+/// the events sent.
+pub async fn seed(
+    state: &AppState,
+    conversations: usize,
+    messages: usize,
+) -> Result<Vec<Event>, ApiError> {
+    const LINES: &[&str] = &[
+        "Olá, tudo bem?",
+        "Tudo ótimo e você?",
+        "Meu pedido ainda não chegou.",
+        "Vou verificar para você, um momento.",
+        "O código de rastreio é BR123456789.",
+        "Obrigado pela paciência!",
+        "Posso ajudar em algo mais?",
+        "Não, era só isso. Obrigado!",
+    ];
+    let mut events = Vec::new();
+    let start = Utc::now() - chrono::Duration::hours(conversations as i64 + 1);
+    for c in 0..conversations {
+        let id = Uuid::new_v4();
+        let mut t = start + chrono::Duration::hours(c as i64);
+        events.push(Event::NewConversation { id, timestamp: t });
+        for m in 0..messages {
+            t += chrono::Duration::seconds(1 + (m as i64 * 7) % 40);
+            events.push(Event::NewMessage {
+                id: Uuid::new_v4(),
+                conversation_id: id,
+                direction: if m % 2 == 0 {
+                    Direction::Received
+                } else {
+                    Direction::Sent
+                },
+                content: LINES[m % LINES.len()].to_owned(),
+                timestamp: t,
+            });
+        }
+        if c % 2 == 1 {
+            events.push(Event::CloseConversation {
+                id,
+                timestamp: t + chrono::Duration::minutes(1),
+            });
+        }
+    }
+    let headers = HeaderMap::new();
+    for event in &events {
+        let body = serde_json::to_vec(&event.to_json()).expect("serializable");
+        let mut headers = headers.clone();
+        if let Some(secret) = &state.webhook_secret {
+            headers.insert("x-signature", sign(secret, &body).parse().expect("ASCII"));
+        }
+        deliver(state, &headers, &body).await?;
+    }
+    Ok(events)
+}

@@ -1,0 +1,405 @@
+//! The chat webhook processor with the seed's own example payloads.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use termopar_api::Application;
+use uuid::Uuid;
+
+use crate::harness::*;
+
+const CONVERSATION: &str = "6a41b347-8d80-4ce9-84ba-7af66f369f6a";
+
+/// The four events of seed 001, exactly as written there.
+fn seed_events() -> Vec<Value> {
+    vec![
+        json!({"type": "NEW_CONVERSATION", "timestamp": "2025-02-21T10:20:41.349308", "data": {"id": "6a41b347-8d80-4ce9-84ba-7af66f369f6a"}}),
+        json!({"type": "NEW_MESSAGE", "timestamp": "2025-02-21T10:20:42.349308", "data": {"id": "49108c71-4dca-4af3-9f32-61bc745926e2", "direction": "RECEIVED", "content": "Olá, tudo bem?", "conversation_id": "6a41b347-8d80-4ce9-84ba-7af66f369f6a"}}),
+        json!({"type": "NEW_MESSAGE", "timestamp": "2025-02-21T10:20:44.349308", "data": {"id": "16b63b04-60de-4257-b1a1-20a5154abc6d", "direction": "SENT", "content": "Tudo ótimo e você?", "conversation_id": "6a41b347-8d80-4ce9-84ba-7af66f369f6a"}}),
+        json!({"type": "CLOSE_CONVERSATION", "timestamp": "2025-02-21T10:20:45.349308", "data": {"id": "6a41b347-8d80-4ce9-84ba-7af66f369f6a"}}),
+    ]
+}
+
+fn message(id: Uuid, conversation: &str, ts: &str, content: &str) -> Value {
+    json!({"type": "NEW_MESSAGE", "timestamp": ts, "data": {"id": id, "direction": "SENT", "content": content, "conversation_id": conversation}})
+}
+
+#[tokio::test]
+async fn the_seeds_example_events_build_a_closed_conversation() {
+    let app = TestApp::spawn().await;
+    for event in seed_events() {
+        let (status, ack) = app.webhook(&event).await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["status"], "processed");
+        assert_eq!(ack["type"], event["type"]);
+    }
+    let (status, c) = app.conversation(CONVERSATION).await;
+    assert_eq!(status, StatusCode::OK, "{c}");
+    assert_eq!(c["state"], "CLOSED");
+    let time = |v: &Value| {
+        v.as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+            .to_rfc3339()
+    };
+    assert_eq!(time(&c["created_at"]), "2025-02-21T10:20:41.349308+00:00");
+    assert_eq!(time(&c["closed_at"]), "2025-02-21T10:20:45.349308+00:00");
+    let contents: Vec<&str> = c["messages"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, vec!["Olá, tudo bem?", "Tudo ótimo e você?"]);
+    assert_eq!(c["messages"]["items"][0]["direction"], "RECEIVED");
+    assert_eq!(c["messages"]["total"], 2);
+
+    // The same operations under every path the issue names.
+    let (status, _) = app
+        .get(&format!("/conversations/{CONVERSATION}"), &app.admin)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/webhook", "/api/v1/webhook", "/api/v1/webhook/"] {
+        let (status, ack) = app
+            .webhook_raw(path, serde_json::to_vec(&seed_events()[0]).unwrap(), &[])
+            .await;
+        assert_eq!(
+            (status, ack["status"].as_str()),
+            (StatusCode::OK, Some("duplicate")),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_rules_of_conversations_hold_and_redeliveries_are_idempotent() {
+    let app = TestApp::spawn().await;
+    let c = Uuid::new_v4().to_string();
+    let open =
+        json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T10:00:00", "data": {"id": c}});
+    let close = json!({"type": "CLOSE_CONVERSATION", "timestamp": "2026-01-01T11:00:00", "data": {"id": c}});
+    let early = message(
+        Uuid::new_v4(),
+        &c,
+        "2026-01-01T10:30:00",
+        "before the close",
+    );
+    let early_late_delivery = message(
+        Uuid::new_v4(),
+        &c,
+        "2026-01-01T10:59:59.999999",
+        "sent before, delivered after",
+    );
+    let after = message(Uuid::new_v4(), &c, "2026-01-01T11:00:00", "after the close");
+
+    let orphan = message(
+        Uuid::new_v4(),
+        &Uuid::new_v4().to_string(),
+        "2026-01-01T10:00:00",
+        "hello?",
+    );
+    let got = app.webhook(&orphan).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "conversation_not_found");
+    let got = app.webhook(&json!({"type": "CLOSE_CONVERSATION", "timestamp": "2026-01-01T11:00:00", "data": {"id": Uuid::new_v4()}})).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "conversation_not_found");
+
+    assert_eq!(app.webhook(&open).await.1["status"], "processed");
+    assert_eq!(app.webhook(&open).await.1["status"], "duplicate");
+    let mut other_open = open.clone();
+    other_open["timestamp"] = json!("2026-01-01T10:00:01");
+    assert_error(
+        &app.webhook(&other_open).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+
+    assert_eq!(app.webhook(&early).await.1["status"], "processed");
+    assert_eq!(app.webhook(&early).await.1["status"], "duplicate");
+    let mut reused = early.clone();
+    reused["data"]["content"] = json!("something else");
+    assert_error(
+        &app.webhook(&reused).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+
+    assert_eq!(app.webhook(&close).await.1["status"], "processed");
+    assert_eq!(app.webhook(&close).await.1["status"], "duplicate");
+    assert_error(
+        &app.webhook(&after).await,
+        StatusCode::CONFLICT,
+        "conversation_closed",
+    );
+    assert_eq!(
+        app.webhook(&early_late_delivery).await.1["status"],
+        "processed"
+    );
+    assert_eq!(
+        app.webhook(&early).await.1["status"],
+        "duplicate",
+        "same outcome after the close"
+    );
+
+    let (_, conv) = app.conversation(&c).await;
+    assert_eq!(conv["state"], "CLOSED");
+    let contents: Vec<&str> = conv["messages"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        contents,
+        vec!["before the close", "sent before, delivered after"]
+    );
+}
+
+#[tokio::test]
+async fn no_body_whatever_it_is_gets_a_server_error() {
+    let app = TestApp::spawn().await;
+    let c = Uuid::new_v4();
+    app.webhook(
+        &json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T10:00:00", "data": {"id": c}}),
+    )
+    .await;
+    let long = "x".repeat(70_000);
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+        ("not JSON", b"type=NEW_CONVERSATION".to_vec(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("truncated", br#"{"type": "NEW_CONV"#.to_vec(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("empty", vec![], StatusCode::BAD_REQUEST, "bad_request"),
+        ("binary", vec![0, 159, 146, 150], StatusCode::BAD_REQUEST, "bad_request"),
+        ("array", b"[]".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("null", b"null".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("no type", json!({"timestamp": "2026-01-01T10:00:00", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("type not a string", json!({"type": 5, "timestamp": "2026-01-01T10:00:00", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("unknown type", json!({"type": "DELETE_EVERYTHING", "timestamp": "2026-01-01T10:00:00", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_type"),
+        ("lowercase type", json!({"type": "new_conversation", "timestamp": "2026-01-01T10:00:00", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_type"),
+        ("no timestamp", json!({"type": "NEW_CONVERSATION", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("bad timestamp", json!({"type": "NEW_CONVERSATION", "timestamp": "yesterday", "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("timestamp as number", json!({"type": "NEW_CONVERSATION", "timestamp": 1700000000, "data": {"id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("no data", json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T10:00:00"}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("data a string", json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T10:00:00", "data": "x"}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("bad uuid", json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T10:00:00", "data": {"id": "123"}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("uuid as number", json!({"type": "CLOSE_CONVERSATION", "timestamp": "2026-01-01T10:00:00", "data": {"id": 123}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("bad direction", json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:00", "data": {"id": Uuid::new_v4(), "direction": "SIDEWAYS", "content": "x", "conversation_id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("content not a string", json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:00", "data": {"id": Uuid::new_v4(), "direction": "SENT", "content": ["x"], "conversation_id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("huge content", json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:00", "data": {"id": Uuid::new_v4(), "direction": "SENT", "content": long, "conversation_id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("NUL in content", json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:00", "data": {"id": Uuid::new_v4(), "direction": "SENT", "content": "a\u{0}b", "conversation_id": c}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("bad conversation id", json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:00", "data": {"id": Uuid::new_v4(), "direction": "SENT", "content": "x", "conversation_id": "nope"}}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        ("body over the limit", vec![b' '; MAX_BODY + 1], StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+    ];
+    for (what, body, status, code) in cases {
+        let got = app.webhook_raw("/webhook/", body, &[]).await;
+        assert_eq!(got.0, status, "{what}: {}", got.1);
+        assert_eq!(got.1["code"], code, "{what}");
+    }
+    let text = read(
+        app.http
+            .post(app.url("/webhook/"))
+            .header("content-type", "text/plain")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(
+        &text,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    // Extra fields are ignored, not refused.
+    let extra = json!({"type": "NEW_MESSAGE", "timestamp": "2026-01-01T10:00:01", "source": "whatsapp", "data": {"id": Uuid::new_v4(), "direction": "SENT", "content": "ok", "conversation_id": c, "channel": 7}});
+    assert_eq!(app.webhook(&extra).await.0, StatusCode::OK);
+    let (_, conv) = app.conversation(&c.to_string()).await;
+    assert_eq!(
+        conv["messages"]["total"], 1,
+        "only the valid message is stored"
+    );
+}
+
+#[tokio::test]
+async fn signatures_are_checked_when_a_secret_is_set() {
+    let db = test_support::TestDb::new().await;
+    let mongo = test_support::TestMongo::new();
+    let mut s = settings(&db, &mongo);
+    s.webhook_secret = Some(secrecy::SecretString::from("webhook-secret"));
+    let base = serve(Application::build(s).await.unwrap());
+    let http = reqwest::Client::new();
+    let body = serde_json::to_vec(&seed_events()[0]).unwrap();
+    let post = |sig: Option<String>| {
+        let mut req = http
+            .post(format!("{base}/webhook/"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(sig) = sig {
+            req = req.header("x-signature", sig);
+        }
+        async move { read(req.send().await.unwrap()).await }
+    };
+    assert_error(
+        &post(None).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_signature",
+    );
+    assert_error(
+        &post(Some("sha256=00".into())).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_signature",
+    );
+    assert_error(
+        &post(Some(termopar_api::webhook::sign("other-secret", &body))).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_signature",
+    );
+    let ok = post(Some(termopar_api::webhook::sign("webhook-secret", &body))).await;
+    assert_eq!(ok.0, StatusCode::OK, "{}", ok.1);
+}
+
+#[tokio::test]
+async fn every_delivery_is_kept_raw_with_its_outcome() {
+    let app = TestApp::spawn().await;
+    for event in seed_events() {
+        app.webhook(&event).await;
+    }
+    app.webhook(&seed_events()[1]).await;
+    app.webhook_raw(
+        "/webhook/",
+        b"garbage".to_vec(),
+        &[("x-request-id", "req-42")],
+    )
+    .await;
+
+    let events = app
+        ._mongo
+        .database()
+        .await
+        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
+    let mut docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
+        events
+            .find(mongodb::bson::doc! {})
+            .sort(mongodb::bson::doc! {"received_at": 1})
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(docs.len(), 6);
+    let outcome = |d: &mongodb::bson::Document| {
+        let o = d.get_document("outcome").unwrap();
+        (
+            o.get_i32("status").unwrap(),
+            o.get_str("code").unwrap().to_owned(),
+        )
+    };
+    let last = docs.pop().unwrap();
+    assert_eq!(outcome(&last), (400, "bad_request".into()));
+    assert_eq!(
+        last.get_document("headers")
+            .unwrap()
+            .get_str("request_id")
+            .unwrap(),
+        "req-42"
+    );
+    assert_eq!(last.get_str("body_text").unwrap(), "garbage");
+    assert_eq!(outcome(&docs[4]), (200, "duplicate".into()));
+    assert_eq!(docs[1].get_str("type").unwrap(), "NEW_MESSAGE");
+    assert!(docs[1]
+        .get_str("body_text")
+        .unwrap()
+        .contains("Olá, tudo bem?"));
+}
+
+#[tokio::test]
+async fn conversations_are_listed_by_state_and_their_messages_paginated() {
+    let app = TestApp::spawn().await;
+    let events = termopar_api::webhook::seed(&app.state, 3, 7).await.unwrap();
+    assert_eq!(events.len(), 3 + 21 + 1);
+
+    let (status, all) = app.get("/conversations", &app.admin).await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all["total"], 3);
+    let created: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["created_at"].as_str().unwrap())
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] > w[1]), "newest first");
+    assert_eq!(
+        app.get("/conversations?state=CLOSED", &app.admin).await.1["total"],
+        1
+    );
+    assert_eq!(
+        app.get("/conversations?state=OPEN", &app.admin).await.1["total"],
+        2
+    );
+    assert_error(
+        &app.get("/conversations?state=closed", &app.admin).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    let id = all["items"][0]["id"].as_str().unwrap();
+    assert_eq!(all["items"][0]["message_count"], 7);
+    let mut seen = Vec::new();
+    for page in 1..=3 {
+        let (_, c) = app
+            .get(
+                &format!("/conversations/{id}?page={page}&page_size=3"),
+                &app.admin,
+            )
+            .await;
+        assert_eq!(c["messages"]["total"], 7);
+        seen.extend(
+            c["messages"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["timestamp"].as_str().unwrap().to_owned()),
+        );
+    }
+    assert_eq!(seen.len(), 7);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+
+    let (_, viewer) = app
+        .user_with_token("viewer", Some(id_of_new_client(&app).await.as_str()))
+        .await;
+    assert_error(
+        &app.get(&format!("/conversations/{id}"), &viewer).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let anonymous = read(
+        app.http
+            .get(app.url(&format!("/conversations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &app.get(&format!("/conversations/{}", Uuid::new_v4()), &app.admin)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+
+    let page = app
+        .http
+        .get(app.url("/ui/conversations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("/api/v1/conversations") || html.contains("\"/conversations"));
+}
+
+async fn id_of_new_client(app: &TestApp) -> String {
+    id(&app
+        .create_client(&format!("c-{}", Uuid::new_v4().simple()))
+        .await)
+    .to_owned()
+}
