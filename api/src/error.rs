@@ -242,7 +242,9 @@ fn unique_message(constraint: Option<&str>) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        PoemJson(*self.body).with_status(self.status).into_response()
+        PoemJson(*self.body)
+            .with_status(self.status)
+            .into_response()
     }
 }
 

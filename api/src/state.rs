@@ -10,7 +10,7 @@ use termopar_core::{
     settings::MqttEndpoint,
 };
 
-use crate::daily::DailyCache;
+use crate::{daily::DailyCache, webhook::RawLog};
 use uuid::Uuid;
 
 use crate::{
@@ -60,6 +60,8 @@ pub struct Inner {
     pub ingest_limits: Limits,
     /// The key webhook bodies must be signed with, if any.
     pub webhook_secret: Option<String>,
+    /// Raw webhook deliveries, written in groups.
+    pub raw_events: RawLog,
 }
 
 impl Deref for AppState {
@@ -78,7 +80,9 @@ impl AppState {
         let ingest = IngestStore::new(pg.clone(), &mongo)
             .with_latest_cache(latest.clone())
             .with_change_hook(daily.hook());
+        let raw_events = RawLog::start(mongo.collection(crate::webhook::EVENTS));
         Self(Arc::new(Inner {
+            raw_events,
             pg,
             mongo,
             jwt: Jwt::new(&settings.auth),

@@ -292,78 +292,73 @@ pub async fn apply(pg: &PgPool, event: &Event) -> Result<Outcome, ApiError> {
             content,
             timestamp,
         } => {
-            let mut tx = pg.begin().await?;
-            // Shared: messages of one conversation do not wait for each other, but a close
-            // (which updates the row) waits for them, and they for it.
-            let conversation: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
-                "SELECT state, closed_at FROM conversations WHERE id = $1 FOR SHARE",
-            )
-            .bind(conversation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((_, closed_at)) = conversation else {
-                return Err(conversation_not_found(*conversation_id));
-            };
-            let same = |existing: (Uuid, String, String, DateTime<Utc>)| {
-                existing
-                    == (
-                        *conversation_id,
-                        direction.as_str().to_owned(),
-                        content.clone(),
-                        *timestamp,
-                    )
-            };
-            let existing: Option<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT conversation_id, direction, content, \"timestamp\" FROM messages WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(existing) = existing {
-                return if same(existing) {
-                    Ok(Outcome::Duplicate)
-                } else {
-                    Err(conflict(format!(
-                        "message {id} was already received with other content"
-                    )))
-                };
-            }
-            if closed_at.is_some_and(|closed| *timestamp >= closed) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conversation_closed",
-                    format!("conversation {conversation_id} is closed"),
-                ));
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO messages (id, conversation_id, direction, content, \"timestamp\")
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            // One statement, so one round trip: lock the conversation row FOR SHARE (a
+            // close, which updates it, waits for us and we for it), look for the message
+            // id, and insert unless the id is taken or the conversation closed before
+            // this message was sent.
+            type Existing = (Uuid, String, String, DateTime<Utc>);
+            type Row = (bool, Option<DateTime<Utc>>, Option<Existing>, bool);
+            let (exists, closed_at, existing, inserted): Row = sqlx::query_as(
+                r#"WITH conv AS (
+                       SELECT closed_at FROM conversations WHERE id = $2 FOR SHARE
+                   ), existing AS (
+                       SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1
+                   ), ins AS (
+                       INSERT INTO messages (id, conversation_id, direction, content, "timestamp")
+                       SELECT $1, $2, $3, $4, $5 FROM conv
+                       WHERE NOT EXISTS (SELECT 1 FROM existing)
+                         AND (conv.closed_at IS NULL OR $5 < conv.closed_at)
+                       ON CONFLICT (id) DO NOTHING
+                       RETURNING id
+                   )
+                   SELECT EXISTS (SELECT 1 FROM conv),
+                          (SELECT closed_at FROM conv),
+                          (SELECT ROW(conversation_id, direction, content, "timestamp") FROM existing),
+                          EXISTS (SELECT 1 FROM ins)"#,
             )
             .bind(id)
             .bind(conversation_id)
             .bind(direction.as_str())
             .bind(content)
             .bind(timestamp)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                tx.commit().await?;
+            .fetch_one(pg)
+            .await?;
+            if inserted {
                 return Ok(Outcome::Processed);
             }
-            // The same id inserted concurrently by another delivery.
-            let existing: (Uuid, String, String, DateTime<Utc>) = sqlx::query_as(
-                "SELECT conversation_id, direction, content, \"timestamp\" FROM messages WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            if same(existing) {
-                Ok(Outcome::Duplicate)
-            } else {
-                Err(conflict(format!(
+            if !exists {
+                return Err(conversation_not_found(*conversation_id));
+            }
+            let existing = match existing {
+                Some(e) => Some(e),
+                // Not there when we looked, yet the insert met it: a concurrent delivery
+                // of the same id won. Read what it stored.
+                None if closed_at.is_none_or(|c| *timestamp < c) => {
+                    sqlx::query_as::<_, Existing>(
+                        r#"SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1"#,
+                    )
+                    .bind(id)
+                    .fetch_optional(pg)
+                    .await?
+                }
+                None => None,
+            };
+            let mine = (
+                *conversation_id,
+                direction.as_str().to_owned(),
+                content.clone(),
+                *timestamp,
+            );
+            match existing {
+                Some(e) if e == mine => Ok(Outcome::Duplicate),
+                Some(_) => Err(conflict(format!(
                     "message {id} was already received with other content"
-                )))
+                ))),
+                None => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conversation_closed",
+                    format!("conversation {conversation_id} is closed"),
+                )),
             }
         }
     }
@@ -458,7 +453,7 @@ pub async fn deliver(
         raw.insert("type", event.kind());
         raw.insert("event_id", event.id().to_string());
     }
-    if let Err(e) = state.mongo.collection(EVENTS).insert_one(raw).await {
+    if let Err(e) = state.raw_events.keep(raw).await {
         tracing::warn!(error = %e, "could not keep a webhook delivery");
         return Err(ApiError::unavailable("MongoDB"));
     }
@@ -528,4 +523,55 @@ pub async fn seed(
         deliver(state, &headers, &body).await?;
     }
     Ok(events)
+}
+
+/// Keeps raw deliveries with group commit: concurrent deliveries are written together
+/// in one unordered `insert_many`, and each waits until its own document is written.
+/// One insert per delivery would make the document store's single writer (FerretDB on
+/// SQLite) the bottleneck of the whole webhook.
+#[derive(Clone)]
+pub struct RawLog {
+    tx: tokio::sync::mpsc::Sender<(
+        bson::Document,
+        tokio::sync::oneshot::Sender<Result<(), String>>,
+    )>,
+}
+
+impl RawLog {
+    /// Starts the writer for `collection` (it stops when the last handle is dropped).
+    pub fn start(collection: mongodb::Collection<bson::Document>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            bson::Document,
+            tokio::sync::oneshot::Sender<Result<(), String>>,
+        )>(10_000);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(512);
+            while rx.recv_many(&mut batch, 512).await > 0 {
+                let (docs, waiters): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut batch).into_iter().unzip();
+                metrics::histogram!("webhook_raw_batch").record(docs.len() as f64);
+                let result = collection
+                    .insert_many(docs)
+                    .ordered(false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                for waiter in waiters {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Writes `doc`; returns once it is stored.
+    pub async fn keep(&self, doc: bson::Document) -> Result<(), String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((doc, done))
+            .await
+            .map_err(|_| "raw log writer stopped".to_owned())?;
+        wait.await
+            .map_err(|_| "raw log writer stopped".to_owned())?
+    }
 }

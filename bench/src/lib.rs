@@ -105,13 +105,31 @@ fn parse_wrk_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
-/// Runs wrk (installed by `scripts/services.sh bench-tools`) against `url`.
+/// Runs wrk (installed by `scripts/services.sh bench-tools`) against `url`; every
+/// answer must be a 2xx.
 pub fn wrk(
     url: &str,
     headers: &[(&str, &str)],
     seconds: u32,
     connections: u32,
 ) -> anyhow::Result<Load> {
+    let (load, errors) = wrk_with(url, headers, None, seconds, connections)?;
+    anyhow::ensure!(errors == 0, "{errors} answers of {url} were not 2xx");
+    Ok(load)
+}
+
+/// A wrk Lua script and the environment it reads.
+pub type Script<'a> = (&'a std::path::Path, &'a [(&'a str, &'a str)]);
+
+/// Runs wrk with an optional Lua script; returns the load and how many answers were
+/// not 2xx.
+pub fn wrk_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    script: Option<Script<'_>>,
+    seconds: u32,
+    connections: u32,
+) -> anyhow::Result<(Load, u64)> {
     let mut cmd = std::process::Command::new("wrk");
     cmd.args([
         "-t",
@@ -125,16 +143,15 @@ pub fn wrk(
     for (k, v) in headers {
         cmd.args(["-H", &format!("{k}: {v}")]);
     }
+    if let Some((path, env)) = script {
+        cmd.arg("-s").arg(path).envs(env.iter().copied());
+    }
     let out = cmd
         .arg(url)
         .output()
         .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk failed: {text}");
-    anyhow::ensure!(
-        !text.contains("Non-2xx"),
-        "wrk saw errors for {url}:\n{text}"
-    );
     let field = |prefix: &str| {
         text.lines()
             .find(|l| l.trim_start().starts_with(prefix))
@@ -145,6 +162,9 @@ pub fn wrk(
                     .map(str::to_owned)
             })
     };
+    let errors: u64 = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let rps: f64 = field("Requests/sec:")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no Requests/sec in:\n{text}"))?;
@@ -154,7 +174,39 @@ pub fn wrk(
     let p99 = field("99%")
         .and_then(|v| parse_wrk_duration(&v))
         .unwrap_or_default();
-    Ok(Load { rps, p50, p99 })
+    Ok((Load { rps, p50, p99 }, errors))
+}
+
+/// Starts the API on a free port over the given stores; returns its base URL and state.
+pub async fn start_api(
+    db: &test_support::TestDb,
+    mongo: &test_support::TestMongo,
+) -> anyhow::Result<(String, termopar_api::state::AppState)> {
+    use secrecy::SecretString;
+    let settings = termopar_api::Settings {
+        addr: "127.0.0.1:0".parse()?,
+        database: db.settings(),
+        mongo: mongo.settings.clone(),
+        auth: termopar_api::settings::AuthSettings {
+            jwt_secret: SecretString::from("bench-secret-of-at-least-32-bytes-long"),
+            access_ttl: Duration::from_secs(3600),
+            refresh_ttl: Duration::from_secs(7200),
+            user_cache_ttl: Duration::from_secs(30),
+        },
+        bootstrap_admin: Some(termopar_api::settings::BootstrapAdmin {
+            email: "admin@bench".into(),
+            password: SecretString::from("bench-admin-pw"),
+        }),
+        max_body_bytes: 1 << 20,
+        ready_broker: None,
+        latest_cache_ttl: Duration::from_secs(1),
+        webhook_secret: None,
+    };
+    let app = termopar_api::Application::build(settings).await?;
+    let state = app.state().clone();
+    let base = format!("http://{}", app.addr());
+    tokio::spawn(app.run_until(std::future::pending()));
+    Ok((base, state))
 }
 
 /// Formats a duration in milliseconds.

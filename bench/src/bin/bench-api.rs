@@ -10,12 +10,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use secrecy::SecretString;
 use serde_json::{json, Value};
-use termopar_api::{
-    settings::{AuthSettings, BootstrapAdmin},
-    Application, Settings,
-};
 use termopar_bench::{ms, per_sec, percentile, print_table, wrk, Row};
 use termopar_core::{
     ids::{ClientId, SensorId},
@@ -24,36 +19,6 @@ use termopar_core::{
 };
 use test_support::{TestDb, TestMongo};
 use uuid::Uuid;
-
-async fn start(
-    db: &TestDb,
-    mongo: &TestMongo,
-) -> anyhow::Result<(String, termopar_api::state::AppState)> {
-    let settings = Settings {
-        addr: "127.0.0.1:0".parse()?,
-        database: db.settings(),
-        mongo: mongo.settings.clone(),
-        auth: AuthSettings {
-            jwt_secret: SecretString::from("bench-secret-of-at-least-32-bytes-long"),
-            access_ttl: Duration::from_secs(3600),
-            refresh_ttl: Duration::from_secs(7200),
-            user_cache_ttl: Duration::from_secs(30),
-        },
-        bootstrap_admin: Some(BootstrapAdmin {
-            email: "admin@bench".into(),
-            password: SecretString::from("bench-admin-pw"),
-        }),
-        max_body_bytes: 1 << 20,
-        ready_broker: None,
-        latest_cache_ttl: Duration::from_secs(1),
-        webhook_secret: None,
-    };
-    let app = Application::build(settings).await?;
-    let state = app.state().clone();
-    let base = format!("http://{}", app.addr());
-    tokio::spawn(app.run_until(std::future::pending()));
-    Ok((base, state))
-}
 
 async fn call(
     http: &reqwest::Client,
@@ -143,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let history: usize = env_parse("BENCH_HISTORY_READINGS", 20_000)?;
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (base, state) = start(&db, &mongo).await?;
+    let (base, state) = termopar_bench::start_api(&db, &mongo).await?;
     let http = reqwest::Client::new();
     let api = format!("{base}/api/v1");
     let login = call(
