@@ -14,6 +14,7 @@ use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
+    responses::Deleted,
     state::AppState,
     validate, ApiTags,
 };
@@ -77,13 +78,6 @@ enum ClientList {
     /// A page of clients, newest first.
     #[oai(status = 200)]
     Ok(Json<Page<Client>>),
-}
-
-#[derive(ApiResponse)]
-enum Deleted {
-    /// Deleted.
-    #[oai(status = 204)]
-    Deleted,
 }
 
 /// Loads a client the caller can see, or 404.

@@ -25,6 +25,7 @@ use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::MAX_PAGE_SIZE,
+    responses::Deleted,
     state::AppState,
     ApiTags,
 };
@@ -193,13 +194,6 @@ enum ListResponse {
     /// The readings.
     #[oai(status = 200)]
     Ok(Json<ReadingList>),
-}
-
-#[derive(ApiResponse)]
-enum Deleted {
-    /// Deleted.
-    #[oai(status = 204)]
-    Deleted,
 }
 
 #[derive(ApiResponse)]

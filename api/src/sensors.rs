@@ -16,6 +16,7 @@ use crate::{
     auth::{BearerAuth, Role},
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
+    responses::Deleted,
     state::AppState,
     validate, ApiTags,
 };
@@ -124,13 +125,6 @@ enum SecretOk {
     /// The new secret.
     #[oai(status = 200)]
     Ok(Json<RotatedSecret>),
-}
-
-#[derive(ApiResponse)]
-enum Deleted {
-    /// Deleted.
-    #[oai(status = 204)]
-    Deleted,
 }
 
 /// Loads a sensor the caller can see (404 otherwise, also for other tenants' sensors).

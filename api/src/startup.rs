@@ -35,17 +35,7 @@ use crate::{
 pub const API_PREFIX: &str = "/api/v1";
 
 /// The OpenAPI service of everything under `/api/v1`.
-type Apis = (
-    AuthApi,
-    UsersApi,
-    ClientsApi,
-    SensorsApi,
-    ReadingsApi,
-    DailyApi,
-    ConversationsApi,
-);
-
-fn openapi() -> OpenApiService<Apis, ()> {
+fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
     OpenApiService::new(
         (
             AuthApi,

@@ -15,6 +15,7 @@ use crate::{
     auth::{password, BearerAuth, Role},
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
+    responses::Deleted,
     state::AppState,
     ApiTags,
 };
@@ -111,13 +112,6 @@ enum UserList {
     /// A page of users, newest first.
     #[oai(status = 200)]
     Ok(Json<Page<User>>),
-}
-
-#[derive(ApiResponse)]
-enum Deleted {
-    /// Deleted.
-    #[oai(status = 204)]
-    Deleted,
 }
 
 /// Checks an e-mail's shape (a full check is sending mail to it, which we do not).

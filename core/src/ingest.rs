@@ -451,11 +451,7 @@ impl IngestStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pg.begin().await?;
         // Exclusive: no ingestion for this sensor commits while we read and replace.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
-            .bind(ROLLUP_LOCK_CLASS)
-            .bind(sensor.0)
-            .execute(&mut *tx)
-            .await?;
+        lock_sensor(&mut tx, sensor).await?;
         let end = bucket + chrono::Duration::minutes(BUCKET_MINUTES);
         let mut cursor = self
             .readings
@@ -575,11 +571,7 @@ impl IngestStore {
     /// Recomputes a sensor's latest row from the raw readings.
     pub async fn recompute_latest(&self, sensor: SensorId) -> Result<(), StoreError> {
         let mut tx = self.pg.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
-            .bind(ROLLUP_LOCK_CLASS)
-            .bind(sensor.0)
-            .execute(&mut *tx)
-            .await?;
+        lock_sensor(&mut tx, sensor).await?;
         let newest = self
             .readings
             .find_one(doc! { "sensor_id": sensor.to_string() })
@@ -655,6 +647,20 @@ impl IngestStore {
         }
         Ok(())
     }
+}
+
+/// Takes the exclusive per-sensor rollup lock for the rest of the transaction: no
+/// ingestion for this sensor commits meanwhile (ingestion takes it shared).
+async fn lock_sensor(
+    tx: &mut Transaction<'_, Postgres>,
+    sensor: SensorId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
+        .bind(ROLLUP_LOCK_CLASS)
+        .bind(sensor.0)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Adds readings to the buckets and the latest rows. Readings of sensors deleted in the

@@ -113,14 +113,7 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
     stores
         .wait_for_readings(total + 1, Duration::from_secs(60))
         .await;
-    eventually("no pending batch", Duration::from_secs(30), || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
-            .fetch_one(&stores.db.pool)
-            .await
-            .unwrap();
-        (pending == 0).then_some(())
-    })
-    .await;
+    stores.wait_no_pending_batches().await;
     drop(consumer);
 
     let mut stored: Vec<Uuid> = stores

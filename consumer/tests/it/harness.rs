@@ -104,6 +104,18 @@ impl Stores {
         .await;
     }
 
+    /// Waits until no ingest batch is pending (recovery finished what crashes left).
+    pub async fn wait_no_pending_batches(&self) {
+        eventually("no pending batch", Duration::from_secs(30), || async {
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
+                .fetch_one(&self.db.pool)
+                .await
+                .unwrap();
+            (pending == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Asserts that every PostgreSQL bucket equals an aggregate of the raw readings, and
     /// that there is no bucket without readings or readings without bucket; and that
     /// each sensor's latest row is its newest raw reading.

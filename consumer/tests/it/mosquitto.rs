@@ -137,14 +137,7 @@ async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one
         .await;
     let b_received = received(port_b).await.unwrap_or(0.0);
     assert!(b_received >= 200.0, "B took part: {b_received}");
-    eventually("no pending batch", Duration::from_secs(30), || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
-            .fetch_one(&stores.db.pool)
-            .await
-            .unwrap();
-        (pending == 0).then_some(())
-    })
-    .await;
+    stores.wait_no_pending_batches().await;
     drop(b);
 
     let mut stored: Vec<Uuid> = stores.readings().await.iter().map(|r| r.id).collect();

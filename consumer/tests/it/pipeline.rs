@@ -301,18 +301,7 @@ async fn a_document_store_outage_is_retried_and_nothing_is_lost_or_doubled() {
         .wait_for_readings(20, std::time::Duration::from_secs(30))
         .await;
     // Recovery clears the batches of the failed attempts (they inserted nothing).
-    eventually(
-        "no pending batch",
-        std::time::Duration::from_secs(30),
-        || async {
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
-                .fetch_one(&stores.db.pool)
-                .await
-                .unwrap();
-            (pending == 0).then_some(())
-        },
-    )
-    .await;
+    stores.wait_no_pending_batches().await;
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     assert_eq!(stores.reading_count().await, 20);
