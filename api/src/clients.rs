@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem_openapi::{
     param::{Path, Query},
     payload::Json,
-    ApiResponse, Object, OpenApi,
+    Object, OpenApi,
 };
 use sqlx::FromRow;
 use uuid::Uuid;
@@ -14,7 +14,7 @@ use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
-    responses::Deleted,
+    responses::{Created, Deleted, Found},
     state::AppState,
     validate, ApiTags,
 };
@@ -59,27 +59,6 @@ pub struct ClientPatch {
     pub timezone: Option<String>,
 }
 
-#[derive(ApiResponse)]
-enum ClientCreated {
-    /// Created.
-    #[oai(status = 201)]
-    Created(Json<Client>),
-}
-
-#[derive(ApiResponse)]
-enum ClientOk {
-    /// The client.
-    #[oai(status = 200)]
-    Ok(Json<Client>),
-}
-
-#[derive(ApiResponse)]
-enum ClientList {
-    /// A page of clients, newest first.
-    #[oai(status = 200)]
-    Ok(Json<Page<Client>>),
-}
-
 /// Loads a client the caller can see, or 404.
 pub async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Client> {
     if !auth.0.sees_client(id) {
@@ -108,7 +87,7 @@ impl ClientsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         body: Json<NewClient>,
-    ) -> ApiResult<ClientCreated> {
+    ) -> ApiResult<Created<Client>> {
         auth.0.require_admin()?;
         let name = validate::name("name", &body.name, 200)?;
         let timezone = validate::timezone("timezone", &body.timezone)?;
@@ -123,7 +102,7 @@ impl ClientsApi {
         .fetch_one(&state.pg)
         .await?;
         tracing::info!(client_id = %client.id, "client created");
-        Ok(ClientCreated::Created(Json(client)))
+        Ok(Created::Created(Json(client)))
     }
 
     /// List clients, newest first. Operators and viewers see only their own.
@@ -138,7 +117,7 @@ impl ClientsApi {
         /// Items per page (1 to 1000, default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         page_size: Query<Option<u32>>,
-    ) -> ApiResult<ClientList> {
+    ) -> ApiResult<Found<Page<Client>>> {
         let params = PageParams::new(page.0, page_size.0);
         let scope = auth.0.tenant_scope();
         macro_rules! filter {
@@ -164,7 +143,7 @@ impl ClientsApi {
         .bind(params.offset())
         .fetch_all(&state.pg)
         .await?;
-        Ok(ClientList::Ok(Json(params.page(items, total))))
+        Ok(Found::Ok(Json(params.page(items, total))))
     }
 
     /// Get a client.
@@ -174,8 +153,8 @@ impl ClientsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<ClientOk> {
-        Ok(ClientOk::Ok(Json(visible(&state, &auth, id.0).await?)))
+    ) -> ApiResult<Found<Client>> {
+        Ok(Found::Ok(Json(visible(&state, &auth, id.0).await?)))
     }
 
     /// Change a client (admins).
@@ -186,7 +165,7 @@ impl ClientsApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: Json<ClientPatch>,
-    ) -> ApiResult<ClientOk> {
+    ) -> ApiResult<Found<Client>> {
         auth.0.require_admin()?;
         let name = body
             .name
@@ -211,7 +190,7 @@ impl ClientsApi {
         .fetch_optional(&state.pg)
         .await?
         .ok_or_else(|| ApiError::not_found("client"))?;
-        Ok(ClientOk::Ok(Json(client)))
+        Ok(Found::Ok(Json(client)))
     }
 
     /// Delete a client (admins). Refused with 409 while it still has sensors or users.

@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem_openapi::{
     param::{Path, Query},
     payload::{Binary, Json},
-    ApiRequest, ApiResponse, Enum, Object, OpenApi,
+    ApiRequest, Enum, Object, OpenApi,
 };
 use sqlx::FromRow;
 use uuid::Uuid;
@@ -14,6 +14,7 @@ use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
+    responses::Found,
     state::AppState,
     webhook::{deliver, WebhookAck},
     ApiTags,
@@ -89,28 +90,6 @@ enum WebhookBody {
     Json(Binary<Vec<u8>>),
 }
 
-#[derive(ApiResponse)]
-enum AckResponse {
-    /// Applied (`processed`), or a redelivery of an event already applied
-    /// (`duplicate`).
-    #[oai(status = 200)]
-    Ok(Json<WebhookAck>),
-}
-
-#[derive(ApiResponse)]
-enum DetailResponse {
-    /// The conversation.
-    #[oai(status = 200)]
-    Ok(Json<ConversationDetail>),
-}
-
-#[derive(ApiResponse)]
-enum ListResponse {
-    /// Conversations, newest first.
-    #[oai(status = 200)]
-    Ok(Json<Page<Conversation>>),
-}
-
 macro_rules! conversation_columns {
     () => {
         "c.id, c.state, c.created_at, c.closed_at,
@@ -136,9 +115,9 @@ impl ConversationsApi {
         state: Data<&AppState>,
         req: &poem::Request,
         body: WebhookBody,
-    ) -> ApiResult<AckResponse> {
+    ) -> ApiResult<Found<WebhookAck>> {
         let WebhookBody::Json(Binary(body)) = body;
-        Ok(AckResponse::Ok(Json(
+        Ok(Found::Ok(Json(
             deliver(&state, req.headers(), &body).await?,
         )))
     }
@@ -162,7 +141,7 @@ impl ConversationsApi {
         /// Items per page (1 to 1000, default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         page_size: Query<Option<u32>>,
-    ) -> ApiResult<ListResponse> {
+    ) -> ApiResult<Found<Page<Conversation>>> {
         auth.0.require_admin()?;
         let params = PageParams::new(page.0, page_size.0);
         let wanted = filter.0.map(ConversationState::as_str);
@@ -183,7 +162,7 @@ impl ConversationsApi {
         .bind(params.offset())
         .fetch_all(&state.pg)
         .await?;
-        Ok(ListResponse::Ok(Json(params.page(items, total))))
+        Ok(Found::Ok(Json(params.page(items, total))))
     }
 
     /// A conversation: its state and a page of its messages, oldest first (admins;
@@ -204,7 +183,7 @@ impl ConversationsApi {
         /// Messages per page (1 to 1000, default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         page_size: Query<Option<u32>>,
-    ) -> ApiResult<DetailResponse> {
+    ) -> ApiResult<Found<ConversationDetail>> {
         auth.0.require_admin()?;
         let params = PageParams::new(page.0, page_size.0);
         let conversation = sqlx::query_as::<_, Conversation>(concat!(
@@ -227,7 +206,7 @@ impl ConversationsApi {
         .fetch_all(&state.pg)
         .await?;
         let total = conversation.message_count;
-        Ok(DetailResponse::Ok(Json(ConversationDetail {
+        Ok(Found::Ok(Json(ConversationDetail {
             conversation,
             messages: params.page(items, total),
         })))

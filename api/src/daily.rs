@@ -26,7 +26,7 @@ use poem::web::Data;
 use poem_openapi::{
     param::{Path, Query},
     payload::Json,
-    ApiResponse, Object, OpenApi,
+    Object, OpenApi,
 };
 use sqlx::PgPool;
 use termopar_core::{
@@ -38,6 +38,7 @@ use uuid::Uuid;
 use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
+    responses::Found,
     state::AppState,
     ApiTags,
 };
@@ -293,13 +294,6 @@ pub struct DailyAverages {
     pub items: Vec<DailyAverage>,
 }
 
-#[derive(ApiResponse)]
-enum DailyResponse {
-    /// The days.
-    #[oai(status = 200)]
-    Ok(Json<DailyAverages>),
-}
-
 /// Resolves `from`, `to` and `tz` against the defaults and limits.
 fn range(
     from: Option<NaiveDate>,
@@ -354,7 +348,7 @@ async fn respond(
     tz: Tz,
     from: NaiveDate,
     to: NaiveDate,
-) -> ApiResult<DailyResponse> {
+) -> ApiResult<Found<DailyAverages>> {
     let days = sensor_days(state, sensors, tz, from, to).await?;
     let items = days
         .into_iter()
@@ -369,7 +363,7 @@ async fn respond(
             })
         })
         .collect();
-    Ok(DailyResponse::Ok(Json(DailyAverages {
+    Ok(Found::Ok(Json(DailyAverages {
         tz: tz.name().to_owned(),
         items,
     })))
@@ -403,7 +397,7 @@ impl DailyApi {
         to: Query<Option<NaiveDate>>,
         /// IANA time zone, e.g. `America/Sao_Paulo`.
         tz: Query<Option<String>>,
-    ) -> ApiResult<DailyResponse> {
+    ) -> ApiResult<Found<DailyAverages>> {
         let sensor = crate::readings::visible_sensor(&state, &auth, id.0).await?;
         let tz = match parse_tz(tz.0.as_deref())? {
             Some(tz) => tz,
@@ -432,7 +426,7 @@ impl DailyApi {
         to: Query<Option<NaiveDate>>,
         /// IANA time zone, e.g. `America/Sao_Paulo`.
         tz: Query<Option<String>>,
-    ) -> ApiResult<DailyResponse> {
+    ) -> ApiResult<Found<DailyAverages>> {
         if !auth.0.sees_client(id.0) {
             return Err(ApiError::not_found("client"));
         }

@@ -14,7 +14,7 @@ mod health;
 mod http;
 pub mod pagination;
 pub mod readings;
-mod responses;
+pub mod responses;
 pub mod sensors;
 pub mod settings;
 mod startup;

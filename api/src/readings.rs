@@ -25,7 +25,7 @@ use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::MAX_PAGE_SIZE,
-    responses::Deleted,
+    responses::{Deleted, Found},
     state::AppState,
     ApiTags,
 };
@@ -176,27 +176,6 @@ pub struct IngestReport {
 }
 
 #[derive(ApiResponse)]
-enum PageResponse {
-    /// Readings, newest first.
-    #[oai(status = 200)]
-    Ok(Json<ReadingPage>),
-}
-
-#[derive(ApiResponse)]
-enum ReadingResponse {
-    /// The reading.
-    #[oai(status = 200)]
-    Ok(Json<ReadingOut>),
-}
-
-#[derive(ApiResponse)]
-enum ListResponse {
-    /// The readings.
-    #[oai(status = 200)]
-    Ok(Json<ReadingList>),
-}
-
-#[derive(ApiResponse)]
 enum IngestResponse {
     /// Persisted: at least one reading is new.
     #[oai(status = 202)]
@@ -301,7 +280,7 @@ impl ReadingsApi {
         /// Only the latest reading.
         #[oai(default)]
         latest: Query<bool>,
-    ) -> ApiResult<PageResponse> {
+    ) -> ApiResult<Found<ReadingPage>> {
         let sensor = visible_sensor(&state, &auth, id.0).await?;
         let page_size = page_size
             .0
@@ -313,7 +292,7 @@ impl ReadingsApi {
                 .map(|r| ReadingOut((*r).clone()))
                 .into_iter()
                 .collect();
-            return Ok(PageResponse::Ok(Json(ReadingPage {
+            return Ok(Found::Ok(Json(ReadingPage {
                 total: Some(items.len() as i64),
                 items,
                 page: 1,
@@ -374,7 +353,7 @@ impl ReadingsApi {
             )
         };
         let _ = sensor;
-        Ok(PageResponse::Ok(Json(ReadingPage {
+        Ok(Found::Ok(Json(ReadingPage {
             items: items.into_iter().map(ReadingOut).collect(),
             page: if cursor.0.is_some() { 1 } else { page_number },
             page_size,
@@ -397,14 +376,14 @@ impl ReadingsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<ReadingResponse> {
+    ) -> ApiResult<Found<ReadingOut>> {
         visible_sensor(&state, &auth, id.0).await?;
         let latest = state
             .latest
             .get(&state.pg, SensorId(id.0))
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
-        Ok(ReadingResponse::Ok(Json(ReadingOut((*latest).clone()))))
+        Ok(Found::Ok(Json(ReadingOut((*latest).clone()))))
     }
 
     /// The latest reading of every sensor of a client.
@@ -418,7 +397,7 @@ impl ReadingsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<ListResponse> {
+    ) -> ApiResult<Found<ReadingList>> {
         crate::clients::visible(&state, &auth, id.0).await?;
         let sensors: Vec<SensorId> = sqlx::query_scalar::<_, Uuid>(
             "SELECT id FROM sensors WHERE client_id = $1 ORDER BY id",
@@ -434,7 +413,7 @@ impl ReadingsApi {
             .into_iter()
             .map(ReadingOut)
             .collect();
-        Ok(ListResponse::Ok(Json(ReadingList { items })))
+        Ok(Found::Ok(Json(ReadingList { items })))
     }
 
     /// Send readings over HTTP, for devices that cannot speak MQTT.
@@ -550,14 +529,14 @@ impl ReadingsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<ReadingResponse> {
+    ) -> ApiResult<Found<ReadingOut>> {
         let reading = state
             .ingest
             .find(id.0)
             .await?
             .filter(|r| auth.0.sees_client(r.client_id.0))
             .ok_or_else(|| ApiError::not_found("reading"))?;
-        Ok(ReadingResponse::Ok(Json(ReadingOut(reading))))
+        Ok(Found::Ok(Json(ReadingOut(reading))))
     }
 
     /// Correct a reading's temperature (admins).
@@ -575,7 +554,7 @@ impl ReadingsApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: Json<ReadingPatch>,
-    ) -> ApiResult<ReadingResponse> {
+    ) -> ApiResult<Found<ReadingOut>> {
         auth.0.require_admin()?;
         let temperature = Celsius::try_from(body.temperature)
             .map_err(|e| ApiError::validation("temperature", e))?;
@@ -584,7 +563,7 @@ impl ReadingsApi {
             .correct(id.0, temperature.get())
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
-        Ok(ReadingResponse::Ok(Json(ReadingOut(reading))))
+        Ok(Found::Ok(Json(ReadingOut(reading))))
     }
 
     /// Delete a reading (admins). Its bucket and the sensor's latest reading follow.

@@ -6,7 +6,7 @@ use poem_openapi::{
     param::{Path, Query},
     payload::Json,
     types::MaybeUndefined,
-    ApiResponse, Object, OpenApi,
+    Object, OpenApi,
 };
 use sqlx::FromRow;
 use termopar_core::ids::SensorId;
@@ -16,7 +16,7 @@ use crate::{
     auth::{BearerAuth, Role},
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
-    responses::Deleted,
+    responses::{Created, Deleted, Found},
     state::AppState,
     validate, ApiTags,
 };
@@ -99,34 +99,6 @@ pub struct SensorPatch {
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(ApiResponse)]
-enum SensorCreated {
-    /// Created; the response carries the device secret, once.
-    #[oai(status = 201)]
-    Created(Json<SensorWithSecret>),
-}
-
-#[derive(ApiResponse)]
-enum SensorOk {
-    /// The sensor.
-    #[oai(status = 200)]
-    Ok(Json<Sensor>),
-}
-
-#[derive(ApiResponse)]
-enum SensorList {
-    /// A page of sensors, newest first.
-    #[oai(status = 200)]
-    Ok(Json<Page<Sensor>>),
-}
-
-#[derive(ApiResponse)]
-enum SecretOk {
-    /// The new secret.
-    #[oai(status = 200)]
-    Ok(Json<RotatedSecret>),
-}
-
 /// Loads a sensor the caller can see (404 otherwise, also for other tenants' sensors).
 pub async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Sensor> {
     let sensor = sqlx::query_as::<_, Sensor>(concat!(
@@ -172,7 +144,7 @@ impl SensorsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         body: Json<NewSensor>,
-    ) -> ApiResult<SensorCreated> {
+    ) -> ApiResult<Created<SensorWithSecret>> {
         let body = body.0;
         let client_id = match (auth.0.role, body.client_id) {
             (Role::Viewer, _) => return Err(ApiError::forbidden("viewers cannot create sensors")),
@@ -212,7 +184,7 @@ impl SensorsApi {
             _ => e.into(),
         })?;
         tracing::info!(sensor_id = %sensor.id, client_id = %sensor.client_id, "sensor created");
-        Ok(SensorCreated::Created(Json(SensorWithSecret {
+        Ok(Created::Created(Json(SensorWithSecret {
             sensor,
             device_secret: secret,
         })))
@@ -232,12 +204,12 @@ impl SensorsApi {
         /// Items per page (1 to 1000, default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         page_size: Query<Option<u32>>,
-    ) -> ApiResult<SensorList> {
+    ) -> ApiResult<Found<Page<Sensor>>> {
         let params = PageParams::new(page.0, page_size.0);
         let scope = match (auth.0.tenant_scope(), client_id.0) {
             // Filtering on another tenant finds nothing, exactly like an unknown id.
             (Some(own), Some(asked)) if own != asked => {
-                return Ok(SensorList::Ok(Json(params.page(Vec::new(), 0))))
+                return Ok(Found::Ok(Json(params.page(Vec::new(), 0))))
             }
             (Some(own), _) => Some(own),
             (None, asked) => asked,
@@ -265,7 +237,7 @@ impl SensorsApi {
         .bind(params.offset())
         .fetch_all(&state.pg)
         .await?;
-        Ok(SensorList::Ok(Json(params.page(items, total))))
+        Ok(Found::Ok(Json(params.page(items, total))))
     }
 
     /// Get a sensor.
@@ -275,8 +247,8 @@ impl SensorsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<SensorOk> {
-        Ok(SensorOk::Ok(Json(visible(&state, &auth, id.0).await?)))
+    ) -> ApiResult<Found<Sensor>> {
+        Ok(Found::Ok(Json(visible(&state, &auth, id.0).await?)))
     }
 
     /// Change a sensor (admins, and operators of its client).
@@ -287,7 +259,7 @@ impl SensorsApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: Json<SensorPatch>,
-    ) -> ApiResult<SensorOk> {
+    ) -> ApiResult<Found<Sensor>> {
         let current = visible(&state, &auth, id.0).await?;
         auth.0.require_manager_of(current.client_id)?;
         let body = body.0;
@@ -323,7 +295,7 @@ impl SensorsApi {
         .fetch_optional(&state.pg)
         .await?
         .ok_or_else(|| ApiError::not_found("sensor"))?;
-        Ok(SensorOk::Ok(Json(sensor)))
+        Ok(Found::Ok(Json(sensor)))
     }
 
     /// Delete a sensor (admins, and operators of its client).
@@ -362,7 +334,7 @@ impl SensorsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<SecretOk> {
+    ) -> ApiResult<Found<RotatedSecret>> {
         let current = visible(&state, &auth, id.0).await?;
         auth.0.require_manager_of(current.client_id)?;
         let secret = termopar_core::secrets::generate();
@@ -377,7 +349,7 @@ impl SensorsApi {
             return Err(ApiError::not_found("sensor"));
         }
         state.directory.invalidate(SensorId(id.0)).await;
-        Ok(SecretOk::Ok(Json(RotatedSecret {
+        Ok(Found::Ok(Json(RotatedSecret {
             sensor_id: id.0,
             device_secret: secret,
         })))

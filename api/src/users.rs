@@ -6,7 +6,7 @@ use poem_openapi::{
     param::{Path, Query},
     payload::Json,
     types::MaybeUndefined,
-    ApiResponse, Object, OpenApi,
+    Object, OpenApi,
 };
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -15,7 +15,7 @@ use crate::{
     auth::{password, BearerAuth, Role},
     error::{ApiError, ApiResult},
     pagination::{Page, PageParams},
-    responses::Deleted,
+    responses::{Created, Deleted, Found},
     state::AppState,
     ApiTags,
 };
@@ -91,27 +91,6 @@ pub struct UserPatch {
     pub role: Option<Role>,
     /// New client (`null` when becoming admin).
     pub client_id: MaybeUndefined<Uuid>,
-}
-
-#[derive(ApiResponse)]
-enum UserCreated {
-    /// Created.
-    #[oai(status = 201)]
-    Created(Json<User>),
-}
-
-#[derive(ApiResponse)]
-enum UserOk {
-    /// The user.
-    #[oai(status = 200)]
-    Ok(Json<User>),
-}
-
-#[derive(ApiResponse)]
-enum UserList {
-    /// A page of users, newest first.
-    #[oai(status = 200)]
-    Ok(Json<Page<User>>),
 }
 
 /// Checks an e-mail's shape (a full check is sending mail to it, which we do not).
@@ -251,7 +230,7 @@ impl UsersApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         body: Json<NewUser>,
-    ) -> ApiResult<UserCreated> {
+    ) -> ApiResult<Created<User>> {
         auth.0.require_admin()?;
         let body = body.0;
         let email = body.email.trim().to_owned();
@@ -264,7 +243,7 @@ impl UsersApi {
         let user = insert(&mut tx, &email, &hash, body.role, body.client_id).await?;
         tx.commit().await?;
         tracing::info!(user_id = %user.id, role = user.role.as_str(), "user created");
-        Ok(UserCreated::Created(Json(user)))
+        Ok(Created::Created(Json(user)))
     }
 
     /// List users, newest first.
@@ -283,7 +262,7 @@ impl UsersApi {
         /// Items per page (1 to 1000, default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         page_size: Query<Option<u32>>,
-    ) -> ApiResult<UserList> {
+    ) -> ApiResult<Found<Page<User>>> {
         auth.0.require_admin()?;
         let params = PageParams::new(page.0, page_size.0);
         let role = role.0.map(Role::as_str);
@@ -312,7 +291,7 @@ impl UsersApi {
         .bind(params.offset())
         .fetch_all(&state.pg)
         .await?;
-        Ok(UserList::Ok(Json(
+        Ok(Found::Ok(Json(
             params.page(rows.into_iter().map(User::from).collect(), total),
         )))
     }
@@ -324,12 +303,12 @@ impl UsersApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
-    ) -> ApiResult<UserOk> {
+    ) -> ApiResult<Found<User>> {
         auth.0.require_admin()?;
         let user = fetch(&state.pg, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("user"))?;
-        Ok(UserOk::Ok(Json(user)))
+        Ok(Found::Ok(Json(user)))
     }
 
     /// Change a user.
@@ -343,7 +322,7 @@ impl UsersApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: Json<UserPatch>,
-    ) -> ApiResult<UserOk> {
+    ) -> ApiResult<Found<User>> {
         auth.0.require_admin()?;
         let patch = body.0;
         let email = patch.email.as_deref().map(str::trim).map(str::to_owned);
@@ -413,7 +392,7 @@ impl UsersApi {
         }
         tx.commit().await?;
         state.forget_user(id.0).await;
-        Ok(UserOk::Ok(Json(row.into())))
+        Ok(Found::Ok(Json(row.into())))
     }
 
     /// Delete a user. The last admin cannot be deleted.

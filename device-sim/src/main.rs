@@ -112,10 +112,7 @@ async fn main() -> anyhow::Result<()> {
         broker.port
     );
     let summary = run(SimConfig {
-        broker,
         client_id: cli.client_id,
-        topics: Topics::new(&cli.topic_prefix),
-        sensors,
         rate: cli.rate,
         count: cli.count,
         duration: cli.duration.map(Duration::from_secs_f64),
@@ -130,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         bad_ratio: cli.bad_ratio,
         seed: cli.seed,
         progress: !cli.no_progress,
+        ..SimConfig::new(broker, Topics::new(&cli.topic_prefix), sensors)
     })
     .await?;
     println!(

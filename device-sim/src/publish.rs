@@ -68,6 +68,30 @@ pub struct SimConfig {
     pub progress: bool,
 }
 
+impl SimConfig {
+    /// `sensors` on `broker` with the defaults of the CLI: 10 messages/s until stopped
+    /// by `count` or `duration`, QoS 1, one reading per message, a live clock, no bad
+    /// data, seed 42, no progress bar, a client id of its own.
+    pub fn new(broker: MqttEndpoint, topics: Topics, sensors: Vec<SimSensor>) -> Self {
+        Self {
+            broker,
+            client_id: format!("termopar-device-sim-{}", Uuid::new_v4().simple()),
+            topics,
+            sensors,
+            rate: 10.0,
+            count: None,
+            duration: None,
+            qos: QoS::AtLeastOnce,
+            batch: 1,
+            start: None,
+            speed: 1.0,
+            bad_ratio: 0.0,
+            seed: 42,
+            progress: false,
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {

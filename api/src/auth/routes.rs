@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::{password, revoke_all, BearerAuth, TokenType};
 use crate::{
     error::{ApiError, ApiResult},
+    responses::Found,
     state::AppState,
     users::{self, User},
     ApiTags,
@@ -67,24 +68,10 @@ pub struct PasswordChange {
 }
 
 #[derive(ApiResponse)]
-enum TokenResponse {
-    /// Tokens issued.
-    #[oai(status = 200)]
-    Ok(Json<TokenPair>),
-}
-
-#[derive(ApiResponse)]
 enum NoContent {
     /// Done.
     #[oai(status = 204)]
     Done,
-}
-
-#[derive(ApiResponse)]
-enum MeResponse {
-    /// The authenticated user.
-    #[oai(status = 200)]
-    Ok(Json<User>),
 }
 
 /// Authentication operations.
@@ -100,7 +87,7 @@ impl AuthApi {
         &self,
         state: poem::web::Data<&AppState>,
         body: Json<LoginRequest>,
-    ) -> ApiResult<TokenResponse> {
+    ) -> ApiResult<Found<TokenPair>> {
         let row = sqlx::query(
             "SELECT id, password_hash, token_version FROM users WHERE lower(email) = lower($1)",
         )
@@ -122,7 +109,7 @@ impl AuthApi {
         let mut conn = state.pg.acquire().await?;
         let pair = issue_pair(&state, &mut conn, user_id, ver).await?;
         tracing::info!(%user_id, "login");
-        Ok(TokenResponse::Ok(Json(pair)))
+        Ok(Found::Ok(Json(pair)))
     }
 
     /// Exchange a refresh token for a new token pair.
@@ -135,7 +122,7 @@ impl AuthApi {
         &self,
         state: poem::web::Data<&AppState>,
         body: Json<RefreshRequest>,
-    ) -> ApiResult<TokenResponse> {
+    ) -> ApiResult<Found<TokenPair>> {
         let claims = state.jwt.verify(&body.refresh_token, TokenType::Refresh)?;
         let new_jti = Uuid::new_v4();
         let mut tx = state.pg.begin().await?;
@@ -175,7 +162,7 @@ impl AuthApi {
         }
         let pair = issue_pair_with_jti(&state, &mut tx, claims.sub, claims.ver, new_jti).await?;
         tx.commit().await?;
-        Ok(TokenResponse::Ok(Json(pair)))
+        Ok(Found::Ok(Json(pair)))
     }
 
     /// Revoke a refresh token, or with `all`, every refresh token of its user.
@@ -210,11 +197,11 @@ impl AuthApi {
         &self,
         state: poem::web::Data<&AppState>,
         auth: BearerAuth,
-    ) -> ApiResult<MeResponse> {
+    ) -> ApiResult<Found<User>> {
         let user = users::fetch(&state.pg, auth.0.user_id)
             .await?
             .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
-        Ok(MeResponse::Ok(Json(user)))
+        Ok(Found::Ok(Json(user)))
     }
 
     /// Change the authenticated user's password.

@@ -3,10 +3,9 @@
 
 use std::{process::Command, time::Duration};
 
-use rumqttc::QoS;
 use termopar_broker::BrokerSettings;
 use termopar_core::{settings::MqttEndpoint, topic::Topics};
-use termopar_device_sim::{Profile, SimConfig, SimSensor};
+use termopar_device_sim::SimConfig;
 use test_support::{eventually, ChildGuard};
 use uuid::Uuid;
 
@@ -59,27 +58,14 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
 
     let total = 3000u64;
     let config = SimConfig {
-        broker: endpoint.clone(),
-        client_id: format!("sim-{}", Uuid::new_v4().simple()),
-        topics: Topics::new(""),
-        sensors: sensors
-            .iter()
-            .map(|(s, _)| SimSensor {
-                client_id: client,
-                sensor_id: *s,
-                profile: Profile::cold_storage(chrono_tz::UTC)[0].clone(),
-            })
-            .collect(),
         rate: 600.0,
         count: Some(total),
-        duration: None,
-        qos: QoS::AtLeastOnce,
-        batch: 1,
-        start: None,
-        speed: 1.0,
-        bad_ratio: 0.0,
         seed: 2,
-        progress: false,
+        ..SimConfig::new(
+            endpoint.clone(),
+            Topics::new(""),
+            sim_sensors(client, &sensors),
+        )
     };
     let publisher = tokio::spawn(termopar_device_sim::run(config));
 

@@ -187,6 +187,21 @@ impl Stores {
     }
 }
 
+/// The simulator's view of a client's sensors (all with one profile).
+pub fn sim_sensors(
+    client: ClientId,
+    sensors: &[(SensorId, String)],
+) -> Vec<termopar_device_sim::SimSensor> {
+    sensors
+        .iter()
+        .map(|(s, _)| termopar_device_sim::SimSensor {
+            client_id: client,
+            sensor_id: *s,
+            profile: termopar_device_sim::Profile::pharma(chrono_tz::UTC)[0].clone(),
+        })
+        .collect()
+}
+
 /// Consumer settings for a test: unique client id, quick recovery.
 pub fn consumer_settings(broker: MqttEndpoint) -> ConsumerSettings {
     let mut settings =

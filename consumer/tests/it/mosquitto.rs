@@ -2,9 +2,8 @@
 
 use std::{process::Command, time::Duration};
 
-use rumqttc::QoS;
 use termopar_core::topic::Topics;
-use termopar_device_sim::{Profile, SimConfig, SimSensor};
+use termopar_device_sim::SimConfig;
 use test_support::{
     eventually, free_port, mosquitto_endpoint, unique_prefix, ChildGuard, DEFAULT_DEADLINE,
 };
@@ -98,27 +97,14 @@ async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one
     }
 
     let config = SimConfig {
-        broker: mosquitto_endpoint(),
-        client_id: format!("sim-{}", Uuid::new_v4().simple()),
-        topics: Topics::new(&prefix),
-        sensors: sensors
-            .iter()
-            .map(|(s, _)| SimSensor {
-                client_id: client,
-                sensor_id: *s,
-                profile: Profile::pharma(chrono_tz::UTC)[0].clone(),
-            })
-            .collect(),
         rate: 400.0,
         count: Some(2000),
-        duration: None,
-        qos: QoS::AtLeastOnce,
-        batch: 1,
-        start: None,
-        speed: 1.0,
-        bad_ratio: 0.0,
         seed: 1,
-        progress: false,
+        ..SimConfig::new(
+            mosquitto_endpoint(),
+            Topics::new(&prefix),
+            sim_sensors(client, &sensors),
+        )
     };
     let publisher = tokio::spawn(termopar_device_sim::run(config));
 

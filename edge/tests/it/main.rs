@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use rumqttc::QoS;
 use secrecy::SecretString;
 use termopar::{Edge, EdgeSettings};
 use termopar_api::settings::{AuthSettings, BootstrapAdmin};
@@ -79,22 +78,18 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
     let readings = store_db.collection::<Document>("readings");
     // The consumer subscribes right after start; wait until a first message gets through.
     let config = |count, bad_ratio, seed| SimConfig {
-        broker: MqttEndpoint::parse(&broker.url())
-            .unwrap()
-            .with_credentials("sim", "sim-password-1"),
-        client_id: format!("sim-{}", Uuid::new_v4().simple()),
-        topics: Topics::new(""),
-        sensors: sensors.clone(),
         rate: 500.0,
         count: Some(count),
-        duration: None,
-        qos: QoS::AtLeastOnce,
         batch: 3,
-        start: None,
-        speed: 1.0,
         bad_ratio,
         seed,
-        progress: false,
+        ..SimConfig::new(
+            MqttEndpoint::parse(&broker.url())
+                .unwrap()
+                .with_credentials("sim", "sim-password-1"),
+            Topics::new(""),
+            sensors.clone(),
+        )
     };
     let warmup = eventually(
         "the edge consumer subscribed",
