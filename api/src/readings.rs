@@ -281,7 +281,7 @@ impl ReadingsApi {
         #[oai(default)]
         latest: Query<bool>,
     ) -> ApiResult<Found<ReadingPage>> {
-        let sensor = visible_sensor(&state, &auth, id.0).await?;
+        visible_sensor(&state, &auth, id.0).await?;
         let page_size = page_size
             .0
             .unwrap_or(crate::pagination::DEFAULT_PAGE_SIZE)
@@ -352,7 +352,6 @@ impl ReadingsApi {
                 .await?,
             )
         };
-        let _ = sensor;
         Ok(Found::Ok(Json(ReadingPage {
             items: items.into_iter().map(ReadingOut).collect(),
             page: if cursor.0.is_some() { 1 } else { page_number },

@@ -49,7 +49,7 @@ async fn drf(seconds: u32, conversations: usize) -> anyhow::Result<(Load, u64, u
         String::from_utf8_lossy(&out.stderr)
     );
     let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-    let stop = scopeguard(pid);
+    let stop = Gunicorn(pid);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "gunicorn did not start");
@@ -85,9 +85,6 @@ async fn drf(seconds: u32, conversations: usize) -> anyhow::Result<(Load, u64, u
 
 /// Kills the gunicorn process group when dropped.
 struct Gunicorn(i32);
-fn scopeguard(pid: i32) -> Gunicorn {
-    Gunicorn(pid)
-}
 impl Drop for Gunicorn {
     fn drop(&mut self) {
         let _ = Command::new("kill")
