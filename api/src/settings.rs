@@ -34,9 +34,43 @@ pub struct Settings {
     /// How long a cached latest reading may be served (`LATEST_CACHE_TTL_MS`, default
     /// 1000). Edge mode raises it: its consumer updates the cache as it stores.
     pub latest_cache_ttl: Duration,
-    /// HMAC-SHA256 key webhook senders sign bodies with (`WEBHOOK_SECRET`); when unset,
+    /// The chat webhook.
+    pub webhook: WebhookSettings,
+}
+
+/// The chat webhook processor.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// HMAC-SHA256 key senders sign bodies with (`WEBHOOK_SECRET`); when unset,
     /// signatures are not checked.
-    pub webhook_secret: Option<SecretString>,
+    pub secret: Option<SecretString>,
+    /// Concurrent webhook transactions (`WEBHOOK_WRITERS`, default 1, at most 16). One
+    /// writer makes the largest groups; more overlap one group's commit with the next.
+    pub writers: usize,
+    /// Longest a writer waits for its next group to grow as large as its last one
+    /// (`WEBHOOK_GATHER_US`, default 1000 µs, at most 100 ms; 0 takes what is queued).
+    pub gather: Duration,
+}
+
+impl WebhookSettings {
+    /// Reads `WEBHOOK_SECRET`, `WEBHOOK_WRITERS` and `WEBHOOK_GATHER_US`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            secret: env_var("WEBHOOK_SECRET").map(SecretString::from),
+            writers: env_parse("WEBHOOK_WRITERS", 1)?,
+            gather: Duration::from_micros(env_parse("WEBHOOK_GATHER_US", 1000)?),
+        })
+    }
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            writers: 1,
+            gather: Duration::from_millis(1),
+        }
+    }
 }
 
 /// How tokens are signed and how long they live.
@@ -92,7 +126,7 @@ impl Settings {
             bootstrap_admin,
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
             latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
-            webhook_secret: env_var("WEBHOOK_SECRET").map(SecretString::from),
+            webhook: WebhookSettings::from_env()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
                 .transpose()?,
@@ -111,6 +145,12 @@ impl Settings {
         }
         if self.auth.refresh_ttl < self.auth.access_ttl {
             bail!("REFRESH_TOKEN_TTL_SECS must not be shorter than ACCESS_TOKEN_TTL_SECS");
+        }
+        if !(1..=16).contains(&self.webhook.writers) {
+            bail!("WEBHOOK_WRITERS must be between 1 and 16");
+        }
+        if self.webhook.gather > Duration::from_millis(100) {
+            bail!("WEBHOOK_GATHER_US must be at most 100000");
         }
         if self.max_body_bytes < 1024 {
             bail!("API_MAX_BODY_BYTES must be at least 1024");

@@ -10,7 +10,10 @@ use termopar_core::{
     settings::MqttEndpoint,
 };
 
-use crate::{daily::DailyCache, webhook::RawLog};
+use crate::{
+    daily::DailyCache,
+    webhook::{relay, store::EventWriter},
+};
 use uuid::Uuid;
 
 use crate::{
@@ -60,8 +63,8 @@ pub struct Inner {
     pub ingest_limits: Limits,
     /// The key webhook bodies must be signed with, if any.
     pub webhook_secret: Option<String>,
-    /// Raw webhook deliveries, written in groups.
-    pub raw_events: RawLog,
+    /// Webhook deliveries, applied and recorded in groups.
+    pub webhook: EventWriter,
 }
 
 impl Deref for AppState {
@@ -80,9 +83,22 @@ impl AppState {
         let ingest = IngestStore::new(pg.clone(), &mongo)
             .with_latest_cache(latest.clone())
             .with_change_hook(daily.hook());
-        let raw_events = RawLog::start(mongo.collection(crate::webhook::EVENTS));
+        let raw_events = mongo.collection(crate::webhook::EVENTS);
+        let relay_wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(relay::run(
+            pg.clone(),
+            raw_events.clone(),
+            relay_wake.clone(),
+        ));
+        let webhook = EventWriter::start(
+            pg.clone(),
+            settings.webhook.writers,
+            settings.webhook.gather,
+            relay_wake,
+            relay::RawLog::start(raw_events),
+        );
         Self(Arc::new(Inner {
-            raw_events,
+            webhook,
             pg,
             mongo,
             jwt: Jwt::new(&settings.auth),
@@ -102,7 +118,8 @@ impl AppState {
                 .build(),
             ingest_limits: Limits::default(),
             webhook_secret: settings
-                .webhook_secret
+                .webhook
+                .secret
                 .as_ref()
                 .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned()),
         }))

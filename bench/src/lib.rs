@@ -146,10 +146,15 @@ pub fn wrk_with(
     if let Some((path, env)) = script {
         cmd.arg("-s").arg(path).envs(env.iter().copied());
     }
-    let out = cmd
-        .arg(url)
-        .output()
-        .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
+    cmd.arg(url);
+    // Waiting for wrk must not take a worker from the server measured in this process.
+    let out = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| cmd.output())
+        }
+        _ => cmd.output(),
+    }
+    .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk failed: {text}");
     let field = |prefix: &str| {
@@ -200,7 +205,12 @@ pub async fn start_api(
         max_body_bytes: 1 << 20,
         ready_broker: None,
         latest_cache_ttl: Duration::from_secs(1),
-        webhook_secret: None,
+        // The webhook's tuning knobs (WEBHOOK_WRITERS, WEBHOOK_GATHER_US) can be tried
+        // from the environment; no signature secret.
+        webhook: termopar_api::settings::WebhookSettings {
+            secret: None,
+            ..termopar_api::settings::WebhookSettings::from_env()?
+        },
     };
     let app = termopar_api::Application::build(settings).await?;
     let state = app.state().clone();

@@ -81,6 +81,12 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
     }
 }
 
+/// True when PostgreSQL could not be reached or cannot serve at all, as opposed to a
+/// transaction it refused (deadlock, serialization failure) that a retry may pass.
+pub fn is_unreachable(err: &sqlx::Error) -> bool {
+    is_unavailable(err) && !matches!(sqlstate(err).as_deref(), Some("40001" | "40P01"))
+}
+
 /// The SQLSTATE of a database error, if `err` is one.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
     match err {

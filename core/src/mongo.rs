@@ -41,3 +41,20 @@ pub fn is_unavailable(err: &mongodb::error::Error) -> bool {
             | ErrorKind::DnsResolve { .. }
     ) || err.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
 }
+
+/// True when `err` is an unordered insert whose only failures are duplicate keys
+/// (`E11000`): every document is stored, some of them by an earlier insert.
+pub fn only_duplicate_keys(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    match &*err.kind {
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure
+                    .write_errors
+                    .iter()
+                    .flatten()
+                    .all(|we| we.code == 11000)
+        }
+        _ => false,
+    }
+}

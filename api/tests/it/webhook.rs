@@ -223,7 +223,7 @@ async fn signatures_are_checked_when_a_secret_is_set() {
     let db = test_support::TestDb::new().await;
     let mongo = test_support::TestMongo::new();
     let mut s = settings(&db, &mongo);
-    s.webhook_secret = Some(secrecy::SecretString::from("webhook-secret"));
+    s.webhook.secret = Some(secrecy::SecretString::from("webhook-secret"));
     let base = serve(Application::build(s).await.unwrap());
     let http = reqwest::Client::new();
     let body = serde_json::to_vec(&seed_events()[0]).unwrap();
@@ -256,6 +256,39 @@ async fn signatures_are_checked_when_a_secret_is_set() {
     assert_eq!(ok.0, StatusCode::OK, "{}", ok.1);
 }
 
+/// The raw records in `db`, oldest first, once there are `n` of them.
+async fn raw_records(db: &mongodb::Database, n: usize) -> Vec<mongodb::bson::Document> {
+    let events = db.collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
+    test_support::eventually(
+        &format!("{n} raw records in MongoDB"),
+        test_support::DEFAULT_DEADLINE,
+        || async {
+            let docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
+                events
+                    .find(mongodb::bson::doc! {})
+                    .sort(mongodb::bson::doc! {"_id": 1})
+                    .await
+                    .ok()?,
+            )
+            .await
+            .ok()?;
+            assert!(
+                docs.len() <= n,
+                "more raw records than deliveries: {docs:?}"
+            );
+            (docs.len() == n).then_some(docs)
+        },
+    )
+    .await
+}
+
+fn recorded(d: &mongodb::bson::Document) -> (i32, String) {
+    (
+        d.get_i32("status").unwrap(),
+        d.get_str("code").unwrap().to_owned(),
+    )
+}
+
 #[tokio::test]
 async fn every_delivery_is_kept_raw_with_its_outcome() {
     let app = TestApp::spawn().await;
@@ -269,45 +302,178 @@ async fn every_delivery_is_kept_raw_with_its_outcome() {
         &[("x-request-id", "req-42")],
     )
     .await;
+    app.webhook_raw("/webhook/", vec![0xff, 0xfe, 0x00], &[])
+        .await;
 
-    let events = app
+    let mut docs = raw_records(&app._mongo.database().await, 7).await;
+    let binary = docs.pop().unwrap();
+    assert_eq!(recorded(&binary), (400, "bad_request".into()));
+    assert_eq!(
+        binary.get_binary_generic("body_bytes").unwrap(),
+        &vec![0xff, 0xfe, 0x00]
+    );
+    let last = docs.pop().unwrap();
+    assert_eq!(recorded(&last), (400, "bad_request".into()));
+    assert_eq!(last.get_str("request_id").unwrap(), "req-42");
+    assert_eq!(last.get_str("body").unwrap(), "garbage");
+    assert!(last.get_str("type").is_err(), "garbage has no event type");
+    assert_eq!(recorded(&docs[4]), (200, "duplicate".into()));
+    for d in &docs[..4] {
+        assert_eq!(recorded(d), (200, "processed".into()));
+    }
+    assert_eq!(docs[1].get_str("type").unwrap(), "NEW_MESSAGE");
+    assert_eq!(docs[1].get_str("content_type").unwrap(), "application/json");
+    let body = docs[1].get_str("body").unwrap();
+    assert!(body.contains("Olá, tudo bem?"));
+    assert_eq!(docs[1].get_i32("body_size").unwrap() as usize, body.len());
+    assert_eq!(
+        docs[1].get_str("event_id").unwrap(),
+        seed_events()[1]["data"]["id"].as_str().unwrap()
+    );
+    // Nothing is left in the outbox once MongoDB has everything.
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+}
+
+#[tokio::test]
+async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
+    use termopar_api::webhook::{relay, RawRecord};
+    let app = TestApp::spawn().await;
+    let records: Vec<_> = [b"one".as_slice(), b"two"]
+        .iter()
+        .map(|body| {
+            let raw = RawRecord::new(&Default::default(), body);
+            relay::document(&raw, None, StatusCode::BAD_REQUEST, "bad_request")
+        })
+        .collect();
+    let packed = relay::pack(&records);
+    let outbox_empty = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        (n == 0).then_some(())
+    };
+    // The same row twice, as when MongoDB took a group and the relay's commit was lost.
+    for _ in 0..2 {
+        sqlx::query(
+            "INSERT INTO webhook_outbox (id, created_at, records, documents) OVERRIDING SYSTEM VALUE
+             VALUES (1000000, '2026-11-23T10:00:00Z', 2, $1)",
+        )
+        .bind(&packed)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+        test_support::eventually(
+            "the relay to take the row",
+            test_support::DEFAULT_DEADLINE,
+            outbox_empty,
+        )
+        .await;
+    }
+    let docs = raw_records(&app._mongo.database().await, 2).await;
+    let bodies: Vec<&str> = docs.iter().map(|d| d.get_str("body").unwrap()).collect();
+    assert_eq!(bodies, ["one", "two"]);
+    let count = app
         ._mongo
         .database()
         .await
-        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
-    let mut docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
-        events
-            .find(mongodb::bson::doc! {})
-            .sort(mongodb::bson::doc! {"received_at": 1})
+        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS)
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+}
+
+#[tokio::test]
+async fn the_webhook_keeps_working_while_mongodb_is_down_and_catches_up_after() {
+    let db = test_support::TestDb::new().await;
+    let mongo = test_support::TestMongo::new();
+    let target = mongo.settings.uri.trim_start_matches("mongodb://");
+    let proxy = test_support::Proxy::start(
+        tokio::net::lookup_host(target.trim_end_matches('/'))
+            .await
+            .unwrap()
+            .next()
+            .unwrap(),
+    )
+    .await;
+    let mut s = settings(&db, &mongo);
+    s.mongo.uri = format!(
+        "mongodb://{}/?serverSelectionTimeoutMS=500&connectTimeoutMS=500",
+        proxy.addr
+    );
+    let base = serve(Application::build(s).await.unwrap());
+    let http = reqwest::Client::new();
+    proxy.cut();
+
+    let mut events = seed_events();
+    events.push(events[1].clone()); // a redelivery
+    for event in &events {
+        let got = read(
+            http.post(format!("{base}/webhook/"))
+                .json(event)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM conversations WHERE id = $1")
+        .bind(Uuid::parse_str(CONVERSATION).unwrap())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "CLOSED");
+    let pending: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(records), 0)::bigint FROM webhook_outbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 5, "the raw records wait in PostgreSQL");
+
+    proxy.restore();
+    let docs = raw_records(&mongo.database().await, 5).await;
+    let codes: Vec<(i32, String)> = docs.iter().map(recorded).collect();
+    assert_eq!(codes[4], (200, "duplicate".into()));
+    assert!(
+        codes[..4].iter().all(|c| *c == (200, "processed".into())),
+        "{codes:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_postgresql_down_the_webhook_answers_503_and_still_keeps_the_delivery_raw() {
+    let db = test_support::TestDb::new().await;
+    let mongo = test_support::TestMongo::new();
+    let mut s = settings(&db, &mongo);
+    let mut dead_pg = termopar_core::settings::DatabaseSettings::with_url(format!(
+        "postgres://postgres@127.0.0.1:{}/termopar",
+        test_support::free_port()
+    ));
+    dead_pg.acquire_timeout = std::time::Duration::from_millis(500);
+    s.database = dead_pg.clone();
+    let pg = termopar_core::db::connect_lazy(&dead_pg).unwrap();
+    let app = Application::with_stores(&s, pg, mongo.database().await).unwrap();
+    let base = serve(app);
+
+    let got = read(
+        reqwest::Client::new()
+            .post(format!("{base}/webhook/"))
+            .json(&seed_events()[0])
+            .send()
             .await
             .unwrap(),
     )
-    .await
-    .unwrap();
-    assert_eq!(docs.len(), 6);
-    let outcome = |d: &mongodb::bson::Document| {
-        let o = d.get_document("outcome").unwrap();
-        (
-            o.get_i32("status").unwrap(),
-            o.get_str("code").unwrap().to_owned(),
-        )
-    };
-    let last = docs.pop().unwrap();
-    assert_eq!(outcome(&last), (400, "bad_request".into()));
-    assert_eq!(
-        last.get_document("headers")
-            .unwrap()
-            .get_str("request_id")
-            .unwrap(),
-        "req-42"
-    );
-    assert_eq!(last.get_str("body_text").unwrap(), "garbage");
-    assert_eq!(outcome(&docs[4]), (200, "duplicate".into()));
-    assert_eq!(docs[1].get_str("type").unwrap(), "NEW_MESSAGE");
-    assert!(docs[1]
-        .get_str("body_text")
-        .unwrap()
-        .contains("Olá, tudo bem?"));
+    .await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable");
+    let docs = raw_records(&mongo.database().await, 1).await;
+    assert_eq!(recorded(&docs[0]), (503, "storage_unavailable".into()));
+    assert_eq!(docs[0].get_str("type").unwrap(), "NEW_CONVERSATION");
 }
 
 #[tokio::test]

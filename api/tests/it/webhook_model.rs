@@ -11,6 +11,11 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use termopar_api::webhook::{
+    store::{self, Delivery},
+    RawRecord,
+};
+
 use crate::harness::*;
 
 #[derive(Debug, Clone)]
@@ -151,6 +156,110 @@ fn stream(rng: &mut StdRng, conversations: usize, len: usize) -> Vec<Ev> {
     events
 }
 
+/// The final state, read back through GET, equals the model.
+async fn assert_stored_as_modelled(app: &TestApp, model: &Model) {
+    for (id, (created, closed)) in &model.conversations {
+        let (status, c) = app.conversation(&id.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(c["state"], if closed.is_some() { "CLOSED" } else { "OPEN" });
+        assert_eq!(
+            c["created_at"]
+                .as_str()
+                .unwrap()
+                .parse::<DateTime<Utc>>()
+                .unwrap(),
+            *created
+        );
+        let got: BTreeMap<String, (String, String)> = c["messages"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_owned(),
+                    (
+                        m["content"].as_str().unwrap().to_owned(),
+                        m["direction"].as_str().unwrap().to_owned(),
+                    ),
+                )
+            })
+            .collect();
+        let want: BTreeMap<String, (String, String)> = model
+            .messages
+            .iter()
+            .filter(|(_, (conv, ..))| conv == id)
+            .map(|(mid, (_, sent, content, _))| {
+                (
+                    mid.to_string(),
+                    (
+                        content.clone(),
+                        if *sent { "SENT" } else { "RECEIVED" }.to_owned(),
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "messages of {id}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_decides_what_applying_its_events_one_by_one_would() {
+    // Each stream goes through the writer's batch path as one transaction (in chunks of
+    // the largest batch), so messages and the conversation events they depend on,
+    // redeliveries and conflicting reuses of an id meet inside one batch.
+    let app = TestApp::spawn().await;
+    let mut total = 0u64;
+    for seed in 10..14u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let events = stream(&mut rng, 4, 400);
+        let mut model = Model::default();
+        let deliveries: Vec<Delivery> = events
+            .iter()
+            .map(|ev| {
+                let body = ev.body();
+                Delivery {
+                    raw: RawRecord::new(&Default::default(), &body),
+                    event: termopar_api::webhook::parse(&body),
+                }
+            })
+            .collect();
+        let mut i = 0;
+        for chunk in deliveries.chunks(store::MAX_BATCH) {
+            let answers = store::write_batch(&app.state.pg, chunk).await.unwrap();
+            assert_eq!(answers.len(), chunk.len());
+            for answer in &answers {
+                let (status, code) = store::recorded(answer);
+                let expected = model.apply(&events[i]);
+                assert_eq!(
+                    (status.as_u16(), code),
+                    (expected.0.as_u16(), expected.1),
+                    "seed {seed} event {i} {:?}",
+                    events[i]
+                );
+                i += 1;
+            }
+        }
+        assert_stored_as_modelled(&app, &model).await;
+        total += deliveries.len() as u64;
+    }
+    // Every delivery was recorded raw with the batch, and reaches MongoDB once.
+    let events = app
+        ._mongo
+        .database()
+        .await
+        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
+    test_support::eventually(
+        "every delivery's raw record in MongoDB",
+        test_support::DEFAULT_DEADLINE,
+        || async {
+            let n = events.count_documents(mongodb::bson::doc! {}).await.ok()?;
+            assert!(n <= total, "{n} raw records for {total} deliveries");
+            (n == total).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn random_event_streams_end_in_the_state_the_model_predicts() {
     let app = TestApp::spawn().await;
@@ -172,48 +281,7 @@ async fn random_event_streams_end_in_the_state_the_model_predicts() {
             );
         }
         // The final state, read back through GET, equals the model.
-        for (id, (created, closed)) in &model.conversations {
-            let (status, c) = app.conversation(&id.to_string()).await;
-            assert_eq!(status, StatusCode::OK);
-            assert_eq!(c["state"], if closed.is_some() { "CLOSED" } else { "OPEN" });
-            assert_eq!(
-                c["created_at"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<DateTime<Utc>>()
-                    .unwrap(),
-                *created
-            );
-            let got: BTreeMap<String, (String, String)> = c["messages"]["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| {
-                    (
-                        m["id"].as_str().unwrap().to_owned(),
-                        (
-                            m["content"].as_str().unwrap().to_owned(),
-                            m["direction"].as_str().unwrap().to_owned(),
-                        ),
-                    )
-                })
-                .collect();
-            let want: BTreeMap<String, (String, String)> = model
-                .messages
-                .iter()
-                .filter(|(_, (conv, ..))| conv == id)
-                .map(|(mid, (_, sent, content, _))| {
-                    (
-                        mid.to_string(),
-                        (
-                            content.clone(),
-                            if *sent { "SENT" } else { "RECEIVED" }.to_owned(),
-                        ),
-                    )
-                })
-                .collect();
-            assert_eq!(got, want, "messages of {id}");
-        }
+        assert_stored_as_modelled(&app, &model).await;
     }
 }
 

@@ -9,15 +9,18 @@
 //! check-then-insert: a message and a close of the same conversation serialize on the
 //! conversation row.
 //!
-//! Every delivery is also kept raw in MongoDB (`webhook_events`) with its outcome.
+//! Every delivery is also kept raw with its answer: committed to `webhook_outbox` with
+//! the events it applies ([`store`]), then moved to MongoDB (`webhook_events`) by the
+//! [`relay`].
+
+pub mod relay;
+pub mod store;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use hmac::{Hmac, Mac};
-use mongodb::bson::{self, doc, Binary};
 use poem::http::{HeaderMap, StatusCode};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{error::ApiError, state::AppState};
@@ -27,7 +30,7 @@ pub const EVENTS: &str = "webhook_events";
 /// Longest message content accepted, in bytes.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 /// Largest body kept raw.
-const MAX_RAW_BYTES: usize = 256 * 1024;
+pub const MAX_RAW_BYTES: usize = 256 * 1024;
 
 /// Who sent a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// As sent: `SENT` or `RECEIVED`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Sent => "SENT",
             Direction::Received => "RECEIVED",
@@ -229,141 +233,6 @@ pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
     }
 }
 
-fn conflict(message: impl Into<String>) -> ApiError {
-    ApiError::conflict(message)
-}
-
-/// Applies an event to PostgreSQL.
-pub async fn apply(pg: &PgPool, event: &Event) -> Result<Outcome, ApiError> {
-    match event {
-        Event::NewConversation { id, timestamp } => {
-            let inserted = sqlx::query(
-                "INSERT INTO conversations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(timestamp)
-            .execute(pg)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                return Ok(Outcome::Processed);
-            }
-            let created: DateTime<Utc> =
-                sqlx::query_scalar("SELECT created_at FROM conversations WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(pg)
-                    .await?;
-            if created == *timestamp {
-                Ok(Outcome::Duplicate)
-            } else {
-                Err(conflict(format!(
-                    "conversation {id} was already created by a different event"
-                )))
-            }
-        }
-        Event::CloseConversation { id, timestamp } => {
-            let closed = sqlx::query(
-                "UPDATE conversations SET state = 'CLOSED', closed_at = $2, updated_at = now()
-                 WHERE id = $1 AND state = 'OPEN'",
-            )
-            .bind(id)
-            .bind(timestamp)
-            .execute(pg)
-            .await?
-            .rows_affected();
-            if closed == 1 {
-                return Ok(Outcome::Processed);
-            }
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)")
-                    .bind(id)
-                    .fetch_one(pg)
-                    .await?;
-            if exists {
-                Ok(Outcome::Duplicate) // closing a closed conversation changes nothing
-            } else {
-                Err(conversation_not_found(*id))
-            }
-        }
-        Event::NewMessage {
-            id,
-            conversation_id,
-            direction,
-            content,
-            timestamp,
-        } => {
-            // One statement, so one round trip: lock the conversation row FOR SHARE (a
-            // close, which updates it, waits for us and we for it), look for the message
-            // id, and insert unless the id is taken or the conversation closed before
-            // this message was sent.
-            type Existing = (Uuid, String, String, DateTime<Utc>);
-            type Row = (bool, Option<DateTime<Utc>>, Option<Existing>, bool);
-            let (exists, closed_at, existing, inserted): Row = sqlx::query_as(
-                r#"WITH conv AS (
-                       SELECT closed_at FROM conversations WHERE id = $2 FOR SHARE
-                   ), existing AS (
-                       SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1
-                   ), ins AS (
-                       INSERT INTO messages (id, conversation_id, direction, content, "timestamp")
-                       SELECT $1, $2, $3, $4, $5 FROM conv
-                       WHERE NOT EXISTS (SELECT 1 FROM existing)
-                         AND (conv.closed_at IS NULL OR $5 < conv.closed_at)
-                       ON CONFLICT (id) DO NOTHING
-                       RETURNING id
-                   )
-                   SELECT EXISTS (SELECT 1 FROM conv),
-                          (SELECT closed_at FROM conv),
-                          (SELECT ROW(conversation_id, direction, content, "timestamp") FROM existing),
-                          EXISTS (SELECT 1 FROM ins)"#,
-            )
-            .bind(id)
-            .bind(conversation_id)
-            .bind(direction.as_str())
-            .bind(content)
-            .bind(timestamp)
-            .fetch_one(pg)
-            .await?;
-            if inserted {
-                return Ok(Outcome::Processed);
-            }
-            if !exists {
-                return Err(conversation_not_found(*conversation_id));
-            }
-            let existing = match existing {
-                Some(e) => Some(e),
-                // Not there when we looked, yet the insert met it: a concurrent delivery
-                // of the same id won. Read what it stored.
-                None if closed_at.is_none_or(|c| *timestamp < c) => {
-                    sqlx::query_as::<_, Existing>(
-                        r#"SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1"#,
-                    )
-                    .bind(id)
-                    .fetch_optional(pg)
-                    .await?
-                }
-                None => None,
-            };
-            let mine = (
-                *conversation_id,
-                direction.as_str().to_owned(),
-                content.clone(),
-                *timestamp,
-            );
-            match existing {
-                Some(e) if e == mine => Ok(Outcome::Duplicate),
-                Some(_) => Err(conflict(format!(
-                    "message {id} was already received with other content"
-                ))),
-                None => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conversation_closed",
-                    format!("conversation {conversation_id} is closed"),
-                )),
-            }
-        }
-    }
-}
-
 fn conversation_not_found(id: Uuid) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -404,67 +273,81 @@ pub struct WebhookAck {
     pub id: Uuid,
 }
 
-/// Handles one delivery end to end: signature, parsing, applying, raw record.
+/// A delivery as received, kept raw with its answer.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+    /// `Content-Type` header.
+    pub content_type: Option<String>,
+    /// `User-Agent` header.
+    pub user_agent: Option<String>,
+    /// `X-Request-Id` header.
+    pub request_id: Option<String>,
+    /// Whether an `X-Signature` header came with it.
+    pub signed: bool,
+    /// The body as received, up to [`MAX_RAW_BYTES`].
+    pub body: Vec<u8>,
+    /// Size of the whole body.
+    pub body_size: i32,
+}
+
+impl RawRecord {
+    /// The record of a delivery arriving now.
+    pub fn new(headers: &HeaderMap, body: &[u8]) -> Self {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            received_at: Utc::now(),
+            content_type: header("content-type"),
+            user_agent: header("user-agent"),
+            request_id: header("x-request-id"),
+            signed: headers.contains_key("x-signature"),
+            body: body[..body.len().min(MAX_RAW_BYTES)].to_vec(),
+            body_size: i32::try_from(body.len()).unwrap_or(i32::MAX),
+        }
+    }
+}
+
+/// Handles one delivery end to end: signature, parsing, then applying and recording it
+/// raw (group-committed by [`store::EventWriter`]).
 pub async fn deliver(
     state: &AppState,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<WebhookAck, ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let result = match &state.webhook_secret {
-        Some(secret) if !signature_ok(secret, header("x-signature"), body) => Err(ApiError::new(
+    let signature = headers.get("x-signature").and_then(|v| v.to_str().ok());
+    let event = match &state.webhook_secret {
+        Some(secret) if !signature_ok(secret, signature, body) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_signature",
             "missing or wrong X-Signature (sha256=<hex HMAC-SHA256 of the body>)",
         )),
-        _ => match parse(body) {
-            Ok(event) => apply(&state.pg, &event).await.map(|o| (event, o)),
-            Err(e) => Err(e),
-        },
+        _ => parse(body),
     };
-    let (status, code, event) = match &result {
-        Ok((event, Outcome::Processed)) => (StatusCode::OK, "processed", Some(event)),
-        Ok((event, Outcome::Duplicate)) => (StatusCode::OK, "duplicate", Some(event)),
-        Err(e) => (e.status(), e.code(), None),
+    let about = event.as_ref().ok().map(|e| (e.kind(), e.id()));
+    let delivery = store::Delivery {
+        raw: RawRecord::new(headers, body),
+        event,
     };
-    let kind = event.map_or("invalid", Event::kind);
-    metrics::counter!("webhook_deliveries_total", "type" => kind, "status" => status.as_str().to_owned())
-        .increment(1);
-    // Keep the delivery raw. If that fails the sender must retry: the retry is
-    // idempotent, and it is recorded.
-    let kept = &body[..body.len().min(MAX_RAW_BYTES)];
-    let mut raw = doc! {
-        "_id": Uuid::new_v4().to_string(),
-        "received_at": bson::DateTime::now(),
-        "headers": {
-            "content_type": header("content-type").unwrap_or_default(),
-            "user_agent": header("user-agent").unwrap_or_default(),
-            "request_id": header("x-request-id").unwrap_or_default(),
-            "signed": header("x-signature").is_some(),
-        },
-        "body": Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: kept.to_vec() },
-        "body_size": body.len() as i64,
-        "outcome": { "status": i32::from(status.as_u16()), "code": code },
-    };
-    if let Ok(text) = std::str::from_utf8(kept) {
-        raw.insert("body_text", text);
-    }
-    if let Some(event) = event {
-        raw.insert("type", event.kind());
-        raw.insert("event_id", event.id().to_string());
-    }
-    if let Err(e) = state.raw_events.keep(raw).await {
-        tracing::warn!(error = %e, "could not keep a webhook delivery");
-        return Err(ApiError::unavailable("MongoDB"));
-    }
-    let (event, outcome) = result?;
+    let answer = state.webhook.submit(delivery).await;
+    let (status, _) = store::recorded(&answer);
+    metrics::counter!("webhook_deliveries_total",
+        "type" => about.map_or("invalid", |(kind, _)| kind), "status" => status.as_str().to_owned())
+    .increment(1);
+    let outcome = answer?;
+    let (kind, id) = about.expect("an applied delivery carries an event");
     Ok(WebhookAck {
         status: match outcome {
             Outcome::Processed => "processed".into(),
             Outcome::Duplicate => "duplicate".into(),
         },
-        kind: event.kind().into(),
-        id: event.id(),
+        kind: kind.into(),
+        id,
     })
 }
 
@@ -523,55 +406,4 @@ pub async fn seed(
         deliver(state, &headers, &body).await?;
     }
     Ok(events)
-}
-
-/// Keeps raw deliveries with group commit: concurrent deliveries are written together
-/// in one unordered `insert_many`, and each waits until its own document is written.
-/// One insert per delivery would make the document store's single writer (FerretDB on
-/// SQLite) the bottleneck of the whole webhook.
-#[derive(Clone)]
-pub struct RawLog {
-    tx: tokio::sync::mpsc::Sender<(
-        bson::Document,
-        tokio::sync::oneshot::Sender<Result<(), String>>,
-    )>,
-}
-
-impl RawLog {
-    /// Starts the writer for `collection` (it stops when the last handle is dropped).
-    pub fn start(collection: mongodb::Collection<bson::Document>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
-            bson::Document,
-            tokio::sync::oneshot::Sender<Result<(), String>>,
-        )>(10_000);
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(512);
-            while rx.recv_many(&mut batch, 512).await > 0 {
-                let (docs, waiters): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut batch).into_iter().unzip();
-                metrics::histogram!("webhook_raw_batch").record(docs.len() as f64);
-                let result = collection
-                    .insert_many(docs)
-                    .ordered(false)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
-                }
-            }
-        });
-        Self { tx }
-    }
-
-    /// Writes `doc`; returns once it is stored.
-    pub async fn keep(&self, doc: bson::Document) -> Result<(), String> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((doc, done))
-            .await
-            .map_err(|_| "raw log writer stopped".to_owned())?;
-        wait.await
-            .map_err(|_| "raw log writer stopped".to_owned())?
-    }
 }

@@ -1,0 +1,423 @@
+//! Applying deliveries to PostgreSQL with group commit.
+//!
+//! Deliveries queue for a few writer tasks. Each writer takes what is queued (up to
+//! [`MAX_BATCH`]) and, in one transaction, applies the events in arrival order and
+//! records every delivery raw, with its answer, in `webhook_outbox`; then it commits and
+//! answers them all. A run of consecutive messages with distinct ids is applied by one
+//! set-based statement; conversation events one statement each. The transaction sees
+//! its own earlier statements, so a batch decides exactly what applying its events one
+//! by one would.
+//!
+//! A batch the database refuses (a deadlock with another process, say) is retried one
+//! delivery per transaction, so one bad delivery never sinks its neighbours. When
+//! PostgreSQL is down the deliveries are answered 503 and their raw records go straight
+//! to MongoDB ([`super::relay::RawLog`]).
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use poem::http::StatusCode;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify};
+use uuid::Uuid;
+
+use super::{
+    conversation_not_found,
+    relay::{self, RawLog},
+    Event, Outcome, RawRecord,
+};
+use crate::error::ApiError;
+
+/// Most deliveries one transaction takes.
+pub const MAX_BATCH: usize = 256;
+
+/// What a delivery is answered.
+pub type Answer = Result<Outcome, ApiError>;
+
+/// A delivery: its raw record, and the event it carries or why it was refused before
+/// reaching the database (bad signature, not JSON, wrong shape).
+pub struct Delivery {
+    /// Kept raw with its answer.
+    pub raw: RawRecord,
+    /// The event, or the answer it already has.
+    pub event: Result<Event, ApiError>,
+}
+
+type Job = (Delivery, oneshot::Sender<Answer>);
+
+/// The queue in front of the writers. Cheap to clone.
+#[derive(Clone)]
+pub struct EventWriter {
+    tx: mpsc::Sender<Job>,
+}
+
+impl EventWriter {
+    /// Starts `writers` writers, each waiting up to `gather` for a group to fill (see
+    /// [`next_group`]). `relay` is woken after each commit; `direct` takes the raw records
+    /// of deliveries that could not be written to PostgreSQL.
+    pub fn start(
+        pg: PgPool,
+        writers: usize,
+        gather: Duration,
+        relay: Arc<Notify>,
+        direct: RawLog,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(16 * MAX_BATCH);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers {
+            let (rx, pg, relay, direct) = (rx.clone(), pg.clone(), relay.clone(), direct.clone());
+            tokio::spawn(async move {
+                let mut jobs = Vec::with_capacity(MAX_BATCH);
+                let mut expected = 1;
+                loop {
+                    if !next_group(&rx, &mut jobs, expected, gather).await {
+                        return; // every handle dropped
+                    }
+                    expected = jobs.len();
+                    let (deliveries, waiters): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
+                    metrics::histogram!("webhook_batch_size").record(deliveries.len() as f64);
+                    let answers = write(&pg, &deliveries, &direct).await;
+                    relay.notify_one();
+                    for (waiter, answer) in waiters.into_iter().zip(answers) {
+                        let _ = waiter.send(answer);
+                    }
+                }
+            });
+        }
+        Self { tx }
+    }
+
+    /// Applies and records `delivery`; returns its answer once committed.
+    pub async fn submit(&self, delivery: Delivery) -> Answer {
+        let stopped = || ApiError::unavailable("the webhook writer");
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send((delivery, done))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Takes the next group of jobs: whatever is queued, and when that is fewer than the
+/// last group, what arrives within `gather` until it is as large. Senders waiting for
+/// answers send again as soon as they get them; without the wait the first of them would
+/// make a group of one and the others would wait a whole transaction behind it. The last
+/// group's size tracks the load, so a lone sender never waits. False once every handle
+/// is dropped.
+async fn next_group(
+    rx: &Mutex<mpsc::Receiver<Job>>,
+    jobs: &mut Vec<Job>,
+    expected: usize,
+    gather: Duration,
+) -> bool {
+    let mut rx = rx.lock().await;
+    if rx.recv_many(jobs, MAX_BATCH).await == 0 {
+        return false;
+    }
+    let deadline = tokio::time::Instant::now() + gather;
+    while jobs.len() < expected.min(MAX_BATCH) && !gather.is_zero() {
+        let room = MAX_BATCH - jobs.len();
+        match tokio::time::timeout_at(deadline, rx.recv_many(jobs, room)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
+/// Writes a batch; falls back to one transaction per delivery when the database refuses
+/// the batch, and to 503 (raw record straight to MongoDB) when it cannot be reached.
+async fn write(pg: &PgPool, deliveries: &[Delivery], direct: &RawLog) -> Vec<Answer> {
+    let err = match write_batch(pg, deliveries).await {
+        Ok(answers) => return answers,
+        Err(e) => e,
+    };
+    let one_by_one = deliveries.len() > 1 && !termopar_core::db::is_unreachable(&err);
+    tracing::warn!(error = %err, one_by_one, "a webhook batch failed");
+    let batch_error = ApiError::from(err);
+    let mut answers = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let error = if one_by_one {
+            match write_batch(pg, std::slice::from_ref(delivery)).await {
+                Ok(mut one) => {
+                    answers.push(one.remove(0));
+                    continue;
+                }
+                Err(e) => ApiError::from(e),
+            }
+        } else {
+            batch_error.clone()
+        };
+        let answer = Err(error);
+        let mut record = delivery.document(&answer);
+        record.insert("_id", mongodb::bson::oid::ObjectId::new());
+        direct.keep_detached(record);
+        answers.push(answer);
+    }
+    answers
+}
+
+/// The status and code an answer is recorded with.
+pub fn recorded(answer: &Answer) -> (StatusCode, &str) {
+    match answer {
+        Ok(Outcome::Processed) => (StatusCode::OK, "processed"),
+        Ok(Outcome::Duplicate) => (StatusCode::OK, "duplicate"),
+        Err(e) => (e.status(), e.code()),
+    }
+}
+
+impl Delivery {
+    /// Its raw record with `answer`, as MongoDB keeps it (without `_id`).
+    fn document(&self, answer: &Answer) -> mongodb::bson::Document {
+        let (status, code) = recorded(answer);
+        relay::document(&self.raw, self.event.as_ref().ok(), status, code)
+    }
+}
+
+/// One transaction: every event applied in order, every delivery recorded in the outbox.
+pub async fn write_batch(pg: &PgPool, deliveries: &[Delivery]) -> Result<Vec<Answer>, sqlx::Error> {
+    let mut tx = pg.begin().await?;
+    let mut answers: Vec<Option<Answer>> = vec![None; deliveries.len()];
+    let mut i = 0;
+    while i < deliveries.len() {
+        match &deliveries[i].event {
+            Err(refused) => {
+                answers[i] = Some(Err(refused.clone()));
+                i += 1;
+            }
+            Ok(Event::NewMessage { .. }) => {
+                // The run of messages from here whose ids are distinct (refused
+                // deliveries inside it are answered as they are met).
+                let mut run = Vec::new();
+                let mut ids = HashSet::new();
+                while let Some(delivery) = deliveries.get(i) {
+                    match &delivery.event {
+                        Err(refused) => answers[i] = Some(Err(refused.clone())),
+                        Ok(m @ Event::NewMessage { id, .. }) if ids.insert(*id) => run.push((i, m)),
+                        Ok(_) => break,
+                    }
+                    i += 1;
+                }
+                let messages: Vec<&Event> = run.iter().map(|(_, m)| *m).collect();
+                let results = apply_messages(&mut tx, &messages).await?;
+                for ((k, _), answer) in run.into_iter().zip(results) {
+                    answers[k] = Some(answer);
+                }
+            }
+            Ok(event) => {
+                answers[i] = Some(apply_conversation_event(&mut tx, event).await?);
+                i += 1;
+            }
+        }
+    }
+    let answers: Vec<Answer> = answers
+        .into_iter()
+        .map(|a| a.expect("every delivery is answered"))
+        .collect();
+    let records: Vec<_> = deliveries
+        .iter()
+        .zip(&answers)
+        .map(|(d, a)| d.document(a))
+        .collect();
+    sqlx::query("INSERT INTO webhook_outbox (records, documents) VALUES ($1, $2)")
+        .bind(records.len() as i32)
+        .bind(relay::pack(&records))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// NEW_CONVERSATION or CLOSE_CONVERSATION.
+async fn apply_conversation_event(
+    conn: &mut PgConnection,
+    event: &Event,
+) -> Result<Answer, sqlx::Error> {
+    match event {
+        Event::NewConversation { id, timestamp } => {
+            let inserted = sqlx::query(
+                "INSERT INTO conversations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(timestamp)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                return Ok(Ok(Outcome::Processed));
+            }
+            let created: DateTime<Utc> =
+                sqlx::query_scalar("SELECT created_at FROM conversations WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            Ok(if created == *timestamp {
+                Ok(Outcome::Duplicate)
+            } else {
+                Err(ApiError::conflict(format!(
+                    "conversation {id} was already created by a different event"
+                )))
+            })
+        }
+        Event::CloseConversation { id, timestamp } => {
+            let closed = sqlx::query(
+                "UPDATE conversations SET state = 'CLOSED', closed_at = $2, updated_at = now()
+                 WHERE id = $1 AND state = 'OPEN'",
+            )
+            .bind(id)
+            .bind(timestamp)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if closed == 1 {
+                return Ok(Ok(Outcome::Processed));
+            }
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            // Closing a closed conversation changes nothing.
+            Ok(if exists {
+                Ok(Outcome::Duplicate)
+            } else {
+                Err(conversation_not_found(*id))
+            })
+        }
+        Event::NewMessage { .. } => Ok(apply_messages(conn, &[event]).await?.remove(0)),
+    }
+}
+
+type Stored = (Uuid, String, String, DateTime<Utc>);
+
+/// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
+/// SHARE (a close, which updates the row, waits for us and we for it), look for their
+/// ids, and insert those whose id is free and whose conversation was not closed before
+/// they were sent.
+async fn apply_messages(
+    conn: &mut PgConnection,
+    messages: &[&Event],
+) -> Result<Vec<Answer>, sqlx::Error> {
+    let n = messages.len();
+    let (mut ids, mut conversations, mut directions, mut contents, mut times) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for m in messages {
+        let Event::NewMessage {
+            id,
+            conversation_id,
+            direction,
+            content,
+            timestamp,
+        } = m
+        else {
+            unreachable!("apply_messages takes messages only")
+        };
+        ids.push(*id);
+        conversations.push(*conversation_id);
+        directions.push(direction.as_str());
+        contents.push(content.as_str());
+        times.push(*timestamp);
+    }
+    type Row = (
+        bool,
+        Option<DateTime<Utc>>,
+        Option<Uuid>,
+        Option<String>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+        bool,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
+                   WITH ORDINALITY AS i (id, conversation_id, direction, content, ts, n)
+           ), conv AS (
+               SELECT id, closed_at FROM conversations
+               WHERE id IN (SELECT conversation_id FROM input) ORDER BY id FOR SHARE
+           ), existing AS (
+               SELECT id, conversation_id, direction, content, "timestamp" FROM messages
+               WHERE id IN (SELECT id FROM input)
+           ), ins AS (
+               INSERT INTO messages (id, conversation_id, direction, content, "timestamp")
+               SELECT i.id, i.conversation_id, i.direction, i.content, i.ts
+               FROM input i JOIN conv c ON c.id = i.conversation_id
+               WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.id = i.id)
+                 AND (c.closed_at IS NULL OR i.ts < c.closed_at)
+               ORDER BY i.n
+               ON CONFLICT (id) DO NOTHING
+               RETURNING id
+           )
+           SELECT c.id IS NOT NULL, c.closed_at,
+                  e.conversation_id, e.direction, e.content, e."timestamp",
+                  ins.id IS NOT NULL
+           FROM input i
+           LEFT JOIN conv c ON c.id = i.conversation_id
+           LEFT JOIN existing e ON e.id = i.id
+           LEFT JOIN ins ON ins.id = i.id
+           ORDER BY i.n"#,
+    )
+    // Planned for each batch: a plan cached while the tables were small would keep
+    // scanning them whole as they grow.
+    .persistent(false)
+    .bind(&ids)
+    .bind(&conversations)
+    .bind(&directions)
+    .bind(&contents)
+    .bind(&times)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let mut answers = Vec::with_capacity(n);
+    for (k, (exists, closed_at, e_conv, e_dir, e_content, e_ts, inserted)) in
+        rows.into_iter().enumerate()
+    {
+        if inserted {
+            answers.push(Ok(Outcome::Processed));
+            continue;
+        }
+        if !exists {
+            answers.push(Err(conversation_not_found(conversations[k])));
+            continue;
+        }
+        let existing: Option<Stored> = match (e_conv, e_dir, e_content, e_ts) {
+            (Some(c), Some(d), Some(t), Some(ts)) => Some((c, d, t, ts)),
+            // Not there when we looked, yet the insert met it: a concurrent delivery of
+            // the same id won. Read what it stored.
+            _ if closed_at.is_none_or(|c| times[k] < c) => {
+                sqlx::query_as::<_, Stored>(
+                    r#"SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1"#,
+                )
+                .bind(ids[k])
+                .fetch_optional(&mut *conn)
+                .await?
+            }
+            _ => None,
+        };
+        answers.push(match existing {
+            Some((c, d, t, ts))
+                if c == conversations[k]
+                    && d == directions[k]
+                    && t == contents[k]
+                    && ts == times[k] =>
+            {
+                Ok(Outcome::Duplicate)
+            }
+            Some(_) => Err(ApiError::conflict(format!(
+                "message {} was already received with other content",
+                ids[k]
+            ))),
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conversation_closed",
+                format!("conversation {} is closed", conversations[k]),
+            )),
+        });
+    }
+    Ok(answers)
+}
