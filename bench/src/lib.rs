@@ -146,15 +146,10 @@ pub fn wrk_with(
     if let Some((path, env)) = script {
         cmd.arg("-s").arg(path).envs(env.iter().copied());
     }
-    cmd.arg(url);
-    // Waiting for wrk must not take a worker from the server measured in this process.
-    let out = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| cmd.output())
-        }
-        _ => cmd.output(),
-    }
-    .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
+    let out = cmd
+        .arg(url)
+        .output()
+        .map_err(|e| anyhow::anyhow!("wrk: {e} (run scripts/services.sh bench-tools)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk failed: {text}");
     let field = |prefix: &str| {

@@ -16,7 +16,7 @@
 pub mod relay;
 pub mod store;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use hmac::{Hmac, Mac};
 use poem::http::{HeaderMap, StatusCode};
 use serde_json::{json, Map, Value};
@@ -141,7 +141,8 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::validation(field, message)
 }
 
-/// Event times: RFC 3339, or without offset (as in the sender's examples) meaning UTC.
+/// Event times: RFC 3339, or without offset (as in the sender's examples) meaning UTC,
+/// in the years 1 to 9999 (chrono reads signed years far beyond what PostgreSQL stores).
 /// Kept to the microsecond, PostgreSQL's precision, so a redelivery compares equal.
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     let t = DateTime::parse_from_rfc3339(s)
@@ -152,6 +153,9 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
                 .ok()
                 .map(|n| n.and_utc())
         })?;
+    if !(1..=9999).contains(&t.year()) {
+        return None;
+    }
     DateTime::from_timestamp_micros(t.timestamp_micros())
 }
 
@@ -182,7 +186,7 @@ pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
         Some(Value::String(s)) => parse_time(s).ok_or_else(|| {
             invalid(
                 "timestamp",
-                format!("timestamp {s:?} is not an ISO 8601 date-time"),
+                format!("timestamp {s:?} is not an ISO 8601 date-time in the years 1 to 9999"),
             )
         })?,
         Some(_) => return Err(invalid("timestamp", "timestamp must be a string")),
