@@ -40,6 +40,16 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
     }
 }
 
+/// Settings of a PostgreSQL nobody listens on, whose pool gives up after 500 ms.
+pub fn dead_postgres() -> termopar_core::settings::DatabaseSettings {
+    let mut dead = termopar_core::settings::DatabaseSettings::with_url(format!(
+        "postgres://postgres@127.0.0.1:{}/termopar",
+        test_support::free_port()
+    ));
+    dead.acquire_timeout = std::time::Duration::from_millis(500);
+    dead
+}
+
 /// A running API and the stores behind it.
 pub struct TestApp {
     pub state: termopar_api::state::AppState,

@@ -2,7 +2,7 @@
 
 use reqwest::StatusCode;
 use termopar_api::Application;
-use termopar_core::settings::{DatabaseSettings, MongoSettings};
+use termopar_core::settings::MongoSettings;
 use test_support::{free_port, TestDb, TestMongo};
 
 use crate::harness::*;
@@ -34,11 +34,7 @@ async fn storage_down_is_503_for_the_api_and_the_readiness_probe() {
     let mongo = TestMongo::new();
     let mut settings = settings(&db, &mongo);
     // Nothing listens on these ports.
-    let mut dead_pg = DatabaseSettings::with_url(format!(
-        "postgres://postgres@127.0.0.1:{}/termopar",
-        free_port()
-    ));
-    dead_pg.acquire_timeout = std::time::Duration::from_millis(500);
+    let dead_pg = dead_postgres();
     settings.database = dead_pg.clone();
     settings.mongo = MongoSettings {
         uri: format!(

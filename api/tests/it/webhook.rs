@@ -454,11 +454,7 @@ async fn with_postgresql_down_the_webhook_answers_503_and_still_keeps_the_delive
     let db = test_support::TestDb::new().await;
     let mongo = test_support::TestMongo::new();
     let mut s = settings(&db, &mongo);
-    let mut dead_pg = termopar_core::settings::DatabaseSettings::with_url(format!(
-        "postgres://postgres@127.0.0.1:{}/termopar",
-        test_support::free_port()
-    ));
-    dead_pg.acquire_timeout = std::time::Duration::from_millis(500);
+    let dead_pg = dead_postgres();
     s.database = dead_pg.clone();
     let pg = termopar_core::db::connect_lazy(&dead_pg).unwrap();
     let app = Application::with_stores(&s, pg, mongo.database().await).unwrap();
