@@ -1,11 +1,15 @@
 -- Raw webhook deliveries on their way to MongoDB (`webhook_events`). Each row is one
--- group of deliveries, written in the transaction that applies them, with the answers
--- they got; the relay deletes it once MongoDB has its records.
+-- group of deliveries, written with the events it applies (same transaction or same
+-- statement), with the answers they got; the relay deletes it once MongoDB has them.
 CREATE TABLE webhook_outbox (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    -- How many records `documents` holds.
+    -- How many records the row holds.
     records     integer     NOT NULL CHECK (records > 0),
-    -- The records as BSON documents, one after another.
-    documents   bytea       NOT NULL
+    -- The records (raw delivery, without its answer) as BSON documents, one after another.
+    documents   bytea       NOT NULL,
+    -- Each record's answer: HTTP status and code.
+    statuses    smallint[]  NOT NULL,
+    codes       text[]      NOT NULL,
+    CHECK (cardinality(statuses) = records AND cardinality(codes) = records)
 );

@@ -16,7 +16,6 @@ use mongodb::{
     bson::{self, doc, oid::ObjectId, Binary, Document},
     Collection,
 };
-use poem::http::StatusCode;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
 
@@ -30,19 +29,13 @@ const RELAY_PAUSE: Duration = Duration::from_millis(50);
 /// other processes, or left behind by a failed step).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// A delivery's raw record as MongoDB keeps it, without `_id`: flat, and only the fields
-/// that have a value (every field costs the document store time). The body is a string
-/// when it is UTF-8 (`body`), else binary (`body_bytes`).
-pub fn document(
-    raw: &RawRecord,
-    event: Option<&Event>,
-    status: StatusCode,
-    code: &str,
-) -> Document {
+/// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
+/// [`answered`]): flat, and only the fields that have a value (every field costs the
+/// document store time). The body is a string when it is UTF-8 (`body`), else binary
+/// (`body_bytes`).
+pub fn document(raw: &RawRecord, event: Option<&Event>) -> Document {
     let mut d = doc! {
         "received_at": bson::DateTime::from_millis(raw.received_at.timestamp_millis()),
-        "status": i32::from(status.as_u16()),
-        "code": code,
         "body_size": raw.body_size,
     };
     if let Some(event) = event {
@@ -77,6 +70,13 @@ pub fn document(
     d
 }
 
+/// `record` with the answer its delivery got: `status` (HTTP) and `code`.
+pub fn answered(mut record: Document, status: i32, code: &str) -> Document {
+    record.insert("status", status);
+    record.insert("code", code);
+    record
+}
+
 /// Serializes a group's records for one `webhook_outbox` row: BSON documents one after
 /// another (each starts with its length).
 pub fn pack(documents: &[Document]) -> Vec<u8> {
@@ -88,21 +88,39 @@ pub fn pack(documents: &[Document]) -> Vec<u8> {
     bytes
 }
 
-/// The records of the outbox row `row` created at `created`, each with an `_id` made of
-/// the row's creation second, its id and the record's place in it: unique, ordered as
-/// received, and the same every time the row is relayed.
-fn unpack(row: i64, created: DateTime<Utc>, mut bytes: &[u8]) -> anyhow::Result<Vec<Document>> {
-    let mut documents = Vec::new();
-    while !bytes.is_empty() {
-        let mut d = Document::from_reader(&mut bytes)?;
-        let mut id = [0u8; 12];
-        id[..4].copy_from_slice(&(created.timestamp() as u32).to_be_bytes());
-        id[4..10].copy_from_slice(&row.to_be_bytes()[2..]);
-        id[10..].copy_from_slice(&(documents.len() as u16).to_be_bytes());
-        d.insert("_id", ObjectId::from_bytes(id));
-        documents.push(d);
+/// One `webhook_outbox` row.
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    created_at: DateTime<Utc>,
+    documents: Vec<u8>,
+    statuses: Vec<i16>,
+    codes: Vec<String>,
+}
+
+impl OutboxRow {
+    /// Its records with their answers, each with an `_id` made of the row's creation
+    /// second, its id and the record's place in it: unique, ordered as received, and the
+    /// same every time the row is relayed.
+    fn records(&self) -> anyhow::Result<Vec<Document>> {
+        let mut bytes = self.documents.as_slice();
+        let mut records = Vec::with_capacity(self.codes.len());
+        while !bytes.is_empty() {
+            let k = records.len();
+            let (Some(status), Some(code)) = (self.statuses.get(k), self.codes.get(k)) else {
+                anyhow::bail!("outbox row {} has more records than answers", self.id);
+            };
+            let mut id = [0u8; 12];
+            id[..4].copy_from_slice(&(self.created_at.timestamp() as u32).to_be_bytes());
+            id[4..10].copy_from_slice(&self.id.to_be_bytes()[2..]);
+            id[10..].copy_from_slice(&(k as u16).to_be_bytes());
+            let record = Document::from_reader(&mut bytes)?;
+            let mut record = answered(record, i32::from(*status), code);
+            record.insert("_id", ObjectId::from_bytes(id));
+            records.push(record);
+        }
+        Ok(records)
     }
-    Ok(documents)
 }
 
 /// Moves outbox rows to `collection` until the process ends. `wake` is notified after
@@ -131,10 +149,10 @@ pub async fn run(pg: PgPool, collection: Collection<Document>, wake: Arc<Notify>
 /// Moves the oldest unclaimed rows; returns how many.
 async fn step(pg: &PgPool, collection: &Collection<Document>) -> anyhow::Result<usize> {
     let mut tx = pg.begin().await?;
-    let rows: Vec<(i64, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<OutboxRow> = sqlx::query_as(
         "DELETE FROM webhook_outbox WHERE id IN (
              SELECT id FROM webhook_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, created_at, documents",
+         RETURNING id, created_at, documents, statuses, codes",
     )
     .bind(RELAY_ROWS)
     // Planned each time: the outbox swings between empty and large.
@@ -145,8 +163,8 @@ async fn step(pg: &PgPool, collection: &Collection<Document>) -> anyhow::Result<
         return Ok(0);
     }
     let mut docs = Vec::new();
-    for (id, created, bytes) in &rows {
-        docs.extend(unpack(*id, *created, bytes)?);
+    for row in &rows {
+        docs.extend(row.records()?);
     }
     let records = docs.len();
     if let Err(e) = collection.insert_many(docs).ordered(false).await {

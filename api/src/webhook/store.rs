@@ -149,11 +149,11 @@ async fn write(pg: &PgPool, deliveries: &[Delivery], direct: &RawLog) -> Vec<Ans
         } else {
             batch_error.clone()
         };
-        let answer = Err(error);
-        let mut record = delivery.document(&answer);
+        let record = relay::document(&delivery.raw, delivery.event.as_ref().ok());
+        let mut record = relay::answered(record, error.status().as_u16().into(), error.code());
         record.insert("_id", mongodb::bson::oid::ObjectId::new());
         direct.keep_detached(record);
-        answers.push(answer);
+        answers.push(Err(error));
     }
     answers
 }
@@ -167,16 +167,67 @@ pub fn recorded(answer: &Answer) -> (StatusCode, &str) {
     }
 }
 
-impl Delivery {
-    /// Its raw record with `answer`, as MongoDB keeps it (without `_id`).
-    fn document(&self, answer: &Answer) -> mongodb::bson::Document {
-        let (status, code) = recorded(answer);
-        relay::document(&self.raw, self.event.as_ref().ok(), status, code)
-    }
+/// The group's raw records (without answers), packed for one `webhook_outbox` row.
+fn packed_records(deliveries: &[Delivery]) -> Vec<u8> {
+    let records: Vec<_> = deliveries
+        .iter()
+        .map(|d| relay::document(&d.raw, d.event.as_ref().ok()))
+        .collect();
+    relay::pack(&records)
 }
 
-/// One transaction: every event applied in order, every delivery recorded in the outbox.
+/// Writes the outbox row of a group whose answers are known.
+async fn record(
+    conn: &mut PgConnection,
+    packed: &[u8],
+    answers: &[Answer],
+) -> Result<(), sqlx::Error> {
+    let (statuses, codes): (Vec<i16>, Vec<&str>) = answers
+        .iter()
+        .map(|a| {
+            let (status, code) = recorded(a);
+            (status.as_u16() as i16, code)
+        })
+        .unzip();
+    sqlx::query(
+        "INSERT INTO webhook_outbox (records, documents, statuses, codes) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(answers.len() as i32)
+    .bind(packed)
+    .bind(&statuses)
+    .bind(&codes)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The messages of a group made only of messages with distinct ids.
+fn only_messages(deliveries: &[Delivery]) -> Option<Vec<&Event>> {
+    let mut ids = HashSet::with_capacity(deliveries.len());
+    deliveries
+        .iter()
+        .map(|d| match &d.event {
+            Ok(m @ Event::NewMessage { id, .. }) if ids.insert(*id) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Applies a group and records it in the outbox, atomically. A group of messages with
+/// distinct ids (the common case) is one statement, which also writes the outbox row;
+/// any other group is one transaction: every event applied in order, then the outbox row.
 pub async fn write_batch(pg: &PgPool, deliveries: &[Delivery]) -> Result<Vec<Answer>, sqlx::Error> {
+    let packed = packed_records(deliveries);
+    if let Some(messages) = only_messages(deliveries) {
+        let mut conn = pg.acquire().await?;
+        let (answers, recorded) = apply_messages(&mut conn, &messages, Some(&packed)).await?;
+        if !recorded {
+            // A message raced by a concurrent delivery of its id was decided by a second
+            // read: its group is recorded now, before anyone is answered.
+            record(&mut conn, &packed, &answers).await?;
+        }
+        return Ok(answers);
+    }
     let mut tx = pg.begin().await?;
     let mut answers: Vec<Option<Answer>> = vec![None; deliveries.len()];
     let mut i = 0;
@@ -200,7 +251,7 @@ pub async fn write_batch(pg: &PgPool, deliveries: &[Delivery]) -> Result<Vec<Ans
                     i += 1;
                 }
                 let messages: Vec<&Event> = run.iter().map(|(_, m)| *m).collect();
-                let results = apply_messages(&mut tx, &messages).await?;
+                let (results, _) = apply_messages(&mut tx, &messages, None).await?;
                 for ((k, _), answer) in run.into_iter().zip(results) {
                     answers[k] = Some(answer);
                 }
@@ -215,16 +266,7 @@ pub async fn write_batch(pg: &PgPool, deliveries: &[Delivery]) -> Result<Vec<Ans
         .into_iter()
         .map(|a| a.expect("every delivery is answered"))
         .collect();
-    let records: Vec<_> = deliveries
-        .iter()
-        .zip(&answers)
-        .map(|(d, a)| d.document(a))
-        .collect();
-    sqlx::query("INSERT INTO webhook_outbox (records, documents) VALUES ($1, $2)")
-        .bind(records.len() as i32)
-        .bind(relay::pack(&records))
-        .execute(&mut *tx)
-        .await?;
+    record(&mut tx, &packed, &answers).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -285,7 +327,7 @@ async fn apply_conversation_event(
                 Err(conversation_not_found(*id))
             })
         }
-        Event::NewMessage { .. } => Ok(apply_messages(conn, &[event]).await?.remove(0)),
+        Event::NewMessage { .. } => Ok(apply_messages(conn, &[event], None).await?.0.remove(0)),
     }
 }
 
@@ -293,12 +335,19 @@ type Stored = (Uuid, String, String, DateTime<Utc>);
 
 /// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
 /// SHARE (a close, which updates the row, waits for us and we for it), look for their
-/// ids, and insert those whose id is free and whose conversation was not closed before
-/// they were sent.
+/// ids, insert those whose id is free and whose conversation was not closed before they
+/// were sent, and decide each one's answer. With `records` (the group's packed raw
+/// records, when the group is these messages) the same statement writes the group's
+/// outbox row, unless an answer is undecided; returns whether it did.
+///
+/// Undecided: the id was free when the statement looked, yet the insert met it, because
+/// a concurrent delivery of the same id got there first. A second read, which sees what
+/// that delivery committed, decides.
 async fn apply_messages(
     conn: &mut PgConnection,
     messages: &[&Event],
-) -> Result<Vec<Answer>, sqlx::Error> {
+    records: Option<&[u8]>,
+) -> Result<(Vec<Answer>, bool), sqlx::Error> {
     let n = messages.len();
     let (mut ids, mut conversations, mut directions, mut contents, mut times) = (
         Vec::with_capacity(n),
@@ -324,16 +373,7 @@ async fn apply_messages(
         contents.push(content.as_str());
         times.push(*timestamp);
     }
-    type Row = (
-        bool,
-        Option<DateTime<Utc>>,
-        Option<Uuid>,
-        Option<String>,
-        Option<String>,
-        Option<DateTime<Utc>>,
-        bool,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<(Option<String>, bool)> = sqlx::query_as(
         r#"WITH input AS (
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
                    WITH ORDINALITY AS i (id, conversation_id, direction, content, ts, n)
@@ -352,17 +392,37 @@ async fn apply_messages(
                ORDER BY i.n
                ON CONFLICT (id) DO NOTHING
                RETURNING id
+           ), decided AS (
+               SELECT i.n, ins.id IS NOT NULL AS inserted,
+                      CASE
+                          WHEN ins.id IS NOT NULL THEN 'processed'
+                          WHEN c.id IS NULL THEN 'conversation_not_found'
+                          WHEN e.id IS NOT NULL
+                               AND (e.conversation_id, e.direction, e.content, e."timestamp")
+                                   = (i.conversation_id, i.direction, i.content, i.ts)
+                              THEN 'duplicate'
+                          WHEN e.id IS NOT NULL THEN 'conflict'
+                          WHEN i.ts >= c.closed_at THEN 'conversation_closed'
+                      END AS code
+               FROM input i
+               LEFT JOIN conv c ON c.id = i.conversation_id
+               LEFT JOIN existing e ON e.id = i.id
+               LEFT JOIN ins ON ins.id = i.id
+           ), recorded AS (
+               INSERT INTO webhook_outbox (records, documents, statuses, codes)
+               SELECT count(*), $6,
+                      array_agg(CASE WHEN code IN ('processed', 'duplicate') THEN 200
+                                     WHEN code = 'conversation_not_found' THEN 404
+                                     ELSE 409 END::int2 ORDER BY n),
+                      array_agg(code ORDER BY n)
+               FROM decided
+               WHERE $6 IS NOT NULL
+               HAVING count(*) > 0 AND bool_and(code IS NOT NULL)
+               RETURNING id
            )
-           SELECT c.id IS NOT NULL, c.closed_at,
-                  e.conversation_id, e.direction, e.content, e."timestamp",
-                  ins.id IS NOT NULL
-           FROM input i
-           LEFT JOIN conv c ON c.id = i.conversation_id
-           LEFT JOIN existing e ON e.id = i.id
-           LEFT JOIN ins ON ins.id = i.id
-           ORDER BY i.n"#,
+           SELECT code, EXISTS (SELECT 1 FROM recorded) FROM decided ORDER BY n"#,
     )
-    // Planned for each batch: a plan cached while the tables were small would keep
+    // Planned for each group: a plan cached while the tables were small would keep
     // scanning them whole as they grow.
     .persistent(false)
     .bind(&ids)
@@ -370,54 +430,51 @@ async fn apply_messages(
     .bind(&directions)
     .bind(&contents)
     .bind(&times)
+    .bind(records)
     .fetch_all(&mut *conn)
     .await?;
 
+    let recorded = rows.first().is_some_and(|(_, r)| *r);
     let mut answers = Vec::with_capacity(n);
-    for (k, (exists, closed_at, e_conv, e_dir, e_content, e_ts, inserted)) in
-        rows.into_iter().enumerate()
-    {
-        if inserted {
-            answers.push(Ok(Outcome::Processed));
-            continue;
-        }
-        if !exists {
-            answers.push(Err(conversation_not_found(conversations[k])));
-            continue;
-        }
-        let existing: Option<Stored> = match (e_conv, e_dir, e_content, e_ts) {
-            (Some(c), Some(d), Some(t), Some(ts)) => Some((c, d, t, ts)),
-            // Not there when we looked, yet the insert met it: a concurrent delivery of
-            // the same id won. Read what it stored.
-            _ if closed_at.is_none_or(|c| times[k] < c) => {
-                sqlx::query_as::<_, Stored>(
-                    r#"SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1"#,
-                )
-                .bind(ids[k])
-                .fetch_optional(&mut *conn)
-                .await?
-            }
-            _ => None,
-        };
-        answers.push(match existing {
-            Some((c, d, t, ts))
-                if c == conversations[k]
-                    && d == directions[k]
-                    && t == contents[k]
-                    && ts == times[k] =>
-            {
-                Ok(Outcome::Duplicate)
-            }
-            Some(_) => Err(ApiError::conflict(format!(
+    for (k, (code, _)) in rows.into_iter().enumerate() {
+        let conflict = || {
+            ApiError::conflict(format!(
                 "message {} was already received with other content",
                 ids[k]
-            ))),
-            None => Err(ApiError::new(
+            ))
+        };
+        answers.push(match code.as_deref() {
+            Some("processed") => Ok(Outcome::Processed),
+            Some("duplicate") => Ok(Outcome::Duplicate),
+            Some("conversation_not_found") => Err(conversation_not_found(conversations[k])),
+            Some("conflict") => Err(conflict()),
+            Some("conversation_closed") => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conversation_closed",
                 format!("conversation {} is closed", conversations[k]),
             )),
+            _ => {
+                let stored = sqlx::query_as::<_, Stored>(
+                    r#"SELECT conversation_id, direction, content, "timestamp" FROM messages WHERE id = $1"#,
+                )
+                .bind(ids[k])
+                .fetch_optional(&mut *conn)
+                .await?;
+                match stored {
+                    Some((c, d, t, ts))
+                        if c == conversations[k]
+                            && d == directions[k]
+                            && t == contents[k]
+                            && ts == times[k] =>
+                    {
+                        Ok(Outcome::Duplicate)
+                    }
+                    Some(_) => Err(conflict()),
+                    // The other delivery was rolled back after all: let the sender retry.
+                    None => Err(ApiError::unavailable("PostgreSQL")),
+                }
+            }
         });
     }
-    Ok(answers)
+    Ok((answers, recorded))
 }

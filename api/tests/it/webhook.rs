@@ -347,10 +347,7 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
     let app = TestApp::spawn().await;
     let records: Vec<_> = [b"one".as_slice(), b"two"]
         .iter()
-        .map(|body| {
-            let raw = RawRecord::new(&Default::default(), body);
-            relay::document(&raw, None, StatusCode::BAD_REQUEST, "bad_request")
-        })
+        .map(|body| relay::document(&RawRecord::new(&Default::default(), body), None))
         .collect();
     let packed = relay::pack(&records);
     let outbox_empty = || async {
@@ -363,8 +360,9 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
     // The same row twice, as when MongoDB took a group and the relay's commit was lost.
     for _ in 0..2 {
         sqlx::query(
-            "INSERT INTO webhook_outbox (id, created_at, records, documents) OVERRIDING SYSTEM VALUE
-             VALUES (1000000, '2026-11-23T10:00:00Z', 2, $1)",
+            "INSERT INTO webhook_outbox (id, created_at, records, documents, statuses, codes)
+             OVERRIDING SYSTEM VALUE
+             VALUES (1000000, '2026-11-23T10:00:00Z', 2, $1, '{400,400}', '{bad_request,bad_request}')",
         )
         .bind(&packed)
         .execute(&app.db.pool)
@@ -380,6 +378,9 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
     let docs = raw_records(&app._mongo.database().await, 2).await;
     let bodies: Vec<&str> = docs.iter().map(|d| d.get_str("body").unwrap()).collect();
     assert_eq!(bodies, ["one", "two"]);
+    assert!(docs
+        .iter()
+        .all(|d| recorded(d) == (400, "bad_request".into())));
     let count = app
         ._mongo
         .database()

@@ -204,60 +204,116 @@ async fn assert_stored_as_modelled(app: &TestApp, model: &Model) {
 
 #[tokio::test]
 async fn a_batch_decides_what_applying_its_events_one_by_one_would() {
-    // Each stream goes through the writer's batch path as one transaction (in chunks of
-    // the largest batch), so messages and the conversation events they depend on,
-    // redeliveries and conflicting reuses of an id meet inside one batch.
+    // Each stream goes through the writer's group path: in chunks of the largest group
+    // (one transaction each), so messages and the conversation events they depend on,
+    // redeliveries and conflicting reuses of an id meet inside one group; then one group
+    // of messages with distinct ids (the one-statement path): redeliveries, conflicts,
+    // messages after a close, for an unknown conversation, and new ones.
     let app = TestApp::spawn().await;
-    let mut total = 0u64;
+    let mut expected_records: Vec<(i32, String)> = Vec::new();
     for seed in 10..14u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let events = stream(&mut rng, 4, 400);
-        let mut model = Model::default();
-        let deliveries: Vec<Delivery> = events
+        let mut seen = std::collections::HashSet::new();
+        let mut messages: Vec<Ev> = events
             .iter()
-            .map(|ev| {
-                let body = ev.body();
-                Delivery {
-                    raw: RawRecord::new(&Default::default(), &body),
-                    event: termopar_api::webhook::parse(&body),
-                }
+            .filter(|e| matches!(e, Ev::Message { id, .. } if seen.insert(*id)))
+            .cloned()
+            .collect();
+        let conversations: std::collections::BTreeSet<Uuid> = events
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Open(c, _) | Ev::Close(c, _) => Some(*c),
+                _ => None,
             })
             .collect();
-        let mut i = 0;
-        for chunk in deliveries.chunks(store::MAX_BATCH) {
-            let answers = store::write_batch(&app.state.pg, chunk).await.unwrap();
-            assert_eq!(answers.len(), chunk.len());
-            for answer in &answers {
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap();
+        for (j, c) in conversations.iter().chain([&Uuid::new_v4()]).enumerate() {
+            messages.push(Ev::Message {
+                id: Uuid::new_v4(),
+                conv: *c,
+                sent: j % 2 == 0,
+                content: "new".into(),
+                ts: base + Duration::seconds(if j % 2 == 0 { 10 } else { 590 }),
+            });
+        }
+        messages.shuffle(&mut rng);
+        assert!(messages.len() <= store::MAX_BATCH);
+
+        let mut model = Model::default();
+        let groups: Vec<&[Ev]> = events
+            .chunks(store::MAX_BATCH)
+            .chain([messages.as_slice()])
+            .collect();
+        for (g, group) in groups.into_iter().enumerate() {
+            let deliveries: Vec<Delivery> = group
+                .iter()
+                .map(|ev| {
+                    let body = ev.body();
+                    Delivery {
+                        raw: RawRecord::new(&Default::default(), &body),
+                        event: termopar_api::webhook::parse(&body),
+                    }
+                })
+                .collect();
+            let answers = store::write_batch(&app.state.pg, &deliveries)
+                .await
+                .unwrap();
+            assert_eq!(answers.len(), group.len());
+            for (k, answer) in answers.iter().enumerate() {
                 let (status, code) = store::recorded(answer);
-                let expected = model.apply(&events[i]);
+                let expected = model.apply(&group[k]);
                 assert_eq!(
                     (status.as_u16(), code),
                     (expected.0.as_u16(), expected.1),
-                    "seed {seed} event {i} {:?}",
-                    events[i]
+                    "seed {seed} group {g} event {k} {:?}",
+                    group[k]
                 );
-                i += 1;
+                expected_records.push((i32::from(status.as_u16()), code.to_owned()));
             }
         }
         assert_stored_as_modelled(&app, &model).await;
-        total += deliveries.len() as u64;
     }
-    // Every delivery was recorded raw with the batch, and reaches MongoDB once.
-    let events = app
+    // Every delivery was recorded raw with its group and its answer, and reaches MongoDB
+    // once.
+    let records = app
         ._mongo
         .database()
         .await
         .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
-    test_support::eventually(
+    let total = expected_records.len();
+    let stored: Vec<mongodb::bson::Document> = test_support::eventually(
         "every delivery's raw record in MongoDB",
         test_support::DEFAULT_DEADLINE,
         || async {
-            let n = events.count_documents(mongodb::bson::doc! {}).await.ok()?;
-            assert!(n <= total, "{n} raw records for {total} deliveries");
-            (n == total).then_some(())
+            let docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
+                records
+                    .find(mongodb::bson::doc! {})
+                    .sort(mongodb::bson::doc! {"_id": 1})
+                    .await
+                    .ok()?,
+            )
+            .await
+            .ok()?;
+            assert!(
+                docs.len() <= total,
+                "{} raw records for {total} deliveries",
+                docs.len()
+            );
+            (docs.len() == total).then_some(docs)
         },
     )
     .await;
+    let recorded: Vec<(i32, String)> = stored
+        .iter()
+        .map(|d| {
+            (
+                d.get_i32("status").unwrap(),
+                d.get_str("code").unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(recorded, expected_records);
 }
 
 #[tokio::test]
