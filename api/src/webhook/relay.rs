@@ -1,7 +1,7 @@
 //! Raw deliveries on their way to MongoDB (`webhook_events`).
 //!
-//! A group's raw records are committed to `webhook_outbox`, as one row of BSON
-//! documents, in the transaction that applies the group (see [`super::store`]): an
+//! A group's raw records are committed to `webhook_outbox`, as one row of BSON documents
+//! and their answers, with the events they apply (see [`super::store`]): an
 //! answered delivery is never without its record, and MongoDB being down does not stop
 //! the webhook. The relay moves rows to MongoDB in large unordered inserts: it claims the
 //! oldest rows (`FOR UPDATE SKIP LOCKED`, so several API processes share the work),

@@ -1,17 +1,18 @@
 //! Applying deliveries to PostgreSQL with group commit.
 //!
-//! Deliveries queue for a few writer tasks. Each writer takes what is queued (up to
-//! [`MAX_BATCH`]) and, in one transaction, applies the events in arrival order and
-//! records every delivery raw, with its answer, in `webhook_outbox`; then it commits and
-//! answers them all. A run of consecutive messages with distinct ids is applied by one
-//! set-based statement; conversation events one statement each. The transaction sees
-//! its own earlier statements, so a batch decides exactly what applying its events one
-//! by one would.
+//! Deliveries queue for the writer tasks. Each writer takes what is queued (up to
+//! [`MAX_BATCH`]), applies the group and records every delivery raw, with its answer, in
+//! `webhook_outbox`, atomically, then answers them all. A group of messages with distinct
+//! ids is one statement (apply, decide the answers, write the outbox row); any other
+//! group one transaction that applies the events in arrival order (a run of messages with
+//! distinct ids as that same statement, conversation events one statement each) and then
+//! writes the outbox row. The transaction sees its own earlier statements, so a group
+//! decides exactly what applying its events one by one would.
 //!
-//! A batch the database refuses (a deadlock with another process, say) is retried one
-//! delivery per transaction, so one bad delivery never sinks its neighbours. When
-//! PostgreSQL is down the deliveries are answered 503 and their raw records go straight
-//! to MongoDB ([`super::relay::RawLog`]).
+//! A group the database refuses (a deadlock with another process, say) is retried one
+//! delivery at a time, so one bad delivery never sinks its neighbours. When PostgreSQL is
+//! down the deliveries are answered 503 and their raw records go straight to MongoDB
+//! ([`super::relay::RawLog`]).
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 

@@ -40,6 +40,32 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
     }
 }
 
+/// The raw records in `db`, oldest first, once there are `n` of them.
+pub async fn raw_records(db: &mongodb::Database, n: usize) -> Vec<mongodb::bson::Document> {
+    let events = db.collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
+    test_support::eventually(
+        &format!("{n} raw records in MongoDB"),
+        test_support::DEFAULT_DEADLINE,
+        || async {
+            let docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
+                events
+                    .find(mongodb::bson::doc! {})
+                    .sort(mongodb::bson::doc! {"_id": 1})
+                    .await
+                    .ok()?,
+            )
+            .await
+            .ok()?;
+            assert!(
+                docs.len() <= n,
+                "more raw records than deliveries: {docs:?}"
+            );
+            (docs.len() == n).then_some(docs)
+        },
+    )
+    .await
+}
+
 /// Settings of a PostgreSQL nobody listens on, whose pool gives up after 500 ms.
 pub fn dead_postgres() -> termopar_core::settings::DatabaseSettings {
     let mut dead = termopar_core::settings::DatabaseSettings::with_url(format!(

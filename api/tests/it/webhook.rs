@@ -259,32 +259,6 @@ async fn signatures_are_checked_when_a_secret_is_set() {
     assert_eq!(ok.0, StatusCode::OK, "{}", ok.1);
 }
 
-/// The raw records in `db`, oldest first, once there are `n` of them.
-async fn raw_records(db: &mongodb::Database, n: usize) -> Vec<mongodb::bson::Document> {
-    let events = db.collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
-    test_support::eventually(
-        &format!("{n} raw records in MongoDB"),
-        test_support::DEFAULT_DEADLINE,
-        || async {
-            let docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
-                events
-                    .find(mongodb::bson::doc! {})
-                    .sort(mongodb::bson::doc! {"_id": 1})
-                    .await
-                    .ok()?,
-            )
-            .await
-            .ok()?;
-            assert!(
-                docs.len() <= n,
-                "more raw records than deliveries: {docs:?}"
-            );
-            (docs.len() == n).then_some(docs)
-        },
-    )
-    .await
-}
-
 fn recorded(d: &mongodb::bson::Document) -> (i32, String) {
     (
         d.get_i32("status").unwrap(),

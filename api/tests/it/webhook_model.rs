@@ -276,34 +276,7 @@ async fn a_batch_decides_what_applying_its_events_one_by_one_would() {
     }
     // Every delivery was recorded raw with its group and its answer, and reaches MongoDB
     // once.
-    let records = app
-        ._mongo
-        .database()
-        .await
-        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
-    let total = expected_records.len();
-    let stored: Vec<mongodb::bson::Document> = test_support::eventually(
-        "every delivery's raw record in MongoDB",
-        test_support::DEFAULT_DEADLINE,
-        || async {
-            let docs: Vec<mongodb::bson::Document> = futures::TryStreamExt::try_collect(
-                records
-                    .find(mongodb::bson::doc! {})
-                    .sort(mongodb::bson::doc! {"_id": 1})
-                    .await
-                    .ok()?,
-            )
-            .await
-            .ok()?;
-            assert!(
-                docs.len() <= total,
-                "{} raw records for {total} deliveries",
-                docs.len()
-            );
-            (docs.len() == total).then_some(docs)
-        },
-    )
-    .await;
+    let stored = raw_records(&app._mongo.database().await, expected_records.len()).await;
     let recorded: Vec<(i32, String)> = stored
         .iter()
         .map(|d| {
