@@ -107,8 +107,9 @@ impl ConversationsApi {
     /// Errors say whether a retry can help: 404 `conversation_not_found` (a message
     /// before its conversation: retry later), 409 `conflict` (an id reused by a
     /// different event) or `conversation_closed`, 422 for a malformed event, 503 while
-    /// storage is down. A redelivered event gets 200 `duplicate`. With `WEBHOOK_SECRET`
-    /// set, `X-Signature: sha256=<hex HMAC-SHA256 of the body>` is required (401).
+    /// PostgreSQL is down (MongoDB being down only delays the raw copies). A redelivered
+    /// event gets 200 `duplicate`. With `WEBHOOK_SECRET` set, `X-Signature:
+    /// sha256=<hex HMAC-SHA256 of the body>` is required (401).
     #[oai(path = "/webhook", method = "post", operation_id = "receiveWebhook")]
     async fn receive(
         &self,
