@@ -4,12 +4,10 @@
 CREATE TABLE webhook_outbox (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    -- How many records the row holds.
-    records     integer     NOT NULL CHECK (records > 0),
     -- The records (raw delivery, without its answer) as BSON documents, one after another.
     documents   bytea       NOT NULL,
-    -- Each record's answer: HTTP status and code.
+    -- Each record's answer, in order: HTTP status and code.
     statuses    smallint[]  NOT NULL,
     codes       text[]      NOT NULL,
-    CHECK (cardinality(statuses) = records AND cardinality(codes) = records)
+    CHECK (cardinality(codes) > 0 AND cardinality(statuses) = cardinality(codes))
 );

@@ -190,15 +190,12 @@ async fn record(
             (status.as_u16() as i16, code)
         })
         .unzip();
-    sqlx::query(
-        "INSERT INTO webhook_outbox (records, documents, statuses, codes) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(answers.len() as i32)
-    .bind(packed)
-    .bind(&statuses)
-    .bind(&codes)
-    .execute(conn)
-    .await?;
+    sqlx::query("INSERT INTO webhook_outbox (documents, statuses, codes) VALUES ($1, $2, $3)")
+        .bind(packed)
+        .bind(&statuses)
+        .bind(&codes)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -410,8 +407,8 @@ async fn apply_messages(
                LEFT JOIN existing e ON e.id = i.id
                LEFT JOIN ins ON ins.id = i.id
            ), recorded AS (
-               INSERT INTO webhook_outbox (records, documents, statuses, codes)
-               SELECT count(*), $6,
+               INSERT INTO webhook_outbox (documents, statuses, codes)
+               SELECT $6,
                       array_agg(CASE WHEN code IN ('processed', 'duplicate') THEN 200
                                      WHEN code = 'conversation_not_found' THEN 404
                                      ELSE 409 END::int2 ORDER BY n),

@@ -334,9 +334,9 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
     // The same row twice, as when MongoDB took a group and the relay's commit was lost.
     for _ in 0..2 {
         sqlx::query(
-            "INSERT INTO webhook_outbox (id, created_at, records, documents, statuses, codes)
+            "INSERT INTO webhook_outbox (id, created_at, documents, statuses, codes)
              OVERRIDING SYSTEM VALUE
-             VALUES (1000000, '2026-11-23T10:00:00Z', 2, $1, '{400,400}', '{bad_request,bad_request}')",
+             VALUES (1000000, '2026-11-23T10:00:00Z', $1, '{400,400}', '{bad_request,bad_request}')",
         )
         .bind(&packed)
         .execute(&app.db.pool)
@@ -407,11 +407,12 @@ async fn the_webhook_keeps_working_while_mongodb_is_down_and_catches_up_after() 
         .await
         .unwrap();
     assert_eq!(state, "CLOSED");
-    let pending: i64 =
-        sqlx::query_scalar("SELECT coalesce(sum(records), 0)::bigint FROM webhook_outbox")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(cardinality(codes)), 0)::bigint FROM webhook_outbox",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(pending, 5, "the raw records wait in PostgreSQL");
 
     proxy.restore();

@@ -156,6 +156,24 @@ fn stream(rng: &mut StdRng, conversations: usize, len: usize) -> Vec<Ev> {
     events
 }
 
+/// A conversation's messages as read through GET: id → (content, direction).
+fn stored_messages(conversation: &Value) -> BTreeMap<String, (String, String)> {
+    conversation["messages"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                (
+                    m["content"].as_str().unwrap().to_owned(),
+                    m["direction"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
 /// The final state, read back through GET, equals the model.
 async fn assert_stored_as_modelled(app: &TestApp, model: &Model) {
     for (id, (created, closed)) in &model.conversations {
@@ -170,20 +188,7 @@ async fn assert_stored_as_modelled(app: &TestApp, model: &Model) {
                 .unwrap(),
             *created
         );
-        let got: BTreeMap<String, (String, String)> = c["messages"]["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                (
-                    m["id"].as_str().unwrap().to_owned(),
-                    (
-                        m["content"].as_str().unwrap().to_owned(),
-                        m["direction"].as_str().unwrap().to_owned(),
-                    ),
-                )
-            })
-            .collect();
+        let got = stored_messages(&c);
         let want: BTreeMap<String, (String, String)> = model
             .messages
             .iter()
@@ -416,16 +421,9 @@ async fn racing_deliveries_never_fail_and_their_answers_match_what_is_stored() {
     for c in &convs {
         let (_, conv) = app.conversation(&c.to_string()).await;
         assert_eq!(conv["state"], "CLOSED");
-        let stored: HashMap<String, String> = conv["messages"]["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                (
-                    m["id"].as_str().unwrap().to_owned(),
-                    m["content"].as_str().unwrap().to_owned(),
-                )
-            })
+        let stored: HashMap<String, String> = stored_messages(&conv)
+            .into_iter()
+            .map(|(id, (content, _))| (id, content))
             .collect();
         for (id, content) in won.iter() {
             if stored.contains_key(&id.to_string()) {

@@ -20,19 +20,21 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("webhook.lua")
 }
 
-fn run_load(
-    base: &str,
-    conversations: &std::path::Path,
-    seconds: u32,
-) -> anyhow::Result<(Load, u64)> {
-    let env = [("CONVERSATIONS", conversations.to_str().unwrap())];
-    wrk_with(
+/// Runs the load against `base`, each request a new message in one of `conversations`
+/// (handed to the wrk script in a temporary file).
+fn run_load(base: &str, conversations: &[String], seconds: u32) -> anyhow::Result<(Load, u64)> {
+    let file = std::env::temp_dir().join(format!("conversations-{}", Uuid::new_v4().simple()));
+    std::fs::write(&file, conversations.join("\n"))?;
+    let env = [("CONVERSATIONS", file.to_str().unwrap())];
+    let result = wrk_with(
         &format!("{base}/webhook/"),
         &[],
         Some((&script(), &env)),
         seconds,
         CONNECTIONS,
-    )
+    );
+    let _ = std::fs::remove_file(&file);
+    result
 }
 
 /// The DRF baseline on a fresh database; `None` when it cannot be set up here.
@@ -72,14 +74,11 @@ async fn drf(seconds: u32, conversations: usize) -> anyhow::Result<(Load, u64, u
         );
         ids.push(id.to_string());
     }
-    let file = std::env::temp_dir().join(format!("drf-conversations-{}", Uuid::new_v4().simple()));
-    std::fs::write(&file, ids.join("\n"))?;
-    let (load, errors) = run_load(&base, &file, seconds)?;
+    let (load, errors) = run_load(&base, &ids, seconds)?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_message")
         .fetch_one(&db.pool)
         .await?;
     drop(stop);
-    let _ = std::fs::remove_file(file);
     Ok((load, errors, stored as u64))
 }
 
@@ -130,13 +129,10 @@ async fn main() -> anyhow::Result<()> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let file = std::env::temp_dir().join(format!("conversations-{}", Uuid::new_v4().simple()));
-    std::fs::write(&file, ids.join("\n"))?;
-    let (ours, our_errors) = run_load(&base, &file, seconds)?;
+    let (ours, our_errors) = run_load(&base, &ids, seconds)?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&state.pg)
         .await?;
-    let _ = std::fs::remove_file(&file);
     // The raw copies reach MongoDB through the outbox: time how long after the load the
     // relay has moved them all, and count them.
     let drain_started = Instant::now();
