@@ -334,10 +334,7 @@ pub async fn deliver(
         _ => parse(body),
     };
     let about = event.as_ref().ok().map(|e| (e.kind(), e.id()));
-    let delivery = store::Delivery {
-        raw: RawRecord::new(headers, body),
-        event,
-    };
+    let delivery = store::Delivery::new(&RawRecord::new(headers, body), event);
     let answer = state.webhook.submit(delivery).await;
     let (status, _) = store::recorded(&answer);
     metrics::counter!("webhook_deliveries_total",

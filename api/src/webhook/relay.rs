@@ -13,11 +13,12 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use mongodb::{
-    bson::{self, doc, oid::ObjectId, Binary, Document},
+    bson::{self, oid::ObjectId, RawBinaryRef, RawDocument, RawDocumentBuf},
     Collection,
 };
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
+use uuid::Uuid;
 
 use super::{Event, RawRecord};
 
@@ -32,15 +33,18 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
 /// [`answered`]): flat, and only the fields that have a value (every field costs the
 /// document store time). The body is a string when it is UTF-8 (`body`), else binary
-/// (`body_bytes`).
-pub fn document(raw: &RawRecord, event: Option<&Event>) -> Document {
-    let mut d = doc! {
-        "received_at": bson::DateTime::from_millis(raw.received_at.timestamp_millis()),
-        "body_size": raw.body_size,
-    };
+/// (`body_bytes`). Built as raw BSON: it is only ever written out.
+pub fn document(raw: &RawRecord, event: Option<&Event>) -> RawDocumentBuf {
+    let mut d = RawDocumentBuf::new();
+    d.append_ref(
+        "received_at",
+        bson::DateTime::from_millis(raw.received_at.timestamp_millis()),
+    );
+    d.append_ref("body_size", raw.body_size);
     if let Some(event) = event {
-        d.insert("type", event.kind());
-        d.insert("event_id", event.id().to_string());
+        d.append_ref("type", event.kind());
+        let mut id = Uuid::encode_buffer();
+        d.append_ref("event_id", &*event.id().hyphenated().encode_lower(&mut id));
     }
     for (name, value) in [
         ("content_type", &raw.content_type),
@@ -48,42 +52,41 @@ pub fn document(raw: &RawRecord, event: Option<&Event>) -> Document {
         ("request_id", &raw.request_id),
     ] {
         if let Some(v) = value {
-            d.insert(name, v);
+            d.append_ref(name, v.as_str());
         }
     }
     if raw.signed {
-        d.insert("signed", true);
+        d.append_ref("signed", true);
     }
     match std::str::from_utf8(&raw.body) {
-        Ok(text) => d.insert("body", text),
-        Err(_) => d.insert(
+        Ok(text) => d.append_ref("body", text),
+        Err(_) => d.append_ref(
             "body_bytes",
-            Binary {
+            RawBinaryRef {
                 subtype: bson::spec::BinarySubtype::Generic,
-                bytes: raw.body.clone(),
+                bytes: &raw.body,
             },
         ),
     };
     if raw.body.len() < raw.body_size as usize {
-        d.insert("truncated", true);
+        d.append_ref("truncated", true);
     }
     d
 }
 
 /// `record` with the answer its delivery got: `status` (HTTP) and `code`.
-pub fn answered(mut record: Document, status: i32, code: &str) -> Document {
-    record.insert("status", status);
-    record.insert("code", code);
+pub fn answered(mut record: RawDocumentBuf, status: i32, code: &str) -> RawDocumentBuf {
+    record.append_ref("status", status);
+    record.append_ref("code", code);
     record
 }
 
 /// Serializes a group's records for one `webhook_outbox` row: BSON documents one after
 /// another (each starts with its length).
-pub fn pack(documents: &[Document]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(documents.len() * 400);
+pub fn pack<'a>(documents: impl IntoIterator<Item = &'a RawDocument>) -> Vec<u8> {
+    let mut bytes = Vec::new();
     for d in documents {
-        d.to_writer(&mut bytes)
-            .expect("a document serializes into memory");
+        bytes.extend_from_slice(d.as_bytes());
     }
     bytes
 }
@@ -102,7 +105,7 @@ impl OutboxRow {
     /// Its records with their answers, each with an `_id` made of the row's creation
     /// second, its id and the record's place in it: unique, ordered as received, and the
     /// same every time the row is relayed.
-    fn records(&self) -> anyhow::Result<Vec<Document>> {
+    fn records(&self) -> anyhow::Result<Vec<RawDocumentBuf>> {
         let mut bytes = self.documents.as_slice();
         let mut records = Vec::with_capacity(self.codes.len());
         while !bytes.is_empty() {
@@ -114,9 +117,20 @@ impl OutboxRow {
             id[..4].copy_from_slice(&(self.created_at.timestamp() as u32).to_be_bytes());
             id[4..10].copy_from_slice(&self.id.to_be_bytes()[2..]);
             id[10..].copy_from_slice(&(k as u16).to_be_bytes());
-            let record = Document::from_reader(&mut bytes)?;
+            let len = match bytes.get(..4) {
+                Some(len) => i32::from_le_bytes(len.try_into().expect("4 bytes")) as usize,
+                None => 0,
+            };
+            anyhow::ensure!(
+                (5..=bytes.len()).contains(&len),
+                "outbox row {} holds a truncated record",
+                self.id
+            );
+            let (record, rest) = bytes.split_at(len);
+            bytes = rest;
+            let record = RawDocumentBuf::from_bytes(record.to_vec())?;
             let mut record = answered(record, i32::from(*status), code);
-            record.insert("_id", ObjectId::from_bytes(id));
+            record.append_ref("_id", ObjectId::from_bytes(id));
             records.push(record);
         }
         Ok(records)
@@ -127,7 +141,7 @@ impl OutboxRow {
 /// each commit of a new row. Between steps it waits [`RELAY_PAUSE`] so that, under load,
 /// each insert carries many records (the document store's cost per record falls with
 /// the size of the insert).
-pub async fn run(pg: PgPool, collection: Collection<Document>, wake: Arc<Notify>) {
+pub async fn run(pg: PgPool, collection: Collection<RawDocumentBuf>, wake: Arc<Notify>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match step(&pg, &collection).await {
@@ -147,7 +161,7 @@ pub async fn run(pg: PgPool, collection: Collection<Document>, wake: Arc<Notify>
 }
 
 /// Moves the oldest unclaimed rows; returns how many.
-async fn step(pg: &PgPool, collection: &Collection<Document>) -> anyhow::Result<usize> {
+async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::Result<usize> {
     let mut tx = pg.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "DELETE FROM webhook_outbox WHERE id IN (
@@ -182,13 +196,13 @@ async fn step(pg: &PgPool, collection: &Collection<Document>) -> anyhow::Result<
 /// Concurrent records are written together in one unordered `insert_many`.
 #[derive(Clone)]
 pub struct RawLog {
-    tx: mpsc::Sender<Document>,
+    tx: mpsc::Sender<RawDocumentBuf>,
 }
 
 impl RawLog {
     /// Starts the writer for `collection` (it stops when the last handle is dropped).
-    pub fn start(collection: Collection<Document>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Document>(10_000);
+    pub fn start(collection: Collection<RawDocumentBuf>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<RawDocumentBuf>(10_000);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(512);
             while rx.recv_many(&mut batch, 512).await > 0 {
@@ -204,7 +218,7 @@ impl RawLog {
 
     /// Queues `doc` without waiting (best effort: this path serves deliveries that are
     /// answered 503, which their senders retry).
-    pub fn keep_detached(&self, doc: Document) {
+    pub fn keep_detached(&self, doc: RawDocumentBuf) {
         if self.tx.try_send(doc).is_err() {
             tracing::warn!("raw webhook log is full: a record of a refused delivery is dropped");
         }

@@ -323,7 +323,7 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
         .iter()
         .map(|body| relay::document(&RawRecord::new(&Default::default(), body), None))
         .collect();
-    let packed = relay::pack(&records);
+    let packed = relay::pack(records.iter().map(|r| &**r));
     let outbox_empty = || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
             .fetch_one(&app.db.pool)
@@ -449,6 +449,64 @@ async fn with_postgresql_down_the_webhook_answers_503_and_still_keeps_the_delive
     let docs = raw_records(&mongo.database().await, 1).await;
     assert_eq!(recorded(&docs[0]), (503, "storage_unavailable".into()));
     assert_eq!(docs[0].get_str("type").unwrap(), "NEW_CONVERSATION");
+}
+
+#[tokio::test]
+async fn a_writer_whose_connection_was_cut_reconnects_and_loses_nothing() {
+    let app = TestApp::spawn().await;
+    let events = seed_events();
+    assert_eq!(app.webhook(&events[0]).await.0, StatusCode::OK);
+    // Cut every connection the API holds to its database (the writer keeps one from
+    // group to group), as a PostgreSQL restart or a network cut would.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(cut > 0);
+
+    // The sender retries what is refused; the first try may meet the dead connection
+    // (503, retryable), and a retry is then applied on a new one.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut answers = Vec::new();
+    let ack = loop {
+        let (status, body) = app.webhook(&events[1]).await;
+        answers.push(status);
+        match status {
+            StatusCode::OK => break body,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(tokio::time::Instant::now() < deadline, "still refused: {body}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    };
+    assert_eq!(ack["status"], "processed", "a refused try applied nothing");
+    let (_, c) = app.conversation(CONVERSATION).await;
+    assert_eq!(c["messages"]["total"], 1);
+    // Every answer, refused or not, is on record.
+    let docs = raw_records(&app._mongo.database().await, 1 + answers.len()).await;
+    let mut statuses: Vec<i32> = docs.iter().map(|d| recorded(d).0).collect();
+    let mut expected: Vec<i32> = answers.iter().map(|s| i32::from(s.as_u16())).collect();
+    expected.push(200); // the conversation
+    statuses.sort();
+    expected.sort();
+    assert_eq!(statuses, expected);
+}
+
+#[tokio::test]
+async fn the_outbox_compresses_its_records_with_lz4() {
+    let app = TestApp::spawn().await;
+    let method: String = sqlx::query_scalar(
+        "SELECT attcompression::text FROM pg_attribute
+         WHERE attrelid = 'webhook_outbox'::regclass AND attname = 'documents'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(method, "l", "lz4 (PostgreSQL here is built with it)");
 }
 
 #[tokio::test]

@@ -255,15 +255,14 @@ async fn a_batch_decides_what_applying_its_events_one_by_one_would() {
                 .iter()
                 .map(|ev| {
                     let body = ev.body();
-                    Delivery {
-                        raw: RawRecord::new(&Default::default(), &body),
-                        event: termopar_api::webhook::parse(&body),
-                    }
+                    Delivery::new(
+                        &RawRecord::new(&Default::default(), &body),
+                        termopar_api::webhook::parse(&body),
+                    )
                 })
                 .collect();
-            let answers = store::write_batch(&app.state.pg, &deliveries)
-                .await
-                .unwrap();
+            let mut conn = app.state.pg.acquire().await.unwrap();
+            let answers = store::write_batch(&mut conn, &deliveries).await.unwrap();
             assert_eq!(answers.len(), group.len());
             for (k, answer) in answers.iter().enumerate() {
                 let (status, code) = store::recorded(answer);
