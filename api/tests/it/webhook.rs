@@ -477,7 +477,10 @@ async fn a_writer_whose_connection_was_cut_reconnects_and_loses_nothing() {
         match status {
             StatusCode::OK => break body,
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert!(tokio::time::Instant::now() < deadline, "still refused: {body}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still refused: {body}"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             other => panic!("unexpected answer {other}: {body}"),
