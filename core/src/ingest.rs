@@ -347,7 +347,7 @@ impl IngestStore {
                 ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
                     for we in failure.write_errors.iter().flatten() {
                         not_new.insert(we.index);
-                        if we.code == 11000 {
+                        if we.code == crate::mongo::DUPLICATE_KEY {
                             outcome.duplicates += 1;
                         } else {
                             outcome

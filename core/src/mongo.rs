@@ -42,6 +42,9 @@ pub fn is_unavailable(err: &mongodb::error::Error) -> bool {
     ) || err.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
 }
 
+/// The server's code for a write refused by a unique index (`E11000`).
+pub const DUPLICATE_KEY: i32 = 11000;
+
 /// True when `err` is an unordered insert whose only failures are duplicate keys
 /// (`E11000`): every document is stored, some of them by an earlier insert.
 pub fn only_duplicate_keys(err: &mongodb::error::Error) -> bool {
@@ -53,7 +56,7 @@ pub fn only_duplicate_keys(err: &mongodb::error::Error) -> bool {
                     .write_errors
                     .iter()
                     .flatten()
-                    .all(|we| we.code == 11000)
+                    .all(|we| we.code == DUPLICATE_KEY)
         }
         _ => false,
     }

@@ -98,10 +98,10 @@ impl Drf {
     }
 }
 
-/// Flushes PostgreSQL's dirty pages.
-async fn checkpoint() -> anyhow::Result<()> {
-    let db = TestDb::new().await;
-    sqlx::query("CHECKPOINT").execute(&db.pool).await?;
+/// Flushes the dirty pages of the whole PostgreSQL cluster (any database's connection
+/// will do).
+async fn checkpoint(pg: &sqlx::PgPool) -> anyhow::Result<()> {
+    sqlx::query("CHECKPOINT").execute(pg).await?;
     Ok(())
 }
 
@@ -193,10 +193,10 @@ async fn main() -> anyhow::Result<()> {
     let mut drained = Duration::ZERO;
     for round in 1..=rounds {
         if let Some(drf) = &drf {
-            checkpoint().await?;
+            checkpoint(&state.pg).await?;
             theirs.add(run_load(&drf.base, &drf.conversations, seconds)?);
         }
-        checkpoint().await?;
+        checkpoint(&state.pg).await?;
         ours.add(run_load(&base, &ids, seconds)?);
         drained += drain(&state.pg).await?;
         eprintln!(
