@@ -13,13 +13,20 @@
 //! the events it applies ([`store`]), then moved to MongoDB (`webhook_events`) by the
 //! [`relay`].
 
+mod body;
 pub mod relay;
 pub mod store;
 
-use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
+use std::sync::LazyLock;
+
+use body::{Loose, Shaped};
+use chrono::{
+    format::{Item, Parsed, StrftimeItems},
+    DateTime, Datelike, Utc,
+};
 use hmac::{Hmac, Mac};
 use poem::http::{HeaderMap, StatusCode};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::Sha256;
 use uuid::Uuid;
 
@@ -145,72 +152,77 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 /// in the years 1 to 9999 (chrono reads signed years far beyond what PostgreSQL stores).
 /// Kept to the microsecond, PostgreSQL's precision, so a redelivery compares equal.
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    let t = DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .ok()
-        .or_else(|| {
-            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-                .ok()
-                .map(|n| n.and_utc())
-        })?;
+    /// `%Y-%m-%dT%H:%M:%S%.f`, read once.
+    static WITHOUT_OFFSET: LazyLock<Vec<Item<'static>>> = LazyLock::new(|| {
+        StrftimeItems::new("%Y-%m-%dT%H:%M:%S%.f")
+            .parse()
+            .expect("a valid format")
+    });
+    let without_offset = || {
+        let mut parsed = Parsed::new();
+        chrono::format::parse(&mut parsed, s, WITHOUT_OFFSET.iter()).ok()?;
+        parsed.to_naive_datetime_with_offset(0).ok()
+    };
+    let t = match without_offset() {
+        Some(t) => t.and_utc(),
+        None => DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc),
+    };
     if !(1..=9999).contains(&t.year()) {
         return None;
     }
     DateTime::from_timestamp_micros(t.timestamp_micros())
 }
 
-fn uuid_field(data: &Map<String, Value>, name: &str) -> Result<Uuid, ApiError> {
-    let field = format!("data.{name}");
-    match data.get(name) {
-        Some(Value::String(s)) => {
-            Uuid::parse_str(s).map_err(|_| invalid(&field, format!("{field} is not a UUID")))
+/// The string in `value`, the field `name` of an event: 422 when it is missing or not a
+/// string.
+fn string<'a>(value: &'a Option<Loose<'a>>, name: &str) -> Result<&'a str, ApiError> {
+    match value {
+        Some(Loose::Str(s)) => Ok(s),
+        Some(Loose::Other) => Err(invalid(name, format!("{name} must be a string"))),
+        None => Err(invalid(name, format!("{name} is required"))),
+    }
+}
+
+fn uuid_field(value: &Option<Loose<'_>>, name: &str) -> Result<Uuid, ApiError> {
+    match value {
+        Some(Loose::Str(s)) => {
+            Uuid::parse_str(s).map_err(|_| invalid(name, format!("{name} is not a UUID")))
         }
-        Some(_) => Err(invalid(&field, format!("{field} must be a UUID string"))),
-        None => Err(invalid(&field, format!("{field} is required"))),
+        Some(Loose::Other) => Err(invalid(name, format!("{name} must be a UUID string"))),
+        None => Err(invalid(name, format!("{name} is required"))),
     }
 }
 
 /// Parses a delivery. Not JSON is a 400; JSON of the wrong shape a 422 naming the field.
 pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
-    let Value::Object(event) = value else {
+    let event =
+        body::read(body).map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+    let Shaped::Object(event) = event else {
         return Err(invalid("body", "the event must be a JSON object"));
     };
-    let kind = match event.get("type") {
-        Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(invalid("type", "type must be a string")),
-        None => return Err(invalid("type", "type is required")),
-    };
-    let timestamp = match event.get("timestamp") {
-        Some(Value::String(s)) => parse_time(s).ok_or_else(|| {
-            invalid(
-                "timestamp",
-                format!("timestamp {s:?} is not an ISO 8601 date-time in the years 1 to 9999"),
-            )
-        })?,
-        Some(_) => return Err(invalid("timestamp", "timestamp must be a string")),
-        None => return Err(invalid("timestamp", "timestamp is required")),
-    };
-    let data = match event.get("data") {
-        Some(Value::Object(d)) => d,
-        Some(_) => return Err(invalid("data", "data must be an object")),
+    let kind = string(&event.kind, "type")?;
+    let timestamp = string(&event.timestamp, "timestamp")?;
+    let timestamp = parse_time(timestamp).ok_or_else(|| {
+        invalid(
+            "timestamp",
+            format!("timestamp {timestamp:?} is not an ISO 8601 date-time in the years 1 to 9999"),
+        )
+    })?;
+    let data = match &event.data {
+        Some(Shaped::Object(d)) => d,
+        Some(Shaped::Other) => return Err(invalid("data", "data must be an object")),
         None => return Err(invalid("data", "data is required")),
     };
     match kind {
-        "NEW_CONVERSATION" => Ok(Event::NewConversation { id: uuid_field(data, "id")?, timestamp }),
-        "CLOSE_CONVERSATION" => Ok(Event::CloseConversation { id: uuid_field(data, "id")?, timestamp }),
+        "NEW_CONVERSATION" => Ok(Event::NewConversation { id: uuid_field(&data.id, "data.id")?, timestamp }),
+        "CLOSE_CONVERSATION" => Ok(Event::CloseConversation { id: uuid_field(&data.id, "data.id")?, timestamp }),
         "NEW_MESSAGE" => {
-            let direction = match data.get("direction") {
-                Some(Value::String(s)) if s == "SENT" => Direction::Sent,
-                Some(Value::String(s)) if s == "RECEIVED" => Direction::Received,
+            let direction = match &data.direction {
+                Some(Loose::Str(s)) if s == "SENT" => Direction::Sent,
+                Some(Loose::Str(s)) if s == "RECEIVED" => Direction::Received,
                 _ => return Err(invalid("data.direction", "data.direction must be SENT or RECEIVED")),
             };
-            let content = match data.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(invalid("data.content", "data.content must be a string")),
-                None => return Err(invalid("data.content", "data.content is required")),
-            };
+            let content = string(&data.content, "data.content")?;
             if content.len() > MAX_CONTENT_BYTES {
                 return Err(invalid(
                     "data.content",
@@ -221,10 +233,10 @@ pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
                 return Err(invalid("data.content", "data.content must not contain NUL characters"));
             }
             Ok(Event::NewMessage {
-                id: uuid_field(data, "id")?,
-                conversation_id: uuid_field(data, "conversation_id")?,
+                id: uuid_field(&data.id, "data.id")?,
+                conversation_id: uuid_field(&data.conversation_id, "data.conversation_id")?,
                 direction,
-                content,
+                content: content.to_owned(),
                 timestamp,
             })
         }

@@ -413,15 +413,15 @@ async fn apply_conversation_event(
 type Stored = (Uuid, String, String, DateTime<Utc>);
 
 /// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
-/// SHARE (a close, which updates the row, waits for us and we for it), look for their
-/// ids, insert those whose id is free and whose conversation was not closed before they
-/// were sent, and decide each one's answer. With `records` (the group's packed raw
+/// SHARE (a close, which updates the row, waits for us and we for it), insert those
+/// whose id is free and whose conversation was not closed before they were sent, look up
+/// the stored message of each id that was not free, and decide each one's answer. With `records` (the group's packed raw
 /// records, when the group is these messages) the same statement writes the group's
 /// outbox row, unless an answer is undecided; returns whether it did.
 ///
-/// Undecided: the id was free when the statement looked, yet the insert met it, because
-/// a concurrent delivery of the same id got there first. A second read, which sees what
-/// that delivery committed, decides.
+/// Undecided: the insert met the id, yet the statement's snapshot has no message with
+/// it, because a concurrent delivery of the same id got there first. A second read,
+/// which sees what that delivery committed, decides.
 async fn apply_messages(
     conn: &mut PgConnection,
     messages: &[&Event],
@@ -459,33 +459,33 @@ async fn apply_messages(
            ), conv AS (
                SELECT id, closed_at FROM conversations
                WHERE id IN (SELECT conversation_id FROM input) ORDER BY id FOR SHARE
-           ), existing AS (
-               SELECT id, conversation_id, direction, content, "timestamp" FROM messages
-               WHERE id IN (SELECT id FROM input)
            ), ins AS (
                INSERT INTO messages (id, conversation_id, direction, content, "timestamp")
                SELECT i.id, i.conversation_id, i.direction, i.content, i.ts
                FROM input i JOIN conv c ON c.id = i.conversation_id
-               WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.id = i.id)
-                 AND (c.closed_at IS NULL OR i.ts < c.closed_at)
+               WHERE c.closed_at IS NULL OR i.ts < c.closed_at
                ORDER BY i.n
                ON CONFLICT (id) DO NOTHING
                RETURNING id
            ), decided AS (
-               SELECT i.n, ins.id IS NOT NULL AS inserted,
+               SELECT i.n,
                       CASE
                           WHEN ins.id IS NOT NULL THEN 'processed'
                           WHEN c.id IS NULL THEN 'conversation_not_found'
-                          WHEN e.id IS NOT NULL
-                               AND (e.conversation_id, e.direction, e.content, e."timestamp")
-                                   = (i.conversation_id, i.direction, i.content, i.ts)
-                              THEN 'duplicate'
-                          WHEN e.id IS NOT NULL THEN 'conflict'
-                          WHEN i.ts >= c.closed_at THEN 'conversation_closed'
+                          -- Not inserted: its id is taken (looked up only now), or its
+                          -- conversation was closed before it was sent.
+                          ELSE coalesce(
+                              (SELECT CASE
+                                          WHEN (m.conversation_id, m.direction, m.content, m."timestamp")
+                                               = (i.conversation_id, i.direction, i.content, i.ts)
+                                              THEN 'duplicate'
+                                          ELSE 'conflict'
+                                      END
+                               FROM messages m WHERE m.id = i.id),
+                              CASE WHEN i.ts >= c.closed_at THEN 'conversation_closed' END)
                       END AS code
                FROM input i
                LEFT JOIN conv c ON c.id = i.conversation_id
-               LEFT JOIN existing e ON e.id = i.id
                LEFT JOIN ins ON ins.id = i.id
            ), recorded AS (
                INSERT INTO webhook_outbox (documents, statuses, codes)
