@@ -47,7 +47,7 @@ pub struct WebhookSettings {
     /// Concurrent webhook transactions (`WEBHOOK_WRITERS`, default 1, at most 16). One
     /// writer makes the largest groups; more overlap one group's commit with the next.
     pub writers: usize,
-    /// Longest a writer waits for its next group to grow as large as its last one
+    /// Longest a writer waits for its next group to grow half as large as its last one
     /// (`WEBHOOK_GATHER_US`, default 1000 µs, at most 100 ms; 0 takes what is queued).
     pub gather: Duration,
 }
