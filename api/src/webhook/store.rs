@@ -418,9 +418,10 @@ type Stored = (Uuid, String, String, DateTime<Utc>);
 /// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
 /// SHARE (a close, which updates the row, waits for us and we for it), insert those
 /// whose id is free and whose conversation was not closed before they were sent, look up
-/// the stored message of each id that was not free, and decide each one's answer. With `records` (the group's packed raw
-/// records, when the group is these messages) the same statement writes the group's
-/// outbox row, unless an answer is undecided; returns whether it did.
+/// the stored message of each one not inserted, and decide each one's answer. With
+/// `records` (the group's packed raw records, when the group is these messages) the same
+/// statement writes the group's outbox row, unless an answer is undecided; returns
+/// whether it did.
 ///
 /// Undecided: the insert met the id, yet the statement's snapshot has no message with
 /// it, because a concurrent delivery of the same id got there first. A second read,
