@@ -22,13 +22,10 @@ use uuid::Uuid;
 
 use super::{Event, RawRecord};
 
-/// Most outbox rows (groups of records) one relay step moves: what accumulates in
-/// [`RELAY_PAUSE`] at ~11k deliveries/s in groups of ~16.
-const RELAY_ROWS: i64 = 256;
-/// Pause between relay steps that emptied the outbox. Against 50 ms (and 64 rows), the
-/// document store spent ~10% less CPU per record under `make bench-webhook` (34 µs
-/// against 37–41 µs for FerretDB); raw copies reach MongoDB up to 200 ms later.
-const RELAY_PAUSE: Duration = Duration::from_millis(200);
+/// Most outbox rows (groups of records) one relay step moves.
+const RELAY_ROWS: i64 = 64;
+/// Pause between relay steps that emptied the outbox.
+const RELAY_PAUSE: Duration = Duration::from_millis(50);
 /// How often the relay looks at the outbox without being woken (records committed by
 /// other processes, or left behind by a failed step).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
