@@ -13,5 +13,7 @@ async fn main() -> anyhow::Result<()> {
     };
     termopar_broker::start(&settings, directory).await?;
     let metrics_addr = termopar_core::settings::env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102");
-    termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal()).await
+    termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal())
+        .await?
+        .await
 }

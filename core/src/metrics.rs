@@ -30,14 +30,20 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `/metrics` (Prometheus text) and `/health` on `addr` until `shutdown`: the
-/// operations endpoints of the processes that have no API of their own (broker,
-/// consumer).
+/// Installs the recorder and binds `addr`, then returns the server of `/metrics`
+/// (Prometheus text) and `/health`, which runs until `shutdown`: the operations endpoints
+/// of the processes that have no API of their own (broker, consumer). Both happen before
+/// this returns, so a metric recorded right after is never lost to a recorder installed
+/// late, and an address already taken is an error at start instead of a silent task.
 pub async fn serve(
     addr: std::net::SocketAddr,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    use poem::{get, handler, listener::TcpListener, Route, Server};
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send> {
+    use poem::{
+        get, handler,
+        listener::{Acceptor, Listener, TcpListener},
+        Route, Server,
+    };
 
     #[handler]
     fn metrics_text() -> poem::Response {
@@ -52,12 +58,18 @@ pub async fn serve(
     }
 
     prometheus();
+    let acceptor = TcpListener::bind(addr)
+        .into_acceptor()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    tracing::info!(addr = ?acceptor.local_addr(), "metrics listening");
     let app = Route::new()
         .at("/metrics", get(metrics_text))
         .at("/health", get(health));
-    tracing::info!(%addr, "metrics listening");
-    Server::new(TcpListener::bind(addr))
-        .run_with_graceful_shutdown(app, shutdown, None)
-        .await?;
-    Ok(())
+    Ok(async move {
+        Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(app, shutdown, None)
+            .await?;
+        Ok(())
+    })
 }

@@ -35,28 +35,45 @@ async fn the_consumer_reads_from_mosquitto() {
     stores.assert_rollups_match_raw().await;
 }
 
-/// A consumer process in a share group on Mosquitto.
-fn shared_consumer(
-    stores: &Stores,
-    client_id: &str,
-    prefix: &str,
-    metrics_port: u16,
-) -> ChildGuard {
+/// A consumer process in a share group on Mosquitto, and the port of its `/metrics`
+/// once it serves them. A port picked free can be taken (by any process's outgoing
+/// connection) before the consumer binds it; the consumer then exits at once, and
+/// another port is tried.
+async fn shared_consumer(stores: &Stores, client_id: &str, prefix: &str) -> (ChildGuard, u16) {
     let endpoint = mosquitto_endpoint();
-    let child = Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
-        .envs(stores.consumer_env())
-        .env(
-            "MQTT_URL",
-            format!("mqtt://{}:{}", endpoint.host, endpoint.port),
-        )
-        .env("MQTT_CLIENT_ID", client_id)
-        .env("MQTT_TOPIC_PREFIX", prefix)
-        .env("CONSUMER_SHARE_GROUP", "ingest")
-        .env("CONSUMER_RECOVER_AFTER_SECS", "2")
-        .env("CONSUMER_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .spawn()
-        .expect("start the consumer binary");
-    ChildGuard(child)
+    for _ in 0..5 {
+        let metrics_port = free_port();
+        let mut child = ChildGuard(
+            Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
+                .envs(stores.consumer_env())
+                .env(
+                    "MQTT_URL",
+                    format!("mqtt://{}:{}", endpoint.host, endpoint.port),
+                )
+                .env("MQTT_CLIENT_ID", client_id)
+                .env("MQTT_TOPIC_PREFIX", prefix)
+                .env("CONSUMER_SHARE_GROUP", "ingest")
+                .env("CONSUMER_RECOVER_AFTER_SECS", "2")
+                .env("CONSUMER_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+                .spawn()
+                .expect("start the consumer binary"),
+        );
+        let serving = eventually("the consumer serving or gone", DEFAULT_DEADLINE, || {
+            let exited = child.0.try_wait().expect("poll the consumer").is_some();
+            async move {
+                if exited {
+                    return Some(false);
+                }
+                let url = format!("http://127.0.0.1:{metrics_port}/health");
+                reqwest::get(url).await.ok().map(|_| true)
+            }
+        })
+        .await;
+        if serving {
+            return (child, metrics_port);
+        }
+    }
+    panic!("the consumer could not bind a metrics port in 5 tries");
 }
 
 /// The consumer's own count of received messages, from its /metrics.
@@ -84,11 +101,10 @@ async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one
     let stores = Stores::new().await;
     let (client, sensors) = stores.client_with_sensors(4).await;
     let prefix = unique_prefix();
-    let (port_a, port_b) = (free_port(), free_port());
     let id_a = format!("shared-a-{}", Uuid::new_v4().simple());
     let id_b = format!("shared-b-{}", Uuid::new_v4().simple());
-    let mut a = shared_consumer(&stores, &id_a, &prefix, port_a);
-    let b = shared_consumer(&stores, &id_b, &prefix, port_b);
+    let (mut a, port_a) = shared_consumer(&stores, &id_a, &prefix).await;
+    let (b, port_b) = shared_consumer(&stores, &id_b, &prefix).await;
     for port in [port_a, port_b] {
         eventually("both consumers subscribed", DEFAULT_DEADLINE, || {
             received(port)
@@ -116,7 +132,7 @@ async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one
     a.kill();
     let summary = publisher.await.unwrap().unwrap();
     assert_eq!(summary.acked, 2000);
-    let _a = shared_consumer(&stores, &id_a, &prefix, port_a);
+    let _a = shared_consumer(&stores, &id_a, &prefix).await;
 
     stores
         .wait_for_readings(2000, Duration::from_secs(60))
