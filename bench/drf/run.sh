@@ -11,7 +11,7 @@ if [ ! -x "$venv/bin/gunicorn" ]; then
 fi
 cd "$here"
 "$venv/bin/python" manage.py migrate -v 0 >&2
-workers=$(nproc)
+workers=${DRF_WORKERS:-$(nproc)}
 setsid "$venv/bin/gunicorn" baseline.wsgi -w "$workers" -b "127.0.0.1:$port" --log-level warning \
     >/dev/null 2>&1 </dev/null &
 echo $!

@@ -158,8 +158,21 @@ impl Side {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The API's runtime threads (`BENCH_API_THREADS`, default 1). On these 2 cores the API
+/// shares the machine with PostgreSQL, FerretDB and wrk; one thread spares it the
+/// cross-thread wake-ups of a second (each answer woke a parked worker), which cost
+/// ~30% of its CPU per event (45 -> 31 us measured, same load). `TOKIO_WORKER_THREADS`
+/// sets the same for `termopar-api`.
+fn main() -> anyhow::Result<()> {
+    let threads: usize = env_parse("BENCH_API_THREADS", 1)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?
+        .block_on(bench(threads))
+}
+
+async fn bench(api_threads: usize) -> anyhow::Result<()> {
     let seconds: u32 = env_parse("BENCH_SECONDS", 5)?;
     let rounds: u32 = env_parse("BENCH_ROUNDS", 4)?;
     let conversations = 500;
@@ -233,10 +246,10 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Vec<_>>();
 
     let mut rows = vec![Row {
-        name: format!("webhook NEW_MESSAGE events/s, {CONNECTIONS} concurrent senders (persisted in PostgreSQL, kept raw in MongoDB), mean of {rounds} turns of {seconds} s"),
+        name: format!("webhook NEW_MESSAGE events/s, {CONNECTIONS} concurrent senders (persisted in PostgreSQL, kept raw in MongoDB), API on {api_threads} runtime thread(s), mean of {rounds} turns of {seconds} s"),
         value: per_sec(ours.rps()),
         baseline: match baseline {
-            Some((drf, _)) => format!("{} Django REST Framework + gunicorn ({} workers), same PostgreSQL, turns between ours", per_sec(drf), num_cpus()),
+            Some((drf, _)) => format!("{} Django REST Framework + gunicorn ({} sync workers), same PostgreSQL, turns between ours", per_sec(drf), drf_workers()),
             None => "DRF baseline could not be set up here".into(),
         },
         ratio: ratio(ours.rps()),
@@ -293,6 +306,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// gunicorn's workers, as bench/drf/run.sh starts them: `DRF_WORKERS`, or one per core.
+/// (5 workers, gunicorn's own 2 × cores + 1, served no more than 2 here.)
+fn drf_workers() -> String {
+    std::env::var("DRF_WORKERS").unwrap_or_else(|_| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string()
+    })
 }
