@@ -11,9 +11,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    termopar_broker::start(&settings, directory).await?;
+    // Bound first, so that nothing the broker records is lost.
     let metrics_addr = termopar_core::settings::env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102");
-    termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal())
-        .await?
-        .await
+    let metrics =
+        termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal())
+            .await?;
+    termopar_broker::start(&settings, directory).await?;
+    metrics.await
 }

@@ -41,7 +41,7 @@ pub async fn serve(
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send> {
     use poem::{
         get, handler,
-        listener::{Acceptor, Listener, TcpListener},
+        listener::{Listener, TcpListener},
         Route, Server,
     };
 
@@ -62,7 +62,7 @@ pub async fn serve(
         .into_acceptor()
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    tracing::info!(addr = ?acceptor.local_addr(), "metrics listening");
+    tracing::info!(%addr, "metrics listening");
     let app = Route::new()
         .at("/metrics", get(metrics_text))
         .at("/health", get(health));
