@@ -41,6 +41,8 @@ fn run_load(base: &str, conversations: &[String], seconds: u32) -> anyhow::Resul
 struct Drf {
     base: String,
     conversations: Vec<String>,
+    /// gunicorn's sync workers, as run.sh started them.
+    workers: u32,
     // Stopped before its database goes.
     _server: Gunicorn,
     db: TestDb,
@@ -59,7 +61,12 @@ impl Drf {
             "DRF setup failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = Gunicorn(String::from_utf8_lossy(&out.stdout).trim().parse()?);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (pid, workers) = stdout
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("run.sh printed {stdout:?}, not a pid and workers"))?;
+        let server = Gunicorn(pid.parse()?);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             anyhow::ensure!(Instant::now() < deadline, "gunicorn did not start");
@@ -85,6 +92,7 @@ impl Drf {
         Ok(Self {
             base,
             conversations: ids,
+            workers: workers.parse()?,
             _server: server,
             db,
         })
@@ -234,10 +242,10 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     let loaded = f64::from(seconds * rounds);
     let with_raw = raw_copies as f64 / (loaded + drained.as_secs_f64());
     let baseline = match &drf {
-        Some(drf) => Some((theirs.rps(), drf.stored().await?)),
+        Some(drf) => Some((theirs.rps(), drf.stored().await?, drf.workers)),
         None => None,
     };
-    let ratio = |rate: f64| baseline.map(|(drf, _)| rate / drf);
+    let ratio = |rate: f64| baseline.map(|(drf, _, _)| rate / drf);
     let round_ratios = ours
         .rates
         .iter()
@@ -249,7 +257,7 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
         name: format!("webhook NEW_MESSAGE events/s, {CONNECTIONS} concurrent senders (persisted in PostgreSQL, kept raw in MongoDB), API on {api_threads} runtime thread(s), mean of {rounds} turns of {seconds} s"),
         value: per_sec(ours.rps()),
         baseline: match baseline {
-            Some((drf, _)) => format!("{} Django REST Framework + gunicorn ({} sync workers), same PostgreSQL, turns between ours", per_sec(drf), drf_workers()),
+            Some((drf, _, workers)) => format!("{} Django REST Framework + gunicorn ({workers} sync workers), same PostgreSQL, turns between ours", per_sec(drf)),
             None => "DRF baseline could not be set up here".into(),
         },
         ratio: ratio(ours.rps()),
@@ -275,7 +283,7 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
             ms(drained)
         ),
         value: per_sec(with_raw),
-        baseline: baseline.map_or(String::new(), |(drf, _)| format!("{} DRF", per_sec(drf))),
+        baseline: baseline.map_or(String::new(), |(drf, _, _)| format!("{} DRF", per_sec(drf))),
         ratio: ratio(with_raw),
         target: "≥ 20×".into(),
         met: ratio(with_raw).map(|r| r >= 20.0),
@@ -291,7 +299,7 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     rows.push(Row {
         name: "answers that were not 2xx / messages stored".into(),
         value: format!("{} / {stored}", ours.errors),
-        baseline: baseline.map_or(String::new(), |(_, s)| {
+        baseline: baseline.map_or(String::new(), |(_, s, _)| {
             format!("{} / {s} DRF", theirs.errors)
         }),
         ratio: None,
@@ -304,14 +312,4 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
         &rows,
     );
     Ok(())
-}
-
-/// gunicorn's workers, as bench/drf/run.sh starts them: `DRF_WORKERS`, or one per core.
-/// (5 workers, gunicorn's own 2 × cores + 1, served no more than 2 here.)
-fn drf_workers() -> String {
-    std::env::var("DRF_WORKERS").unwrap_or_else(|_| {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .to_string()
-    })
 }
