@@ -11,6 +11,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use super::RawRecord;
 use chrono::{DateTime, Utc};
 use mongodb::{
     bson::{self, oid::ObjectId, RawBinaryRef, RawDocument, RawDocumentBuf},
@@ -18,34 +19,35 @@ use mongodb::{
 };
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
-use uuid::Uuid;
-
-use super::{Event, RawRecord};
 
 /// Most outbox rows (groups of records) one relay step moves.
-const RELAY_ROWS: i64 = 64;
-/// Pause between relay steps that emptied the outbox.
-const RELAY_PAUSE: Duration = Duration::from_millis(50);
+const RELAY_ROWS: i64 = 128;
+/// Most bytes of records one relay step moves (unless its first row alone is larger):
+/// a row holds up to [`super::store::MAX_BATCH`] records of up to
+/// [`super::MAX_RAW_BYTES`] each.
+const RELAY_BYTES: i64 = 8 << 20;
+/// Pause between relay steps that emptied the outbox. Fewer, larger steps cost less of
+/// everyone's CPU per record: under `make bench-webhook` (about 1,000 records a step)
+/// 128 rows and 100 ms relayed ~9% more events/s than 64 rows and 50 ms, and 16 rows and
+/// 10 ms ~15% fewer. The price is that a record reaches MongoDB ~0.1 s later.
+const RELAY_PAUSE: Duration = Duration::from_millis(100);
 /// How often the relay looks at the outbox without being woken (records committed by
 /// other processes, or left behind by a failed step).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
-/// [`answered`]): flat, and only the fields that have a value (every field costs the
-/// document store time). The body is a string when it is UTF-8 (`body`), else binary
-/// (`body_bytes`). Built as raw BSON: it is only ever written out.
-pub fn document(raw: &RawRecord, event: Option<&Event>) -> RawDocumentBuf {
+/// [`answered`]): flat, and only what the body does not already say. Every field costs
+/// the document store time (FerretDB: ~4 us of its CPU per field of a record, a third of
+/// a record's cost at 9 fields), so the event's type and id, which are in the body, are
+/// not repeated, and `body_size` is there only for a body kept `truncated`. The body is
+/// a string when it is UTF-8 (`body`), else binary (`body_bytes`). Built as raw BSON: it
+/// is only ever written out.
+pub fn document(raw: &RawRecord) -> RawDocumentBuf {
     let mut d = RawDocumentBuf::new();
     d.append_ref(
         "received_at",
         bson::DateTime::from_millis(raw.received_at.timestamp_millis()),
     );
-    d.append_ref("body_size", raw.body_size);
-    if let Some(event) = event {
-        d.append_ref("type", event.kind());
-        let mut id = Uuid::encode_buffer();
-        d.append_ref("event_id", &*event.id().hyphenated().encode_lower(&mut id));
-    }
     for (name, value) in [
         ("content_type", &raw.content_type),
         ("user_agent", &raw.user_agent),
@@ -70,6 +72,7 @@ pub fn document(raw: &RawRecord, event: Option<&Event>) -> RawDocumentBuf {
     };
     if raw.body.len() < raw.body_size as usize {
         d.append_ref("truncated", true);
+        d.append_ref("body_size", raw.body_size);
     }
     d
 }
@@ -145,8 +148,8 @@ pub async fn run(pg: PgPool, collection: Collection<RawDocumentBuf>, wake: Arc<N
     let mut backoff = Duration::from_millis(100);
     loop {
         match step(&pg, &collection).await {
-            Ok(moved) if moved as i64 == RELAY_ROWS => continue,
-            Ok(_) => {
+            Ok(true) => continue,
+            Ok(false) => {
                 backoff = Duration::from_millis(100);
                 let _ = tokio::time::timeout(IDLE_CHECK, wake.notified()).await;
                 tokio::time::sleep(RELAY_PAUSE).await;
@@ -160,22 +163,39 @@ pub async fn run(pg: PgPool, collection: Collection<RawDocumentBuf>, wake: Arc<N
     }
 }
 
-/// Moves the oldest unclaimed rows; returns how many.
-async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::Result<usize> {
+/// Moves the oldest unclaimed rows, up to [`RELAY_ROWS`] of them and [`RELAY_BYTES`] of
+/// records; returns whether it stopped at one of those limits (more may be waiting).
+async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::Result<bool> {
     let mut tx = pg.begin().await?;
-    let rows: Vec<OutboxRow> = sqlx::query_as(
-        "DELETE FROM webhook_outbox WHERE id IN (
-             SELECT id FROM webhook_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, created_at, documents, statuses, codes",
+    let claimed: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT id, octet_length(documents) FROM webhook_outbox
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(RELAY_ROWS)
     // Planned each time: the outbox swings between empty and large.
     .persistent(false)
     .fetch_all(&mut *tx)
     .await?;
-    if rows.is_empty() {
-        return Ok(0);
+    let mut ids = Vec::with_capacity(claimed.len());
+    let mut bytes = 0;
+    for (id, size) in &claimed {
+        if !ids.is_empty() && bytes + i64::from(*size) > RELAY_BYTES {
+            break;
+        }
+        bytes += i64::from(*size);
+        ids.push(*id);
     }
+    let more = claimed.len() as i64 == RELAY_ROWS || ids.len() < claimed.len();
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    let rows: Vec<OutboxRow> = sqlx::query_as(
+        "DELETE FROM webhook_outbox WHERE id = ANY($1)
+         RETURNING id, created_at, documents, statuses, codes",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
     let mut docs = Vec::new();
     for row in &rows {
         docs.extend(row.records()?);
@@ -189,7 +209,7 @@ async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::R
     }
     tx.commit().await?;
     metrics::counter!("webhook_raw_relayed_total").increment(records as u64);
-    Ok(rows.len())
+    Ok(more)
 }
 
 /// Raw records written straight to MongoDB, for deliveries PostgreSQL could not take.
@@ -222,5 +242,51 @@ impl RawLog {
         if self.tx.try_send(doc).is_err() {
             tracing::warn!("raw webhook log is full: a record of a refused delivery is dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::http::HeaderMap;
+
+    use super::*;
+    use crate::webhook::MAX_RAW_BYTES;
+
+    fn keys(d: &RawDocument) -> Vec<&str> {
+        d.iter().map(|e| e.expect("valid BSON").0).collect()
+    }
+
+    #[test]
+    fn a_record_holds_the_headers_that_came_and_the_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("x-request-id", "r-1".parse().unwrap());
+        headers.insert("x-signature", "sha256=00".parse().unwrap());
+        let d = document(&RawRecord::new(&headers, br#"{"type":"NEW_MESSAGE"}"#));
+        assert_eq!(
+            keys(&d),
+            [
+                "received_at",
+                "content_type",
+                "request_id",
+                "signed",
+                "body"
+            ]
+        );
+        assert_eq!(d.get_str("body").unwrap(), r#"{"type":"NEW_MESSAGE"}"#);
+
+        let d = document(&RawRecord::new(&HeaderMap::new(), &[0xff, 0x00]));
+        assert_eq!(keys(&d), ["received_at", "body_bytes"]);
+        assert_eq!(d.get_binary("body_bytes").unwrap().bytes, [0xff, 0x00]);
+    }
+
+    #[test]
+    fn a_body_too_large_to_keep_whole_is_kept_truncated_with_its_size() {
+        let body = vec![b'a'; MAX_RAW_BYTES + 10];
+        let d = document(&RawRecord::new(&HeaderMap::new(), &body));
+        assert_eq!(keys(&d), ["received_at", "body", "truncated", "body_size"]);
+        assert_eq!(d.get_str("body").unwrap().len(), MAX_RAW_BYTES);
+        assert_eq!(d.get_i32("body_size").unwrap() as usize, MAX_RAW_BYTES + 10);
+        assert!(d.get_bool("truncated").unwrap());
     }
 }

@@ -3,7 +3,8 @@
 //! Deliveries queue for the writer tasks. Each writer takes what is queued (up to
 //! [`MAX_BATCH`]), applies the group and records every delivery raw, with its answer, in
 //! `webhook_outbox`, atomically, then answers them all. A group of messages with distinct
-//! ids is one statement (apply, decide the answers, write the outbox row); any other
+//! ids is one statement (apply, decide the answers, write the outbox row), tried first
+//! without `ON CONFLICT` and again with it when an id is taken; any other
 //! group one transaction that applies the events in arrival order (a run of messages with
 //! distinct ids as that same statement, conversation events one statement each) and then
 //! writes the outbox row. The transaction sees its own earlier statements, so a group
@@ -56,7 +57,7 @@ impl Delivery {
     /// A delivery as received (`raw`) and as parsed (`event`).
     pub fn new(raw: &RawRecord, event: Result<Event, ApiError>) -> Self {
         Self {
-            record: relay::document(raw, event.as_ref().ok()),
+            record: relay::document(raw),
             event,
         }
     }
@@ -281,6 +282,12 @@ async fn record(
     Ok(())
 }
 
+/// Whether an optimistic [`apply_messages`] met a message id already taken.
+fn id_taken(err: &sqlx::Error) -> bool {
+    termopar_core::db::sqlstate(err).as_deref() == Some("23505")
+        && termopar_core::db::constraint(err) == Some("messages_pkey")
+}
+
 /// The messages of a group made only of messages with distinct ids.
 fn only_messages(deliveries: &[Delivery]) -> Option<Vec<&Event>> {
     let mut ids = HashSet::with_capacity(deliveries.len());
@@ -302,7 +309,10 @@ pub async fn write_batch(
 ) -> Result<Vec<Answer>, sqlx::Error> {
     let packed = packed_records(deliveries);
     if let Some(messages) = only_messages(deliveries) {
-        let (answers, recorded) = apply_messages(conn, &messages, Some(&packed)).await?;
+        let (answers, recorded) = match apply_messages(conn, &messages, Some(&packed), true).await {
+            Err(e) if id_taken(&e) => apply_messages(conn, &messages, Some(&packed), false).await?,
+            other => other?,
+        };
         if !recorded {
             // A message raced by a concurrent delivery of its id was decided by a second
             // read: its group is recorded now, before anyone is answered.
@@ -333,7 +343,7 @@ pub async fn write_batch(
                     i += 1;
                 }
                 let messages: Vec<&Event> = run.iter().map(|(_, m)| *m).collect();
-                let (results, _) = apply_messages(&mut tx, &messages, None).await?;
+                let (results, _) = apply_messages(&mut tx, &messages, None, false).await?;
                 for ((k, _), answer) in run.into_iter().zip(results) {
                     answers[k] = Some(answer);
                 }
@@ -409,55 +419,21 @@ async fn apply_conversation_event(
                 Err(conversation_not_found(*id))
             })
         }
-        Event::NewMessage { .. } => Ok(apply_messages(conn, &[event], None).await?.0.remove(0)),
+        Event::NewMessage { .. } => Ok(apply_messages(conn, &[event], None, false)
+            .await?
+            .0
+            .remove(0)),
     }
 }
 
 type Stored = (Uuid, String, String, DateTime<Utc>);
 
-/// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
-/// SHARE (a close, which updates the row, waits for us and we for it), insert those
-/// whose id is free and whose conversation was not closed before they were sent, look up
-/// the stored message of each one not inserted, and decide each one's answer. With
-/// `records` (the group's packed raw records, when the group is these messages) the same
-/// statement writes the group's outbox row, unless an answer is undecided; returns
-/// whether it did.
-///
-/// Undecided: the insert met the id, yet the statement's snapshot has no message with
-/// it, because a concurrent delivery of the same id got there first. A second read,
-/// which sees what that delivery committed, decides.
-async fn apply_messages(
-    conn: &mut PgConnection,
-    messages: &[&Event],
-    records: Option<&[u8]>,
-) -> Result<(Vec<Answer>, bool), sqlx::Error> {
-    let n = messages.len();
-    let (mut ids, mut conversations, mut directions, mut contents, mut times) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for m in messages {
-        let Event::NewMessage {
-            id,
-            conversation_id,
-            direction,
-            content,
-            timestamp,
-        } = m
-        else {
-            unreachable!("apply_messages takes messages only")
-        };
-        ids.push(*id);
-        conversations.push(*conversation_id);
-        directions.push(direction.as_str());
-        contents.push(content.as_str());
-        times.push(*timestamp);
-    }
-    let rows: Vec<(Option<String>, bool)> = sqlx::query_as(
-        r#"WITH input AS (
+/// The statement of [`apply_messages`], inserting with `$on_conflict` (empty, or
+/// `ON CONFLICT (id) DO NOTHING`).
+macro_rules! apply_messages_sql {
+    ($on_conflict:literal) => {
+        concat!(
+            r#"WITH input AS (
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
                    WITH ORDINALITY AS i (id, conversation_id, direction, content, ts, n)
            ), conv AS (
@@ -469,7 +445,9 @@ async fn apply_messages(
                FROM input i JOIN conv c ON c.id = i.conversation_id
                WHERE c.closed_at IS NULL OR i.ts < c.closed_at
                ORDER BY i.n
-               ON CONFLICT (id) DO NOTHING
+               "#,
+            $on_conflict,
+            r#"
                RETURNING id
            ), decided AS (
                SELECT i.n,
@@ -503,16 +481,74 @@ async fn apply_messages(
                HAVING count(*) > 0 AND bool_and(code IS NOT NULL)
                RETURNING id
            )
-           SELECT code, EXISTS (SELECT 1 FROM recorded) FROM decided ORDER BY n"#,
-    )
-    .bind(&ids)
-    .bind(&conversations)
-    .bind(&directions)
-    .bind(&contents)
-    .bind(&times)
-    .bind(records)
-    .fetch_all(&mut *conn)
-    .await?;
+           SELECT code, EXISTS (SELECT 1 FROM recorded) FROM decided ORDER BY n"#
+        )
+    };
+}
+
+/// NEW_MESSAGE events with distinct ids, in one statement: lock their conversations FOR
+/// SHARE (a close, which updates the row, waits for us and we for it), insert those
+/// whose id is free and whose conversation was not closed before they were sent, look up
+/// the stored message of each one not inserted, and decide each one's answer. With
+/// `records` (the group's packed raw records, when the group is these messages) the same
+/// statement writes the group's outbox row, unless an answer is undecided; returns
+/// whether it did.
+///
+/// Undecided: the insert met the id, yet the statement's snapshot has no message with
+/// it, because a concurrent delivery of the same id got there first. A second read,
+/// which sees what that delivery committed, decides.
+///
+/// `optimistic` inserts without `ON CONFLICT`: a taken id then fails the whole
+/// statement (unique violation, see [`id_taken`]) instead of being decided. Outside a
+/// transaction that costs one statement and saves, when no id is taken (nearly always),
+/// the speculative insertion `ON CONFLICT` makes of every row, which checks the primary
+/// key a second time (PostgreSQL's CPU per event fell from ~69 to ~60 us under
+/// `make bench-webhook`).
+async fn apply_messages(
+    conn: &mut PgConnection,
+    messages: &[&Event],
+    records: Option<&[u8]>,
+    optimistic: bool,
+) -> Result<(Vec<Answer>, bool), sqlx::Error> {
+    let n = messages.len();
+    let (mut ids, mut conversations, mut directions, mut contents, mut times) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for m in messages {
+        let Event::NewMessage {
+            id,
+            conversation_id,
+            direction,
+            content,
+            timestamp,
+        } = m
+        else {
+            unreachable!("apply_messages takes messages only")
+        };
+        ids.push(*id);
+        conversations.push(*conversation_id);
+        directions.push(direction.as_str());
+        contents.push(content.as_str());
+        times.push(*timestamp);
+    }
+    let sql = if optimistic {
+        apply_messages_sql!("")
+    } else {
+        apply_messages_sql!("ON CONFLICT (id) DO NOTHING")
+    };
+    let rows: Vec<(Option<String>, bool)> = sqlx::query_as(sql)
+        .bind(&ids)
+        .bind(&conversations)
+        .bind(&directions)
+        .bind(&contents)
+        .bind(&times)
+        .bind(records)
+        .fetch_all(&mut *conn)
+        .await?;
 
     let recorded = rows.first().is_some_and(|(_, r)| *r);
     let mut answers = Vec::with_capacity(n);
