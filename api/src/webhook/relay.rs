@@ -11,7 +11,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::RawRecord;
 use chrono::{DateTime, Utc};
 use mongodb::{
     bson::{self, oid::ObjectId, RawBinaryRef, RawDocument, RawDocumentBuf},
@@ -19,6 +18,8 @@ use mongodb::{
 };
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
+
+use super::RawRecord;
 
 /// Most outbox rows (groups of records) one relay step moves.
 const RELAY_ROWS: i64 = 128;
@@ -37,8 +38,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
 /// [`answered`]): flat, and only what the body does not already say. Every field costs
-/// the document store time (FerretDB: ~4 us of its CPU per field of a record, a third of
-/// a record's cost at 9 fields), so the event's type and id, which are in the body, are
+/// the document store time (FerretDB, inserting 1,000 at a time: ~45 us of CPU for a
+/// record of 9 fields, ~30 us for 6), so the event's type and id, which are in the body, are
 /// not repeated, and `body_size` is there only for a body kept `truncated`. The body is
 /// a string when it is UTF-8 (`body`), else binary (`body_bytes`). Built as raw BSON: it
 /// is only ever written out.
