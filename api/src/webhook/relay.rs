@@ -39,10 +39,10 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
 /// [`answered`]): flat, and only what the body does not already say. Every field costs
 /// the document store time (FerretDB, inserting 1,000 at a time: ~45 us of CPU for a
-/// record of 9 fields, ~30 us for 6), so the event's type and id, which are in the body, are
-/// not repeated, and `body_size` is there only for a body kept `truncated`. The body is
-/// a string when it is UTF-8 (`body`), else binary (`body_bytes`). Built as raw BSON: it
-/// is only ever written out.
+/// record of 9 fields, ~30 us for 6), so the event's type and id, which are in the
+/// body, are not repeated, and `body_size` is there only for a body kept `truncated`.
+/// The body is a string when it is UTF-8 (`body`), else binary (`body_bytes`). Built as
+/// raw BSON: it is only ever written out.
 pub fn document(raw: &RawRecord) -> RawDocumentBuf {
     let mut d = RawDocumentBuf::new();
     d.append_ref(
