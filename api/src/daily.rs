@@ -7,7 +7,7 @@
 //! follows the zone's DST rules.
 //!
 //! A day is cached once it ended more than [`LATE_AFTER`] ago. Later changes to it (late
-//! readings, corrections) are announced by the ingest store on a NOTIFY channel, which
+//! readings, corrections) are announced by the reading store on a NOTIFY channel, which
 //! every API process listens to; while not listening, the cache is bypassed.
 
 use std::{
@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
 use moka::sync::Cache;
 use poem::web::Data;
@@ -31,7 +31,8 @@ use poem_openapi::{
 use sqlx::PgPool;
 use termopar_core::{
     ids::SensorId,
-    ingest::{BucketChange, BUCKETS_CHANNEL, BUCKET_MINUTES, LATE_AFTER},
+    store::{BucketChange, DayStat, BUCKETS_CHANNEL, BUCKET_MINUTES, LATE_AFTER},
+    tz::local_day_start,
 };
 use uuid::Uuid;
 
@@ -47,26 +48,6 @@ use crate::{
 pub const MAX_DAYS: i64 = 1000;
 /// Days returned when `from` is not given: the last 30 up to `to`.
 const DEFAULT_DAYS: i64 = 30;
-
-/// One local day's statistics of one sensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DayStat {
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-}
-
-impl DayStat {
-    fn merge(self, other: DayStat) -> DayStat {
-        DayStat {
-            count: self.count + other.count,
-            sum: self.sum + other.sum,
-            min: self.min.min(other.min),
-            max: self.max.max(other.max),
-        }
-    }
-}
 
 type Key = (SensorId, Tz, NaiveDate);
 
@@ -102,8 +83,8 @@ impl DailyCache {
         self.live.load(Ordering::Acquire)
     }
 
-    /// A hook for an ingest store of this process: its changes apply at once.
-    pub fn hook(&self) -> termopar_core::ingest::ChangeHook {
+    /// A hook for a reading store of this process: its changes apply at once.
+    pub fn hook(&self) -> termopar_core::store::ChangeHook {
         let cache = self.clone();
         Arc::new(move |changes: &[BucketChange]| changes.iter().for_each(|c| cache.apply(c)))
     }
@@ -168,19 +149,6 @@ impl DailyCache {
     }
 }
 
-/// The UTC instant a local day starts (the first valid local time of that date, for
-/// zones whose DST change skips midnight).
-pub fn local_day_start(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
-    let mut t = date.and_hms_opt(0, 0, 0).expect("midnight exists");
-    for _ in 0..16 {
-        if let Some(start) = tz.from_local_datetime(&t).earliest() {
-            return start.with_timezone(&Utc);
-        }
-        t += chrono::Duration::minutes(15);
-    }
-    tz.from_utc_datetime(&t).with_timezone(&Utc)
-}
-
 /// Per-sensor statistics of the days `from..=to`, from the cache where possible.
 pub async fn sensor_days(
     state: &AppState,
@@ -223,36 +191,7 @@ pub async fn sensor_days(
         return Ok(out);
     };
     metrics::counter!("daily_cache_misses_total").increment(1);
-    let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
-    let rows: Vec<(Uuid, NaiveDate, i64, f64, f64, f64)> = sqlx::query_as(
-        "SELECT sensor_id, (bucket AT TIME ZONE $2)::date AS day,
-                sum(count)::bigint, sum(sum)::float8, min(min), max(max)
-         FROM reading_buckets
-         WHERE sensor_id = ANY($1) AND bucket >= $3 AND bucket < $4
-         GROUP BY sensor_id, day",
-    )
-    .bind(&ids)
-    .bind(tz.name())
-    .bind(local_day_start(tz, query_from))
-    .bind(local_day_start(tz, to + chrono::Days::new(1)))
-    .fetch_all(&state.pg)
-    .await
-    .map_err(|e| match termopar_core::db::sqlstate(&e).as_deref() {
-        Some("22023") => ApiError::validation("tz", "time zone unknown to the database"),
-        _ => e.into(),
-    })?;
-    let mut fetched: BTreeMap<(SensorId, NaiveDate), DayStat> = BTreeMap::new();
-    for (sensor, day, count, sum, min, max) in rows {
-        fetched.insert(
-            (SensorId(sensor), day),
-            DayStat {
-                count,
-                sum,
-                min,
-                max,
-            },
-        );
-    }
+    let fetched = state.store.daily(sensors, tz, query_from, to).await?;
     let mut day = query_from;
     while day <= to {
         let cache = use_cache && finished(day);
@@ -337,7 +276,7 @@ async fn client_tz(state: &AppState, client: Uuid) -> ApiResult<Tz> {
         .await
         .map_err(|e| match &*e {
             sqlx::Error::RowNotFound => ApiError::not_found("client"),
-            _ => ApiError::from(crate::error::shared_sqlx(&e)),
+            _ => ApiError::from(termopar_core::db::shared_error(&e)),
         })?;
     Ok(termopar_core::tz::parse(&name).unwrap_or(chrono_tz::UTC))
 }

@@ -193,27 +193,19 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// A copy of a shared sqlx error (from a cache) that keeps its classification: only the
-/// kind matters to the conversion into [`ApiError`].
-pub fn shared_sqlx(err: &sqlx::Error) -> sqlx::Error {
-    if termopar_core::db::is_unavailable(err) {
-        sqlx::Error::PoolTimedOut
-    } else {
-        sqlx::Error::Protocol(err.to_string())
-    }
-}
-
 impl From<std::sync::Arc<sqlx::Error>> for ApiError {
     fn from(err: std::sync::Arc<sqlx::Error>) -> Self {
-        shared_sqlx(&err).into()
+        termopar_core::db::shared_error(&err).into()
     }
 }
 
-impl From<termopar_core::ingest::StoreError> for ApiError {
-    fn from(err: termopar_core::ingest::StoreError) -> Self {
+impl From<termopar_core::store::StoreError> for ApiError {
+    fn from(err: termopar_core::store::StoreError) -> Self {
+        use termopar_core::store::StoreError;
         match err {
-            termopar_core::ingest::StoreError::Postgres(e) => e.into(),
-            termopar_core::ingest::StoreError::Mongo(e) => e.into(),
+            StoreError::Postgres(e) => e.into(),
+            StoreError::Mongo(e) => e.into(),
+            e @ StoreError::Corrupt(_) => Self::internal(&e),
         }
     }
 }

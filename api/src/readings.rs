@@ -1,14 +1,12 @@
 //! Readings ("measurements"): history, latest, HTTP ingest, and admin corrections.
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
 use poem::web::Data;
 use poem_openapi::{
     auth::ApiKey,
     param::{Path, Query},
     payload::{Binary, Json},
-    registry::{MetaSchemaRef, Registry},
+    registry::{MetaSchema, MetaSchemaRef, Registry},
     types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
     ApiRequest, ApiResponse, Object, OpenApi, SecurityScheme,
 };
@@ -16,8 +14,9 @@ use serde_json::{Map, Value};
 use termopar_core::{
     directory::SensorEntry,
     ids::SensorId,
-    ingest::{bson_time, DeadLetter, StoredReading},
-    reading::{parse_message, Celsius, RejectReason, RESERVED_FIELDS},
+    intake::{Address, Incoming},
+    reading::{Celsius, Reading, RESERVED_FIELDS},
+    store::{HistoryQuery, Position},
 };
 use uuid::Uuid;
 
@@ -33,26 +32,7 @@ use crate::{
 /// A reading as the API shows it: `{"id","sensor_id","client_id","ts","temperature",
 /// "received_at"}` plus the extra fields it arrived with.
 #[derive(Debug, Clone)]
-pub struct ReadingOut(pub StoredReading);
-
-/// The documented shape of a reading (extra fields the device sent appear beside these).
-#[derive(Object)]
-#[oai(rename = "Reading")]
-#[allow(dead_code)]
-struct ReadingSchema {
-    /// Reading id (the device's idempotency key, or one derived from its content).
-    id: Uuid,
-    /// The sensor.
-    sensor_id: Uuid,
-    /// The sensor's client.
-    client_id: Uuid,
-    /// Measurement time (the receive time when the device sent none).
-    ts: DateTime<Utc>,
-    /// Degrees Celsius.
-    temperature: f64,
-    /// When termopar received it.
-    received_at: DateTime<Utc>,
-}
+pub struct ReadingOut(pub Reading);
 
 impl Type for ReadingOut {
     const IS_REQUIRED: bool = true;
@@ -64,11 +44,55 @@ impl Type for ReadingOut {
     }
 
     fn schema_ref() -> MetaSchemaRef {
-        ReadingSchema::schema_ref()
+        MetaSchemaRef::Reference(Self::name().into_owned())
     }
 
     fn register(registry: &mut Registry) {
-        ReadingSchema::register(registry);
+        registry.create_schema::<Self, _>(Self::name().into_owned(), |registry| {
+            Uuid::register(registry);
+            DateTime::<Utc>::register(registry);
+            f64::register(registry);
+            let described = |schema: MetaSchemaRef, description: &'static str| match schema {
+                MetaSchemaRef::Inline(s) => MetaSchemaRef::Inline(Box::new(MetaSchema {
+                    description: Some(description),
+                    ..*s
+                })),
+                reference => reference,
+            };
+            MetaSchema {
+                description: Some(
+                    "A reading. The extra fields it arrived with appear beside these.",
+                ),
+                required: vec!["id", "sensor_id", "client_id", "ts", "temperature", "received_at"],
+                properties: vec![
+                    (
+                        "id",
+                        described(
+                            Uuid::schema_ref(),
+                            "Reading id (the device's idempotency key, or one derived from its content).",
+                        ),
+                    ),
+                    ("sensor_id", described(Uuid::schema_ref(), "The sensor.")),
+                    ("client_id", described(Uuid::schema_ref(), "The sensor's client.")),
+                    (
+                        "ts",
+                        described(
+                            DateTime::<Utc>::schema_ref(),
+                            "Measurement time (the receive time when the device sent none).",
+                        ),
+                    ),
+                    ("temperature", described(f64::schema_ref(), "Degrees Celsius.")),
+                    (
+                        "received_at",
+                        described(DateTime::<Utc>::schema_ref(), "When termopar received it."),
+                    ),
+                ],
+                additional_properties: Some(Box::new(MetaSchemaRef::Inline(Box::new(
+                    MetaSchema::ANY,
+                )))),
+                ..MetaSchema::new("object")
+            }
+        });
     }
 
     fn as_raw_value(&self) -> Option<&Self> {
@@ -97,7 +121,7 @@ impl ToJSON for ReadingOut {
             r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                 .into(),
         );
-        m.insert("temperature".into(), r.temperature.into());
+        m.insert("temperature".into(), r.temperature.get().into());
         m.insert(
             "received_at".into(),
             r.received_at
@@ -222,7 +246,7 @@ pub async fn visible_sensor(
 }
 
 /// `ts_millis.reading_id`: the position after the last item of a page.
-fn encode_cursor(r: &StoredReading) -> String {
+fn encode_cursor(r: &Reading) -> String {
     format!("{}.{}", r.ts.timestamp_millis(), r.id.simple())
 }
 
@@ -236,11 +260,6 @@ fn decode_cursor(cursor: &str) -> ApiResult<(DateTime<Utc>, Uuid)> {
         .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
     Ok((ts, id))
-}
-
-async fn collect(cursor: mongodb::Cursor<Document>) -> ApiResult<Vec<StoredReading>> {
-    let docs: Vec<Document> = cursor.try_collect().await?;
-    Ok(docs.iter().filter_map(StoredReading::from_doc).collect())
 }
 
 /// Readings, history, ingest and corrections.
@@ -287,7 +306,7 @@ impl ReadingsApi {
             .unwrap_or(crate::pagination::DEFAULT_PAGE_SIZE)
             .min(MAX_PAGE_SIZE);
         if latest.0 {
-            let latest = state.latest.get(&state.pg, SensorId(id.0)).await?;
+            let latest = state.store.latest(SensorId(id.0)).await?;
             let items: Vec<ReadingOut> = latest
                 .map(|r| ReadingOut((*r).clone()))
                 .into_iter()
@@ -304,59 +323,32 @@ impl ReadingsApi {
             return Err(ApiError::bad_request("use either `page` or `cursor`").with_field("cursor"));
         }
         let page_number = page.0.unwrap_or(1);
-        let mut filter = doc! { "sensor_id": id.0.to_string() };
-        let mut window = Document::new();
-        if let Some(from) = from.0 {
-            window.insert("$gte", bson_time(from));
-        }
-        if let Some(to) = to.0 {
-            window.insert("$lt", bson_time(to));
-        }
-        let filtered = !window.is_empty();
-        if filtered {
-            filter.insert("ts", window);
-        }
-        if let Some(c) = cursor.0.as_deref() {
-            let (ts, rid) = decode_cursor(c)?;
-            filter.insert(
-                "$or",
-                vec![
-                    doc! { "ts": { "$lt": bson_time(ts) } },
-                    doc! { "ts": bson_time(ts), "_id": { "$lt": rid.to_string() } },
-                ],
-            );
-        }
-        let skip = (u64::from(page_number) - 1) * u64::from(page_size);
-        let found = state
-            .ingest
-            .readings()
-            .find(filter)
-            .sort(doc! { "ts": -1, "_id": -1 })
-            .skip(skip)
-            .limit(i64::from(page_size) + 1)
-            .await?;
-        let mut items = collect(found).await?;
-        let more = items.len() > page_size as usize;
-        items.truncate(page_size as usize);
-        let next_cursor = more.then(|| items.last().map(encode_cursor)).flatten();
-        // Counted from the rollups, not by scanning raw readings.
-        let total = if filtered || cursor.0.is_some() {
-            None
-        } else {
-            Some(
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT coalesce(sum(count), 0)::bigint FROM reading_buckets WHERE sensor_id = $1",
-                )
-                .bind(id.0)
-                .fetch_one(&state.pg)
-                .await?,
-            )
+        let position = match cursor.0.as_deref() {
+            Some(c) => {
+                let (ts, rid) = decode_cursor(c)?;
+                Position::After(ts, rid)
+            }
+            None => Position::Offset((u64::from(page_number) - 1) * u64::from(page_size)),
         };
+        let found = state
+            .store
+            .history(&HistoryQuery {
+                sensor: SensorId(id.0),
+                from: from.0,
+                to: to.0,
+                position,
+                limit: page_size as usize,
+            })
+            .await?;
+        let next_cursor = found
+            .more
+            .then(|| found.readings.last().map(encode_cursor))
+            .flatten();
         Ok(Found::Ok(Json(ReadingPage {
-            items: items.into_iter().map(ReadingOut).collect(),
+            items: found.readings.into_iter().map(ReadingOut).collect(),
             page: if cursor.0.is_some() { 1 } else { page_number },
             page_size,
-            total,
+            total: found.total,
             next_cursor,
         })))
     }
@@ -378,8 +370,8 @@ impl ReadingsApi {
     ) -> ApiResult<Found<ReadingOut>> {
         visible_sensor(&state, &auth, id.0).await?;
         let latest = state
-            .latest
-            .get(&state.pg, SensorId(id.0))
+            .store
+            .latest(SensorId(id.0))
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
         Ok(Found::Ok(Json(ReadingOut((*latest).clone()))))
@@ -407,7 +399,9 @@ impl ReadingsApi {
         .into_iter()
         .map(SensorId)
         .collect();
-        let items = termopar_core::latest::load(&state.pg, &sensors)
+        let items = state
+            .store
+            .latest_of(&sensors)
             .await?
             .into_iter()
             .map(ReadingOut)
@@ -436,67 +430,33 @@ impl ReadingsApi {
     ) -> ApiResult<IngestResponse> {
         let IngestBody::Json(Binary(payload)) = body;
         let entry = state.directory.get(SensorId(id.0)).await?;
-        let entry = match auth {
+        match auth {
             IngestAuth::Bearer(user) => {
                 let entry = entry
                     .filter(|e| user.0.sees_client(e.client_id.0))
                     .ok_or_else(|| ApiError::not_found("sensor"))?;
                 user.0.require_manager_of(entry.client_id.0)?;
+            }
+            IngestAuth::Device(secret) => {
                 entry
+                    .filter(|e| termopar_core::secrets::verify(&secret.0.key, &e.secret_hash))
+                    .ok_or_else(|| ApiError::unauthorized("wrong device secret for this sensor"))?;
             }
-            IngestAuth::Device(secret) => entry
-                .filter(|e| termopar_core::secrets::verify(&secret.0.key, &e.secret_hash))
-                .ok_or_else(|| ApiError::unauthorized("wrong device secret for this sensor"))?,
-        };
-        let sensor = SensorId(id.0);
-        let received_at = Utc::now();
-        let letter = |reason: RejectReason, detail: String, index: Option<usize>| DeadLetter {
-            source: "http",
-            topic: None,
-            sensor_id: Some(sensor),
-            payload: payload.clone(),
-            reason,
-            detail,
-            index,
-            received_at,
-        };
-        let parsed = match parse_message(
-            &payload,
-            sensor,
-            entry.client_id,
-            received_at,
-            &state.ingest_limits,
-        ) {
-            Ok(parsed) => parsed,
-            Err(reject) => {
-                state
-                    .ingest
-                    .dead_letter(&[letter(reject.reason, reject.detail.clone(), None)])
-                    .await?;
-                return Err(rejected(vec![RejectedReading {
-                    index: None,
-                    reason: reject.reason.as_str().into(),
-                    detail: reject.detail,
-                }]));
-            }
-        };
-        let outcome = state.ingest.store(&parsed.readings).await?;
-        let mut letters: Vec<DeadLetter> = parsed
-            .rejects
-            .iter()
-            .map(|r| letter(r.reason, r.detail.clone(), r.index))
-            .collect();
-        letters.extend(
-            outcome
-                .refused
-                .iter()
-                .map(|(_, detail)| letter(RejectReason::StoreRejected, detail.clone(), None)),
-        );
-        state.ingest.dead_letter(&letters).await?;
+        }
+        let prepared = state
+            .intake
+            .prepare(&[Incoming {
+                address: Address::Sensor(SensorId(id.0)),
+                payload: payload.into(),
+                received_at: Utc::now(),
+            }])
+            .await?;
+        let report = state.intake.commit(&state.store, &prepared).await?;
         let report = IngestReport {
-            accepted: outcome.inserted,
-            duplicates: outcome.duplicates,
-            rejected: letters
+            accepted: report.stored,
+            duplicates: report.duplicates,
+            rejected: report
+                .rejected
                 .iter()
                 .map(|l| RejectedReading {
                     index: l.index,
@@ -504,13 +464,7 @@ impl ReadingsApi {
                     detail: l.detail.clone(),
                 })
                 .collect(),
-            ids: parsed
-                .readings
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !outcome.refused.iter().any(|(r, _)| r == i))
-                .map(|(_, r)| r.id)
-                .collect(),
+            ids: report.ids,
         };
         if report.accepted > 0 {
             Ok(IngestResponse::Accepted(Json(report)))
@@ -530,8 +484,8 @@ impl ReadingsApi {
         id: Path<Uuid>,
     ) -> ApiResult<Found<ReadingOut>> {
         let reading = state
-            .ingest
-            .find(id.0)
+            .store
+            .reading(id.0)
             .await?
             .filter(|r| auth.0.sees_client(r.client_id.0))
             .ok_or_else(|| ApiError::not_found("reading"))?;
@@ -558,8 +512,8 @@ impl ReadingsApi {
         let temperature = Celsius::try_from(body.temperature)
             .map_err(|e| ApiError::validation("temperature", e))?;
         let reading = state
-            .ingest
-            .correct(id.0, temperature.get())
+            .store
+            .correct(id.0, temperature)
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
         Ok(Found::Ok(Json(ReadingOut(reading))))
@@ -579,7 +533,7 @@ impl ReadingsApi {
     ) -> ApiResult<Deleted> {
         auth.0.require_admin()?;
         state
-            .ingest
+            .store
             .delete(id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;

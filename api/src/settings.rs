@@ -36,6 +36,8 @@ pub struct Settings {
     pub latest_cache_ttl: Duration,
     /// The chat webhook.
     pub webhook: WebhookSettings,
+    /// The reading store (`CONSUMER_RECOVER_AFTER_SECS`, `RAW_CACHE_READINGS`).
+    pub store: termopar_core::store::Tuning,
 }
 
 /// The chat webhook processor.
@@ -127,6 +129,7 @@ impl Settings {
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
             latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
             webhook: WebhookSettings::from_env()?,
+            store: termopar_core::settings::store_tuning()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
                 .transpose()?,

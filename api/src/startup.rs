@@ -13,7 +13,6 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
-use termopar_core::ingest::IngestStore;
 
 use crate::{
     auth::AuthApi,
@@ -105,17 +104,20 @@ impl Application {
         Self::prepare(&settings, pg, mongo).await
     }
 
-    /// Over stores already connected and migrated: creates the MongoDB indexes, ensures
-    /// the bootstrap admin, and binds the listener.
+    /// Over stores already connected and migrated: moves readings stored by the
+    /// previous version into the current shape (before HTTP ingest can store any),
+    /// ensures the bootstrap admin, and binds the listener.
     pub async fn prepare(settings: &Settings, pg: PgPool, mongo: Database) -> anyhow::Result<Self> {
-        IngestStore::new(pg.clone(), &mongo)
-            .ensure_indexes()
-            .await
-            .context("failed to create the MongoDB indexes")?;
         if let Some(admin) = &settings.bootstrap_admin {
             crate::bootstrap::ensure_admin(&pg, admin).await?;
         }
-        Self::with_stores(settings, pg, mongo)
+        let app = Self::with_stores(settings, pg, mongo)?;
+        app.state
+            .store
+            .migrate_legacy()
+            .await
+            .context("failed to move readings of the previous version")?;
+        Ok(app)
     }
 
     /// Binds the listener over stores the caller already holds (which may be down: the

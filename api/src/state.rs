@@ -6,8 +6,12 @@ use moka::future::Cache;
 use mongodb::Database;
 use sqlx::PgPool;
 use termopar_core::{
-    directory::SensorDirectory, ingest::IngestStore, latest::LatestCache, reading::Limits,
+    directory::SensorDirectory,
+    intake::Intake,
+    reading::Limits,
     settings::MqttEndpoint,
+    store::{LatestCache, ReadingStore},
+    topic::Topics,
 };
 
 use crate::{
@@ -51,16 +55,14 @@ pub struct Inner {
     pub directory: SensorDirectory,
     /// The broker `/ready` checks, if any.
     pub ready_broker: Option<MqttEndpoint>,
-    /// Raw readings and rollups (HTTP ingest, history, corrections).
-    pub ingest: IngestStore,
-    /// Each sensor's latest reading.
-    pub latest: LatestCache,
+    /// Readings: raw, rollups, latest, dead letters (HTTP ingest, history, corrections).
+    pub store: ReadingStore,
+    /// HTTP ingest: the same checks, parsing and dead letters as MQTT's.
+    pub intake: Intake,
     /// Finished days of daily averages.
     pub daily: DailyCache,
     /// Client time zones (the default `tz` of daily averages).
     pub client_tz: Cache<Uuid, String>,
-    /// Limits of HTTP ingest (the same as MQTT's).
-    pub ingest_limits: Limits,
     /// The key webhook bodies must be signed with, if any.
     pub webhook_secret: Option<String>,
     /// Webhook deliveries, applied and recorded in groups.
@@ -77,11 +79,10 @@ impl Deref for AppState {
 impl AppState {
     /// State over already-connected stores.
     pub fn new(settings: &Settings, pg: PgPool, mongo: Database) -> Self {
-        let pg_for_directory = pg.clone();
-        let latest = LatestCache::new(settings.latest_cache_ttl);
+        let directory = SensorDirectory::new(pg.clone());
         let daily = DailyCache::new();
-        let ingest = IngestStore::new(pg.clone(), &mongo)
-            .with_latest_cache(latest.clone())
+        let store = ReadingStore::with_tuning(pg.clone(), &mongo, settings.store.clone())
+            .with_latest_cache(LatestCache::new(settings.latest_cache_ttl))
             .with_change_hook(daily.hook());
         let raw_events = mongo.collection(crate::webhook::EVENTS);
         let relay_wake = Arc::new(tokio::sync::Notify::new());
@@ -107,16 +108,15 @@ impl AppState {
                 .time_to_live(settings.auth.user_cache_ttl)
                 .build(),
             max_body_bytes: settings.max_body_bytes,
-            directory: SensorDirectory::new(pg_for_directory),
+            intake: Intake::new(directory.clone(), Topics::new(""), Limits::default()),
+            directory,
             ready_broker: settings.ready_broker.clone(),
-            ingest,
-            latest,
+            store,
             daily,
             client_tz: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(60))
                 .build(),
-            ingest_limits: Limits::default(),
             webhook_secret: settings
                 .webhook
                 .secret

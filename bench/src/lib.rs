@@ -200,6 +200,7 @@ pub async fn start_api(
         max_body_bytes: 1 << 20,
         ready_broker: None,
         latest_cache_ttl: Duration::from_secs(1),
+        store: termopar_core::store::Tuning::default(),
         // The webhook's tuning knobs (WEBHOOK_WRITERS, WEBHOOK_GATHER_US) can be tried
         // from the environment; no signature secret.
         webhook: termopar_api::settings::WebhookSettings {

@@ -9,16 +9,15 @@
 pub mod mqtt;
 pub mod pipeline;
 pub mod settings;
-pub mod sink;
 
 use std::future::Future;
 
 use rumqttc::AsyncClient;
-use termopar_core::{directory::SensorDirectory, topic::Topics};
+use termopar_core::{directory::SensorDirectory, intake::Intake, topic::Topics};
 use tokio::sync::{mpsc, watch};
 
 pub use settings::ConsumerSettings;
-pub use sink::Sink;
+pub use termopar_core::intake::Sink;
 
 /// A consumer, ready to run.
 pub struct Consumer<S> {
@@ -69,31 +68,10 @@ impl<S: Sink> Consumer<S> {
             None => topics.readings_filter(),
         };
 
-        // Batches a crash left pending are finished first, then periodically.
-        if let Err(e) = sink.recover(settings.recover_after).await {
-            tracing::warn!(error = %e, "recovery of pending batches failed; will retry");
-        }
+        // The sink's background work (for the reading store: deleting what writes that
+        // never committed left behind, and merging segments) runs beside consuming.
         let (stop_tx, stop_rx) = watch::channel(false);
-        let recovery = {
-            let sink = sink.clone();
-            let every = settings
-                .recover_after
-                .max(std::time::Duration::from_secs(1))
-                / 2;
-            let mut stop = stop_rx.clone();
-            let older_than = settings.recover_after;
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = stop.changed() => return,
-                    }
-                    if let Err(e) = sink.recover(older_than).await {
-                        tracing::warn!(error = %e, "recovery of pending batches failed");
-                    }
-                }
-            })
-        };
+        let maintenance = tokio::spawn(sink.maintain(stop_rx.clone()));
 
         let (client, eventloop) = AsyncClient::new(mqtt::options(&settings), 4096);
         let (tx, rx) = mpsc::channel(settings.max_unacked.max(settings.batch_size).min(100_000));
@@ -106,10 +84,10 @@ impl<S: Sink> Consumer<S> {
             epoch.clone(),
             subscribed,
         ));
+        let intake = Intake::new(directory, topics, settings.limits.clone());
         let pipeline = pipeline::Pipeline {
             settings,
-            topics,
-            directory,
+            intake,
             sink,
             client: client.clone(),
             epoch,
@@ -122,7 +100,7 @@ impl<S: Sink> Consumer<S> {
         // Let the queued acknowledgements go out before saying goodbye.
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), driver).await;
-        let _ = recovery.await;
+        let _ = maintenance.await;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 use termopar_consumer::ConsumerSettings;
 use termopar_core::{
-    db, directory::SensorDirectory, ingest::IngestStore, mongo, settings::DatabaseSettings,
-    settings::MongoSettings, shutdown,
+    db, directory::SensorDirectory, mongo, settings::DatabaseSettings, settings::MongoSettings,
+    shutdown, store::ReadingStore,
 };
 
 #[tokio::main]
@@ -14,8 +14,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let pg = db::connect_and_migrate(&DatabaseSettings::from_env()?).await?;
     let mongo = mongo::connect(&MongoSettings::from_env()).await?;
-    let store = IngestStore::new(pg.clone(), &mongo);
-    store.ensure_indexes().await?;
+    let store =
+        ReadingStore::with_tuning(pg.clone(), &mongo, termopar_core::settings::store_tuning()?);
+    // Readings of the previous version's shape are moved before anything new is stored.
+    store.migrate_legacy().await?;
     termopar_consumer::run(
         settings,
         SensorDirectory::new(pg),

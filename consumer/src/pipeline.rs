@@ -9,18 +9,12 @@
 use std::time::{Duration, Instant};
 
 use rumqttc::AsyncClient;
-use termopar_core::{
-    directory::SensorDirectory,
-    ingest::DeadLetter,
-    reading::{parse_message, Reading, Reject, RejectReason},
-    topic::Topics,
-};
+use termopar_core::intake::{Address, Incoming, Intake, Sink};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     mqtt::{Epoch, Message},
     settings::ConsumerSettings,
-    sink::Sink,
 };
 
 /// Retries `op` with exponential backoff (100 ms to 5 s) until it succeeds or
@@ -60,8 +54,7 @@ where
 /// Collects messages into batches and processes them in order.
 pub struct Pipeline<S> {
     pub(crate) settings: ConsumerSettings,
-    pub(crate) topics: Topics,
-    pub(crate) directory: SensorDirectory,
+    pub(crate) intake: Intake,
     pub(crate) sink: S,
     pub(crate) client: AsyncClient,
     pub(crate) epoch: Epoch,
@@ -116,91 +109,27 @@ impl<S: Sink> Pipeline<S> {
             return;
         }
         let started = Instant::now();
-        let mut readings: Vec<Reading> = Vec::new();
-        // For each reading, the message it came from (to dead-letter store refusals).
-        let mut origin: Vec<usize> = Vec::new();
-        let mut letters: Vec<DeadLetter> = Vec::new();
-        for (i, message) in batch.iter().enumerate() {
-            let letter = |reject: Reject, sensor| DeadLetter {
-                source: "mqtt",
-                topic: Some(message.topic.clone()),
-                sensor_id: sensor,
-                payload: message.payload.to_vec(),
-                reason: reject.reason,
-                detail: reject.detail,
-                index: reject.index,
-                received_at: message.received_at,
-            };
-            let (client, sensor) = match self.topics.parse(&message.topic) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    letters.push(letter(
-                        Reject::message(RejectReason::InvalidTopic, e.to_string()),
-                        None,
-                    ));
-                    continue;
-                }
-            };
-            let Some(entry) = retry("sensor lookup", stop, || self.directory.get(sensor)).await
-            else {
-                return; // stopping: nothing acknowledged, the broker sends it again
-            };
-            let reject = match entry {
-                None => Some(Reject::message(
-                    RejectReason::UnknownSensor,
-                    format!("no sensor {sensor}"),
-                )),
-                Some(e) if e.client_id != client => Some(Reject::message(
-                    RejectReason::ClientMismatch,
-                    format!("sensor {sensor} does not belong to client {client}"),
-                )),
-                Some(_) => None,
-            };
-            if let Some(reject) = reject {
-                letters.push(letter(reject, Some(sensor)));
-                continue;
-            }
-            match parse_message(
-                &message.payload,
-                sensor,
-                client,
-                message.received_at,
-                &self.settings.limits,
-            ) {
-                Ok(parsed) => {
-                    origin.extend(std::iter::repeat_n(i, parsed.readings.len()));
-                    readings.extend(parsed.readings);
-                    letters.extend(parsed.rejects.into_iter().map(|r| letter(r, Some(sensor))));
-                }
-                Err(reject) => letters.push(letter(reject, Some(sensor))),
-            }
-        }
-
-        let Some(outcome) = retry("store readings", stop, || self.sink.store(&readings)).await
+        let incoming: Vec<Incoming> = batch
+            .iter()
+            .map(|m| Incoming {
+                address: Address::Topic(&m.topic),
+                payload: m.payload.clone(),
+                received_at: m.received_at,
+            })
+            .collect();
+        // Nothing is acknowledged while either step fails: when stopping, the broker
+        // sends the messages again.
+        let Some(prepared) = retry("sensor lookup", stop, || self.intake.prepare(&incoming)).await
         else {
             return;
         };
-        for (index, message) in &outcome.refused {
-            let m = &batch[origin[*index]];
-            letters.push(DeadLetter {
-                source: "mqtt",
-                topic: Some(m.topic.clone()),
-                sensor_id: Some(readings[*index].sensor_id),
-                payload: m.payload.to_vec(),
-                reason: RejectReason::StoreRejected,
-                detail: message.clone(),
-                index: None,
-                received_at: m.received_at,
-            });
-        }
-        if retry("store dead letters", stop, || {
-            self.sink.dead_letter(&letters)
+        let Some(report) = retry("store readings", stop, || {
+            self.intake.commit(&self.sink, &prepared)
         })
         .await
-        .is_none()
-        {
+        else {
             return;
-        }
+        };
 
         let epoch = self.epoch.current();
         for message in &batch {
@@ -218,9 +147,9 @@ impl<S: Sink> Pipeline<S> {
         metrics::histogram!("consumer_batch_seconds").record(started.elapsed().as_secs_f64());
         tracing::debug!(
             messages = batch.len(),
-            stored = outcome.inserted,
-            duplicates = outcome.duplicates,
-            rejected = letters.len(),
+            stored = report.stored,
+            duplicates = report.duplicates,
+            rejected = report.rejected.len(),
             "batch done"
         );
     }

@@ -38,9 +38,6 @@ pub struct ConsumerSettings {
     pub max_unacked: usize,
     /// Payload limits (`CONSUMER_MAX_PAYLOAD_BYTES`, default 256 KiB).
     pub limits: Limits,
-    /// Batches pending longer than this are finished by recovery
-    /// (`CONSUMER_RECOVER_AFTER_SECS`, default 30).
-    pub recover_after: Duration,
     /// `/metrics` and `/health` of a standalone consumer (`CONSUMER_METRICS_ADDR`,
     /// default `127.0.0.1:9101`; `off` disables).
     pub metrics_addr: Option<SocketAddr>,
@@ -63,7 +60,6 @@ impl ConsumerSettings {
                 max_payload_bytes: env_parse("CONSUMER_MAX_PAYLOAD_BYTES", 256 * 1024)?,
                 ..Limits::default()
             },
-            recover_after: Duration::from_secs(env_parse("CONSUMER_RECOVER_AFTER_SECS", 30)?),
             metrics_addr: if metrics == "off" {
                 None
             } else {
@@ -86,7 +82,6 @@ impl ConsumerSettings {
             batch_delay: Duration::from_millis(20),
             max_unacked: 100,
             limits: Limits::default(),
-            recover_after: Duration::from_secs(30),
             metrics_addr: None,
         }
     }

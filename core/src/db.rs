@@ -102,3 +102,13 @@ pub fn constraint(err: &sqlx::Error) -> Option<&str> {
         _ => None,
     }
 }
+
+/// A copy of a shared sqlx error (from a cache, which hands errors out behind an `Arc`)
+/// that keeps what callers decide on: whether PostgreSQL was unavailable.
+pub fn shared_error(err: &sqlx::Error) -> sqlx::Error {
+    if is_unavailable(err) {
+        sqlx::Error::PoolTimedOut
+    } else {
+        sqlx::Error::Protocol(err.to_string())
+    }
+}

@@ -7,14 +7,14 @@
 pub mod db;
 pub mod directory;
 pub mod ids;
-pub mod ingest;
-pub mod latest;
+pub mod intake;
 pub mod metrics;
 pub mod mongo;
 pub mod reading;
 pub mod secrets;
 pub mod settings;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod topic;
 pub mod tz;

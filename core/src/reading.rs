@@ -39,6 +39,11 @@ impl Celsius {
     pub fn get(self) -> f64 {
         self.0
     }
+
+    /// A value read back from a store, which checked it on its way in.
+    pub(crate) fn from_store(value: f64) -> Self {
+        Self(value)
+    }
 }
 
 impl TryFrom<f64> for Celsius {
@@ -78,7 +83,7 @@ pub struct ReadingPayload {
     pub extra: Map<String, Value>,
 }
 
-/// A validated reading, ready to store.
+/// A validated reading: what ingest stores and what the store reads back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     /// The payload's id, or one derived from its content (see [`parse_message`]).

@@ -156,6 +156,19 @@ impl MqttEndpoint {
     }
 }
 
+/// The reading store's tuning: `CONSUMER_RECOVER_AFTER_SECS` (default 30), how long
+/// segments of a store call that never committed wait before they are deleted;
+/// `RAW_CACHE_READINGS` (default 65536), readings of recently written segments kept in
+/// memory.
+pub fn store_tuning() -> anyhow::Result<crate::store::Tuning> {
+    let default = crate::store::Tuning::default();
+    Ok(crate::store::Tuning {
+        intent_ttl: env_secs("CONSUMER_RECOVER_AFTER_SECS", default.intent_ttl)?,
+        cache_readings: env_parse("RAW_CACHE_READINGS", default.cache_readings)?,
+        ..default
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use termopar_api::Application;
 use termopar_broker::{BrokerSettings, RunningBroker};
 use termopar_consumer::ConsumerSettings;
-use termopar_core::{ingest::IngestStore, settings::MqttEndpoint};
+use termopar_core::settings::MqttEndpoint;
 
 /// Everything edge mode needs.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ impl Edge {
             "mqtt://{}",
             reachable(settings.broker.v4_addr)
         ))?);
-        let app = Application::prepare(&settings.api, pg.clone(), mongo.clone()).await?;
+        let app = Application::prepare(&settings.api, pg, mongo).await?;
         let directory = app.state().directory.clone();
 
         // The in-process consumer needs credentials when devices must authenticate; when
@@ -106,11 +106,9 @@ impl Edge {
         endpoint.credentials = settings.broker.service.clone();
         settings.consumer.broker = endpoint;
 
-        // The consumer updates the API's caches as it stores.
-        let state = app.state();
-        let store = IngestStore::new(pg, &mongo)
-            .with_latest_cache(state.latest.clone())
-            .with_change_hook(state.daily.hook());
+        // The consumer stores through the API's store, so the API's caches (latest
+        // readings, finished days, recent segments) follow what it commits at once.
+        let store = app.state().store.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn(termopar_consumer::run(
             settings.consumer,

@@ -305,3 +305,41 @@ pub fn mosquitto_pub_status(
     let _ = std::fs::remove_file(file);
     status
 }
+
+/// Every stored reading, read the way nothing in production does: the whole segment
+/// collection, keeping the segments PostgreSQL registers (a scan is fine for a test's
+/// few thousand readings, and leaves out segments that are only expiring).
+pub async fn stored_readings(
+    pool: &PgPool,
+    mongo: &mongodb::Database,
+) -> Vec<termopar_core::reading::Reading> {
+    use std::collections::HashSet;
+    let registered: HashSet<Vec<u8>> = sqlx::query_scalar::<_, Vec<u8>>("SELECT doc FROM raw_docs")
+        .fetch_all(pool)
+        .await
+        .expect("list registered segments")
+        .into_iter()
+        .collect();
+    let mut cursor = mongo
+        .collection::<mongodb::bson::RawDocumentBuf>(termopar_core::store::SEGMENTS)
+        .find(mongodb::bson::doc! {})
+        .await
+        .expect("read segments");
+    let mut readings = Vec::new();
+    while cursor.advance().await.expect("read segments") {
+        let segment =
+            termopar_core::store::Segment::decode(cursor.current()).expect("a segment document");
+        if registered.contains(segment.id.bytes().as_slice()) {
+            readings.extend(segment.readings);
+        }
+    }
+    readings
+}
+
+/// How many readings are stored (registered), without reading the document store.
+pub async fn stored_count(pool: &PgPool) -> u64 {
+    sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(count), 0)::int8 FROM raw_docs")
+        .fetch_one(pool)
+        .await
+        .expect("count stored readings") as u64
+}

@@ -228,7 +228,7 @@ async fn a_late_reading_in_a_cached_finished_day_shows_on_the_next_request() {
 
     // Through another process (a consumer): announced over PostgreSQL NOTIFY.
     let elsewhere =
-        termopar_core::ingest::IngestStore::new(app.db.pool.clone(), &app._mongo.database().await);
+        termopar_core::store::ReadingStore::new(app.db.pool.clone(), &app._mongo.database().await);
     let sensor_id = termopar_core::ids::SensorId(id(&sensor).parse().unwrap());
     let client_id = termopar_core::ids::ClientId(id(&client).parse().unwrap());
     let payload = reading_at(day + Duration::hours(4), 30.0).to_string();

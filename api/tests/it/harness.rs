@@ -36,6 +36,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
         max_body_bytes: MAX_BODY,
         ready_broker: None,
         latest_cache_ttl: std::time::Duration::from_secs(1),
+        store: termopar_core::store::Tuning::default(),
         webhook: Default::default(),
     }
 }

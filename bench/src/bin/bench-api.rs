@@ -221,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
             let r = &readings[100];
             deep_cursor = format!("{}.{}", r.ts.timestamp_millis(), r.id.simple());
         }
-        state.ingest.store(&readings).await?;
+        state.store.store(&readings).await?;
     }
     let page1 = format!("{api}/sensors/{}/readings?page_size=50", big_id);
     let deep = format!(

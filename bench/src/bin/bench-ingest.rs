@@ -21,9 +21,9 @@ use termopar_consumer::{Consumer, ConsumerSettings, Sink};
 use termopar_core::{
     directory::SensorDirectory,
     ids::{ClientId, SensorId},
-    ingest::{DeadLetter, IngestStore, StoreError, StoreOutcome},
     reading::{parse_message, Limits, Reading},
     settings::{env_parse, MqttEndpoint},
+    store::{DeadLetter, ReadingStore, StoreError, StoreOutcome},
     topic::Topics,
 };
 use test_support::{free_port, mosquitto_endpoint, unique_prefix, ChildGuard, TestDb, TestMongo};
@@ -35,7 +35,7 @@ const SENSORS: usize = 100;
 struct Fixture {
     db: TestDb,
     mongo: TestMongo,
-    store: IngestStore,
+    store: ReadingStore,
     client: ClientId,
     sensors: Vec<SensorId>,
 }
@@ -44,8 +44,7 @@ impl Fixture {
     async fn new() -> anyhow::Result<Self> {
         let db = TestDb::new().await;
         let mongo = TestMongo::new();
-        let store = IngestStore::new(db.pool.clone(), &mongo.database().await);
-        store.ensure_indexes().await?;
+        let store = ReadingStore::new(db.pool.clone(), &mongo.database().await);
         let client = Uuid::new_v4();
         sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, 'bench', 'UTC')")
             .bind(client)
@@ -275,10 +274,10 @@ async fn end_to_end(
     Ok((rate, peak_rss_mib(pid).unwrap_or(f64::NAN)))
 }
 
-/// A sink that stores through IngestStore and records publish→stored latency.
+/// A sink that stores through ReadingStore and records publish→stored latency.
 #[derive(Clone)]
 struct Timed {
-    inner: IngestStore,
+    inner: ReadingStore,
     latencies: Arc<Mutex<Vec<Duration>>>,
     stored: Arc<AtomicU64>,
 }
@@ -436,7 +435,7 @@ async fn main() -> anyhow::Result<()> {
     let mongo_rate = raw_mongo_rate(&readings).await?;
     eprintln!("raw MongoDB insert_many: {mongo_rate:.0}/s");
     let store_rate = ingest_store_rate(&Fixture::new().await?, &readings).await?;
-    eprintln!("IngestStore::store: {store_rate:.0}/s");
+    eprintln!("ReadingStore::store: {store_rate:.0}/s");
 
     let e2e_fixture = Fixture::new().await?;
     let (e2e_rate, rss) = end_to_end(
@@ -517,7 +516,7 @@ async fn main() -> anyhow::Result<()> {
                 name: "end to end vs our store path alone".into(),
                 value: per_sec(e2e_rate),
                 baseline: format!(
-                    "{} IngestStore::store (journal + MongoDB + rollups)",
+                    "{} ReadingStore::store (journal + MongoDB + rollups)",
                     per_sec(store_rate)
                 ),
                 ratio: Some(e2e_rate / store_rate),

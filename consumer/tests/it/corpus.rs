@@ -233,7 +233,7 @@ async fn malformed_payloads_are_dead_lettered_and_good_readings_between_them_are
     assert!(huge.get_i64("payload_size").unwrap() > 1024 * 1024);
     assert_eq!(
         huge.get_binary_generic("payload").unwrap().len(),
-        termopar_core::ingest::DEAD_LETTER_PAYLOAD_BYTES
+        termopar_core::store::DEAD_LETTER_PAYLOAD_BYTES
     );
     let mixed_letters: Vec<i64> = letters
         .iter()

@@ -99,7 +99,7 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
     stores
         .wait_for_readings(total + 1, Duration::from_secs(60))
         .await;
-    stores.wait_no_pending_batches().await;
+    stores.wait_no_pending_writes().await;
     drop(consumer);
 
     let mut stored: Vec<Uuid> = stores

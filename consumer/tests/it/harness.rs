@@ -9,8 +9,9 @@ use termopar_consumer::{Consumer, ConsumerSettings};
 use termopar_core::{
     directory::SensorDirectory,
     ids::{ClientId, SensorId},
-    ingest::{bucket_of, IngestStore, StoredReading},
+    reading::Reading,
     settings::MqttEndpoint,
+    store::{bucket_of, ReadingStore, Tuning},
 };
 pub use test_support::mosquitto_pub;
 use test_support::{eventually, TestDb, TestMongo};
@@ -20,15 +21,22 @@ use uuid::Uuid;
 pub struct Stores {
     pub db: TestDb,
     pub mongo: TestMongo,
-    pub store: IngestStore,
+    pub store: ReadingStore,
+}
+
+/// Tuning for tests: unfinished writes expire after 2 s.
+pub fn quick() -> Tuning {
+    Tuning {
+        intent_ttl: Duration::from_secs(2),
+        ..Tuning::default()
+    }
 }
 
 impl Stores {
     pub async fn new() -> Self {
         let db = TestDb::new().await;
         let mongo = TestMongo::new();
-        let store = IngestStore::new(db.pool.clone(), &mongo.database().await);
-        store.ensure_indexes().await.expect("indexes");
+        let store = ReadingStore::with_tuning(db.pool.clone(), &mongo.database().await, quick());
         Self { db, mongo, store }
     }
 
@@ -62,31 +70,18 @@ impl Stores {
     }
 
     pub async fn reading_count(&self) -> u64 {
-        self.store
-            .readings()
-            .count_documents(doc! {})
-            .await
-            .unwrap()
+        test_support::stored_count(&self.db.pool).await
     }
 
-    pub async fn readings(&self) -> Vec<StoredReading> {
-        let docs: Vec<Document> = self
-            .store
-            .readings()
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        docs.iter()
-            .map(|d| StoredReading::from_doc(d).expect("a reading document"))
-            .collect()
+    pub async fn readings(&self) -> Vec<Reading> {
+        test_support::stored_readings(&self.db.pool, &self.mongo.database().await).await
     }
 
     pub async fn dead_letters(&self) -> Vec<Document> {
-        self.store
-            .dead_letters()
+        self.mongo
+            .database()
+            .await
+            .collection::<Document>("dead_letters")
             .find(doc! {})
             .await
             .unwrap()
@@ -104,16 +99,19 @@ impl Stores {
         .await;
     }
 
-    /// Waits until no ingest batch is pending (recovery finished what crashes left).
-    pub async fn wait_no_pending_batches(&self) {
-        eventually("no pending batch", Duration::from_secs(30), || async {
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
-                .fetch_one(&self.db.pool)
-                .await
-                .unwrap();
-            (pending == 0).then_some(())
+    /// Waits until no write is pending (what crashes and failures left was deleted).
+    pub async fn wait_no_pending_writes(&self) {
+        eventually("no pending write", Duration::from_secs(30), || async {
+            (self.pending_writes().await == 0).then_some(())
         })
         .await;
+    }
+
+    pub async fn pending_writes(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM raw_doc_expiry WHERE pending_write")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
     }
 
     /// Asserts that every PostgreSQL bucket equals an aggregate of the raw readings, and
@@ -126,8 +124,10 @@ impl Stores {
             groups
                 .entry((r.sensor_id.0, bucket_of(r.ts)))
                 .or_default()
-                .push(r.temperature);
+                .push(r.temperature.get());
         }
+        let ids: std::collections::HashSet<Uuid> = readings.iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), readings.len(), "a reading stored twice");
         let buckets: Vec<(Uuid, DateTime<Utc>, i64, String, f64, f64)> = sqlx::query_as(
             "SELECT sensor_id, bucket, count, sum::text, min, max FROM reading_buckets",
         )
@@ -153,12 +153,12 @@ impl Stores {
                 "bucket {bucket} of {sensor}"
             );
         }
-        let latest: Vec<(Uuid, Uuid)> =
-            sqlx::query_as("SELECT sensor_id, reading_id FROM sensor_latest")
+        let latest: Vec<(Uuid, Uuid, i64)> =
+            sqlx::query_as("SELECT sensor_id, reading_id, count FROM sensor_latest")
                 .fetch_all(&self.db.pool)
                 .await
                 .unwrap();
-        let mut newest: HashMap<Uuid, &StoredReading> = HashMap::new();
+        let mut newest: HashMap<Uuid, &Reading> = HashMap::new();
         for r in &readings {
             let slot = newest.entry(r.sensor_id.0).or_insert(r);
             if (r.ts, r.id) > (slot.ts, slot.id) {
@@ -166,14 +166,32 @@ impl Stores {
             }
         }
         assert_eq!(latest.len(), newest.len(), "latest rows");
-        for (sensor, reading) in latest {
+        for (sensor, reading, count) in latest {
             assert_eq!(reading, newest[&sensor].id, "latest of {sensor}");
+            let of_sensor = readings.iter().filter(|r| r.sensor_id.0 == sensor).count();
+            assert_eq!(count as usize, of_sensor, "reading count of {sensor}");
         }
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
+        // Every reading id is indexed once, in the bucket its segment is registered in.
+        let indexed: i64 = sqlx::query_scalar("SELECT count(*) FROM reading_ids")
             .fetch_one(&self.db.pool)
             .await
             .unwrap();
-        assert_eq!(pending, 0, "batches left pending");
+        assert_eq!(indexed as usize, readings.len(), "indexed reading ids");
+        // The hours are the sums of their buckets.
+        let off: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                SELECT sensor_id, date_trunc('hour', bucket) AS hour, sum(count) AS count,
+                       sum(sum) AS sum, min(min) AS min, max(max) AS max
+                FROM reading_buckets GROUP BY 1, 2) b
+             FULL JOIN reading_hours h USING (sensor_id, hour)
+             WHERE h.count IS DISTINCT FROM b.count OR h.sum IS DISTINCT FROM b.sum
+                OR h.min IS DISTINCT FROM b.min OR h.max IS DISTINCT FROM b.max",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(off, 0, "hours that are not the sum of their buckets");
+        assert_eq!(self.pending_writes().await, 0, "writes left pending");
     }
 
     /// Environment for a consumer process on these stores.
@@ -202,12 +220,9 @@ pub fn sim_sensors(
         .collect()
 }
 
-/// Consumer settings for a test: unique client id, quick recovery.
+/// Consumer settings for a test: a unique client id.
 pub fn consumer_settings(broker: MqttEndpoint) -> ConsumerSettings {
-    let mut settings =
-        ConsumerSettings::new(broker, format!("consumer-{}", Uuid::new_v4().simple()));
-    settings.recover_after = Duration::from_secs(2);
-    settings
+    ConsumerSettings::new(broker, format!("consumer-{}", Uuid::new_v4().simple()))
 }
 
 /// A consumer running in this process; stops when dropped.

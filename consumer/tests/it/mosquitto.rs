@@ -139,7 +139,7 @@ async fn two_consumers_in_a_share_group_split_the_load_and_lose_nothing_when_one
         .await;
     let b_received = received(port_b).await.unwrap_or(0.0);
     assert!(b_received >= 200.0, "B took part: {b_received}");
-    stores.wait_no_pending_batches().await;
+    stores.wait_no_pending_writes().await;
     drop(b);
 
     let mut stored: Vec<Uuid> = stores.readings().await.iter().map(|r| r.id).collect();

@@ -3,9 +3,9 @@
 use serde_json::json;
 use termopar_broker::BrokerSettings;
 use termopar_core::{
-    ingest::StoreOutcome,
     reading::{parse_message, Limits},
     settings::MqttEndpoint,
+    store::{ReadingStore, Segment, StoreOutcome},
     topic::Topics,
 };
 use test_support::{eventually, Proxy, DEFAULT_DEADLINE};
@@ -66,7 +66,7 @@ async fn readings_from_mosquitto_pub_reach_both_stores_exactly_once() {
     want.sort();
     assert_eq!(got, want);
     let first = stored.iter().find(|r| r.id == ids[0]).unwrap();
-    assert_eq!(first.temperature, -18.5);
+    assert_eq!(first.temperature.get(), -18.5);
     assert_eq!(first.client_id, client);
     assert_eq!(first.extra["door"], "closed");
     stores.assert_rollups_match_raw().await;
@@ -142,7 +142,7 @@ async fn storing_the_same_readings_again_counts_them_once() {
 }
 
 #[tokio::test]
-async fn a_crash_between_the_two_stores_is_finished_exactly_once_by_recovery() {
+async fn a_crash_between_the_two_stores_leaves_nothing_counted_and_its_segment_is_deleted() {
     let stores = Stores::new().await;
     let (client, sensors) = stores.client_with_sensors(1).await;
     let readings = parsed(
@@ -154,52 +154,95 @@ async fn a_crash_between_the_two_stores_is_finished_exactly_once_by_recovery() {
         ]),
     );
 
-    // What a consumer killed right after its MongoDB insert leaves behind: a pending
-    // batch and raw documents tagged with it, but no rollup.
-    let batch = Uuid::new_v4();
-    let ids: Vec<Uuid> = readings.iter().map(|r| r.id).collect();
-    sqlx::query("INSERT INTO ingest_batches (id, reading_ids, created_at) VALUES ($1, $2, now() - interval '1 minute')")
-        .bind(batch)
-        .bind(&ids)
-        .execute(&stores.db.pool)
+    // What a consumer killed right after its MongoDB insert leaves behind: the write's
+    // intent, due, and its segment in the document store, registered nowhere.
+    let orphan = Segment::new(mongodb::bson::oid::ObjectId::new(), readings.clone());
+    sqlx::query(
+        "INSERT INTO raw_doc_expiry (docs, due_at, pending_write)
+         VALUES ($1, now() - interval '1 minute', true)",
+    )
+    .bind(vec![orphan.id.bytes().to_vec()])
+    .execute(&stores.db.pool)
+    .await
+    .unwrap();
+    let segments = stores
+        .mongo
+        .database()
         .await
-        .unwrap();
-    let docs: Vec<_> = readings
-        .iter()
-        .map(|r| {
-            mongodb::bson::doc! {
-                "_id": r.id.to_string(), "sensor_id": r.sensor_id.to_string(), "client_id": r.client_id.to_string(),
-                "ts": mongodb::bson::DateTime::from_millis(r.ts.timestamp_millis()), "temperature": r.temperature.get(),
-                "received_at": mongodb::bson::DateTime::from_millis(r.received_at.timestamp_millis()),
-                "batch": batch.to_string(), "extra": {},
-            }
-        })
-        .collect();
-    stores.store.readings().insert_many(docs).await.unwrap();
-
-    // The redelivery arrives first: the documents exist, so this batch adds nothing.
-    let redelivered = stores.store.store(&readings).await.unwrap();
-    assert_eq!(redelivered.duplicates, 2);
-    let recovered = stores
-        .store
-        .recover(std::time::Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(recovered, 1);
+        .collection::<mongodb::bson::RawDocumentBuf>(termopar_core::store::SEGMENTS);
+    segments.insert_one(orphan.encode()).await.unwrap();
     assert_eq!(
-        stores
-            .store
-            .recover(std::time::Duration::ZERO)
-            .await
-            .unwrap(),
-        0
+        stores.reading_count().await,
+        0,
+        "nothing registered, nothing counted"
     );
+
+    // The redelivery stores the readings anew; the orphan is deleted, once.
+    let redelivered = stores.store.store(&readings).await.unwrap();
+    assert_eq!(redelivered.inserted, 2);
+    assert_eq!(stores.store.expire_due().await.unwrap(), 1);
+    assert_eq!(stores.store.expire_due().await.unwrap(), 0);
+    let orphan_left = segments
+        .find_one(mongodb::bson::doc! { "_id": orphan.id })
+        .await
+        .unwrap();
+    assert!(orphan_left.is_none(), "the orphan segment is deleted");
     stores.assert_rollups_match_raw().await;
     let count: i64 = sqlx::query_scalar("SELECT sum(count)::bigint FROM reading_buckets")
         .fetch_one(&stores.db.pool)
         .await
         .unwrap();
     assert_eq!(count, 2);
+    // A redelivery after the commit finds every reading stored.
+    let again = stores.store.store(&readings).await.unwrap();
+    assert_eq!(again.duplicates, 2);
+}
+
+#[tokio::test]
+async fn writers_racing_with_the_same_readings_store_each_once() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(3).await;
+    let readings: Vec<_> = sensors
+        .iter()
+        .flat_map(|(s, _)| {
+            parsed(
+                client,
+                *s,
+                serde_json::Value::Array(
+                    (0..40)
+                        .map(|i| reading(Uuid::new_v4(), i * 37, i as f64 / 4.0))
+                        .collect(),
+                ),
+            )
+        })
+        .collect();
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, readings) = (stores.store.clone(), readings.clone());
+            tokio::spawn(async move { store.store(&readings).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    let mut duplicates = 0;
+    for w in writers {
+        let outcome = w.await.unwrap();
+        inserted += outcome.inserted;
+        duplicates += outcome.duplicates;
+        assert!(outcome.refused.is_empty());
+    }
+    assert_eq!(
+        inserted,
+        readings.len(),
+        "each reading stored by exactly one writer"
+    );
+    assert_eq!(duplicates, 7 * readings.len());
+    // The losers' writes expire (2 s in tests) and their segments are deleted.
+    eventually("the losers' writes expired", DEFAULT_DEADLINE, || async {
+        stores.store.expire_due().await.unwrap();
+        (stores.pending_writes().await == 0).then_some(())
+    })
+    .await;
+    stores.assert_rollups_match_raw().await;
 }
 
 #[tokio::test]
@@ -251,9 +294,10 @@ async fn a_document_store_outage_is_retried_and_nothing_is_lost_or_doubled() {
         ),
         database: stores.mongo.settings.database.clone(),
     };
-    let proxied = termopar_core::ingest::IngestStore::new(
+    let proxied = ReadingStore::with_tuning(
         stores.db.pool.clone(),
         &termopar_core::mongo::connect(&via_proxy).await.unwrap(),
+        quick(),
     );
     let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None)
         .await
@@ -285,13 +329,9 @@ async fn a_document_store_outage_is_retried_and_nothing_is_lost_or_doubled() {
             "mqttv311",
         );
     }
-    // The consumer keeps trying: each attempt leaves a pending batch behind.
+    // The consumer keeps trying: each attempt leaves a pending write behind.
     eventually("a failed store attempt", DEFAULT_DEADLINE, || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_batches")
-            .fetch_one(&stores.db.pool)
-            .await
-            .unwrap();
-        (pending > 0).then_some(())
+        (stores.pending_writes().await > 0).then_some(())
     })
     .await;
     assert_eq!(stores.reading_count().await, 0);
@@ -300,8 +340,8 @@ async fn a_document_store_outage_is_retried_and_nothing_is_lost_or_doubled() {
     stores
         .wait_for_readings(20, std::time::Duration::from_secs(30))
         .await;
-    // Recovery clears the batches of the failed attempts (they inserted nothing).
-    stores.wait_no_pending_batches().await;
+    // The failed attempts' writes expire (they wrote nothing).
+    stores.wait_no_pending_writes().await;
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     assert_eq!(stores.reading_count().await, 20);

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use secrecy::SecretString;
 use termopar::{Edge, EdgeSettings};
@@ -19,11 +18,10 @@ fn edge_settings(db: &TestDb, mongo: &TestMongo) -> EdgeSettings {
     let mut broker = BrokerSettings::ephemeral();
     broker.require_auth = true;
     broker.service = Some(("sim".into(), SecretString::from("sim-password-1")));
-    let mut consumer = ConsumerSettings::new(
+    let consumer = ConsumerSettings::new(
         MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(),
         format!("edge-{}", Uuid::new_v4().simple()),
     );
-    consumer.recover_after = Duration::from_secs(2);
     EdgeSettings {
         api: termopar_api::Settings {
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -42,6 +40,7 @@ fn edge_settings(db: &TestDb, mongo: &TestMongo) -> EdgeSettings {
             max_body_bytes: 1 << 20,
             ready_broker: None,
             latest_cache_ttl: std::time::Duration::from_secs(1),
+            store: termopar_core::store::Tuning::default(),
             webhook: Default::default(),
         },
         broker,
@@ -75,7 +74,6 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
     );
 
     let store_db = mongo.database().await;
-    let readings = store_db.collection::<Document>("readings");
     // The consumer subscribes right after start; wait until a first message gets through.
     let config = |count, bad_ratio, seed| SimConfig {
         rate: 500.0,
@@ -96,19 +94,18 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
         Duration::from_secs(20),
         || async {
             let s = termopar_device_sim::run(config(1, 0.0, 0)).await.unwrap();
-            let n = readings.count_documents(doc! {}).await.unwrap();
+            let n = test_support::stored_count(&db.pool).await;
             (n > 0).then_some(s)
         },
     )
     .await;
-    let before = readings.count_documents(doc! {}).await.unwrap();
+    let before = test_support::stored_count(&db.pool).await;
 
     let summary = termopar_device_sim::run(config(300, 0.1, 7)).await.unwrap();
     assert_eq!(summary.acked, 300);
     assert!(summary.bad > 0);
     eventually("every reading stored", Duration::from_secs(30), || async {
-        (readings.count_documents(doc! {}).await.unwrap() >= before + summary.readings)
-            .then_some(())
+        (test_support::stored_count(&db.pool).await >= before + summary.readings).then_some(())
     })
     .await;
     let dead = store_db.collection::<Document>("dead_letters");
@@ -119,17 +116,8 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
     )
     .await;
 
-    let stored: Vec<Document> = readings
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    let mut ids: Vec<String> = stored
-        .iter()
-        .map(|d| d.get_str("_id").unwrap().to_owned())
-        .collect();
+    let stored = test_support::stored_readings(&db.pool, &store_db).await;
+    let mut ids: Vec<String> = stored.iter().map(|r| r.id.to_string()).collect();
     ids.sort();
     // Warm-up attempts before the subscription may or may not have arrived; the last one
     // did.
@@ -203,6 +191,7 @@ fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
             max_body_bytes: 1 << 20,
             ready_broker: None,
             latest_cache_ttl: std::time::Duration::from_secs(1),
+            store: termopar_core::store::Tuning::default(),
             webhook: Default::default(),
         },
         broker: BrokerSettings::ephemeral(),

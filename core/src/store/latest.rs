@@ -1,8 +1,8 @@
 //! Each sensor's latest reading, cached in front of PostgreSQL's `sensor_latest`.
 //!
-//! Whoever commits a newer latest row (the ingest store in this process) offers it to
-//! the cache, which keeps the newer of what it has and what is offered. Another
-//! process's writes are seen when the entry expires, so in cloud mode the TTL is short.
+//! Whoever commits a newer latest row (the store in this process) offers it to the
+//! cache, which keeps the newer of what it has and what is offered. Another process's
+//! writes are seen when the entry expires, so in cloud mode the TTL is short.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,15 +12,16 @@ use serde_json::{Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::{ReadingStore, StoreError};
 use crate::{
     ids::{ClientId, SensorId},
-    ingest::StoredReading,
+    reading::{Celsius, Reading},
 };
 
 /// The latest-reading cache. Cheap to clone.
 #[derive(Clone)]
 pub struct LatestCache {
-    cache: Cache<SensorId, Option<Arc<StoredReading>>>,
+    cache: Cache<SensorId, Option<Arc<Reading>>>,
 }
 
 impl LatestCache {
@@ -35,11 +36,11 @@ impl LatestCache {
     }
 
     /// The latest reading of `sensor` (`None` before its first reading).
-    pub async fn get(
+    async fn get(
         &self,
         pg: &PgPool,
         sensor: SensorId,
-    ) -> Result<Option<Arc<StoredReading>>, Arc<sqlx::Error>> {
+    ) -> Result<Option<Arc<Reading>>, Arc<sqlx::Error>> {
         metrics::counter!("latest_cache_lookups_total").increment(1);
         let pg = pg.clone();
         self.cache
@@ -53,7 +54,7 @@ impl LatestCache {
     }
 
     /// Keeps `reading` if it is newer than what the cache holds for its sensor.
-    pub async fn offer(&self, reading: StoredReading) {
+    pub(super) async fn offer(&self, reading: Reading) {
         let reading = Arc::new(reading);
         self.cache
             .entry(reading.sensor_id)
@@ -73,13 +74,29 @@ impl LatestCache {
     }
 
     /// Forgets a sensor (after a correction or deletion).
-    pub async fn invalidate(&self, sensor: SensorId) {
+    pub(super) async fn invalidate(&self, sensor: SensorId) {
         self.cache.invalidate(&sensor).await;
     }
 }
 
+impl ReadingStore {
+    /// The latest reading of `sensor` by measurement time (`None` before its first),
+    /// through the cache.
+    pub async fn latest(&self, sensor: SensorId) -> Result<Option<Arc<Reading>>, StoreError> {
+        self.latest
+            .get(&self.pg, sensor)
+            .await
+            .map_err(|e| StoreError::Postgres(crate::db::shared_error(&e)))
+    }
+
+    /// The latest readings of `sensors` (those without readings are absent), uncached.
+    pub async fn latest_of(&self, sensors: &[SensorId]) -> Result<Vec<Reading>, StoreError> {
+        Ok(load(&self.pg, sensors).await?)
+    }
+}
+
 /// The latest rows of `sensors` from PostgreSQL (sensors without readings are absent).
-pub async fn load(pg: &PgPool, sensors: &[SensorId]) -> Result<Vec<StoredReading>, sqlx::Error> {
+async fn load(pg: &PgPool, sensors: &[SensorId]) -> Result<Vec<Reading>, sqlx::Error> {
     type Row = (
         Uuid,
         Uuid,
@@ -101,12 +118,12 @@ pub async fn load(pg: &PgPool, sensors: &[SensorId]) -> Result<Vec<StoredReading
     Ok(rows
         .into_iter()
         .map(
-            |(sensor, client, id, ts, temperature, received_at, extra)| StoredReading {
+            |(sensor, client, id, ts, temperature, received_at, extra)| Reading {
                 id,
                 sensor_id: SensorId(sensor),
                 client_id: ClientId(client),
                 ts,
-                temperature,
+                temperature: Celsius::from_store(temperature),
                 received_at,
                 extra: match extra {
                     Value::Object(m) => m,

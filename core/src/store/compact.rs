@@ -1,0 +1,377 @@
+//! Merging a bucket's segments, so history reads few documents and no reading is
+//! rewritten more than a few times.
+//!
+//! - **Tiers** (open and closed buckets): a segment of fewer than [`SEGMENT_READINGS`]
+//!   readings has a level by its size (1-3, 4-15, 16-63, 64-255 readings). When a
+//!   bucket has more segments than three per level it can have (`raw_docs_bound` in
+//!   SQL), every level holding four or more is merged into one segment of the next,
+//!   cascading. A sensor sending one reading a message gets its readings rewritten about
+//!   once per level (four times over 900 readings), each time as ~36 bytes, and its
+//!   open bucket never has more than ~12 small segments, the newest of them smallest.
+//! - **Final** (closed buckets, [`super::Tuning::close_after`] past their end): the
+//!   segments become as few as their readings need, in time order, except full ones
+//!   that overlap no other, which stay.
+//!
+//! A merge writes its new segments (recorded as expiring first), then swaps them for
+//! the old ones in PostgreSQL under the bucket's row lock, if the old ones are still
+//! all there (a correction or another merger may have replaced one: then nothing
+//! happens, and the new segments expire). The old ones expire after a grace period.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{oid::ObjectId, RawDocumentBuf};
+
+use super::{
+    codec::BUCKET_MINUTES, write::chunks, ReadingStore, Segment, StoreError, SEGMENT_BYTES,
+    SEGMENT_READINGS,
+};
+use crate::reading::Reading;
+
+/// What a compaction pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Buckets looked at.
+    pub buckets: usize,
+    /// Segments merged away.
+    pub merged: usize,
+    /// Segments written.
+    pub written: usize,
+    /// Bytes of segments written.
+    pub bytes: u64,
+}
+
+/// Buckets looked at per query of a pass.
+const PASS: i64 = 64;
+
+/// A segment as the index lists it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(super) struct DocRow {
+    pub doc: Vec<u8>,
+    pub count: i32,
+    pub first_ts: DateTime<Utc>,
+    pub last_ts: DateTime<Utc>,
+    pub bytes: i32,
+}
+
+/// A segment's size level, or `None` for a full one (which tiers leave alone).
+fn level(count: i64, bytes: i64) -> Option<u8> {
+    match count {
+        _ if bytes >= (SEGMENT_BYTES / 2) as i64 => None,
+        0..=3 => Some(0),
+        4..=15 => Some(1),
+        16..=63 => Some(2),
+        64..=255 => Some(3),
+        _ => None,
+    }
+}
+
+/// Which segments to merge by tiers: groups of indexes into `docs`, each group one
+/// merge. Simulated on counts, cascading (four merged segments may make a fourth of the
+/// next level).
+fn tier_plan(docs: &[DocRow]) -> Vec<Vec<usize>> {
+    // (readings, bytes, the original segments it is made of)
+    let mut items: Vec<(i64, i64, Vec<usize>)> = docs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| level(i64::from(d.count), i64::from(d.bytes)).is_some())
+        .map(|(i, d)| (i64::from(d.count), i64::from(d.bytes), vec![i]))
+        .collect();
+    let mut done: Vec<Vec<usize>> = Vec::new();
+    loop {
+        let mut per_level = [0usize; 4];
+        for (count, bytes, _) in &items {
+            if let Some(l) = level(*count, *bytes) {
+                per_level[l as usize] += 1;
+            }
+        }
+        let Some(l) = (0..4).find(|&l| per_level[l] >= 4) else {
+            break;
+        };
+        let (merge, keep): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(c, b, _)| level(*c, *b) == Some(l as u8));
+        items = keep;
+        let merged = merge
+            .into_iter()
+            .fold((0, 0, Vec::new()), |mut acc, (c, b, o)| {
+                acc.0 += c;
+                acc.1 += b;
+                acc.2.extend(o);
+                acc
+            });
+        if level(merged.0, merged.1).is_some() {
+            items.push(merged);
+        } else {
+            done.push(merged.2);
+        }
+    }
+    done.extend(items.into_iter().map(|(_, _, o)| o));
+    done.retain(|o| o.len() >= 2);
+    done
+}
+
+/// Which segments a closed bucket's final merge rewrites: all but the full ones that
+/// overlap no other; nothing when that leaves fewer than two.
+fn final_plan(docs: &[DocRow]) -> Vec<usize> {
+    let overlaps = |i: usize| {
+        docs.iter()
+            .enumerate()
+            .any(|(j, o)| j != i && o.first_ts <= docs[i].last_ts && docs[i].first_ts <= o.last_ts)
+    };
+    let rest: Vec<usize> = (0..docs.len())
+        .filter(|&i| {
+            let d = &docs[i];
+            let full =
+                d.count as usize >= SEGMENT_READINGS / 2 || d.bytes as usize >= SEGMENT_BYTES / 2;
+            !full || overlaps(i)
+        })
+        .collect();
+    if rest.len() >= 2 {
+        rest
+    } else {
+        Vec::new()
+    }
+}
+
+impl ReadingStore {
+    /// One compaction pass at time `now` (the clock is a parameter so benchmarks can
+    /// simulate hours): merges the buckets that are due, up to a few dozen of each kind.
+    pub async fn compact(&self, now: DateTime<Utc>) -> Result<CompactReport, StoreError> {
+        let closed_before = now
+            - chrono::Duration::minutes(BUCKET_MINUTES)
+            - chrono::Duration::from_std(self.tuning.close_after).expect("small");
+        let due: Vec<(i64, bool)> = sqlx::query_as(
+            "(SELECT id, false FROM reading_buckets
+              WHERE docs > raw_docs_bound(count) AND docs > checked_docs
+              ORDER BY bucket LIMIT $2)
+             UNION ALL
+             (SELECT id, true FROM reading_buckets
+              WHERE NOT settled AND bucket < $1
+              ORDER BY bucket LIMIT $2)",
+        )
+        .bind(closed_before)
+        .bind(PASS)
+        .fetch_all(&self.pg)
+        .await?;
+        let mut report = CompactReport::default();
+        let mut seen = std::collections::HashSet::new();
+        // A closed bucket due both ways gets the final merge only.
+        let finals: std::collections::HashSet<i64> =
+            due.iter().filter(|(_, f)| *f).map(|(id, _)| *id).collect();
+        for (bucket_id, is_final) in due {
+            if !seen.insert(bucket_id) || (!is_final && finals.contains(&bucket_id)) {
+                continue;
+            }
+            report.buckets += 1;
+            self.merge_bucket(bucket_id, is_final, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn merge_bucket(
+        &self,
+        bucket_id: i64,
+        is_final: bool,
+        report: &mut CompactReport,
+    ) -> Result<(), StoreError> {
+        let docs: Vec<DocRow> = sqlx::query_as(
+            "SELECT doc, count, first_ts, last_ts, bytes FROM raw_docs WHERE bucket_id = $1",
+        )
+        .bind(bucket_id)
+        .fetch_all(&self.pg)
+        .await?;
+        let groups = if is_final {
+            vec![final_plan(&docs)]
+        } else {
+            tier_plan(&docs)
+        };
+        let groups: Vec<Vec<usize>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
+        if groups.is_empty() {
+            // Nothing to merge now: note it, so the bucket is not looked at again until
+            // it gets another segment.
+            sqlx::query(
+                "UPDATE reading_buckets SET checked_docs = docs, settled = settled OR $2
+                 WHERE id = $1",
+            )
+            .bind(bucket_id)
+            .bind(is_final)
+            .execute(&self.pg)
+            .await?;
+            return Ok(());
+        }
+
+        let mut old: Vec<Vec<u8>> = Vec::new();
+        let mut new: Vec<Arc<Segment>> = Vec::new();
+        for group in &groups {
+            let ids: Vec<Vec<u8>> = group.iter().map(|&i| docs[i].doc.clone()).collect();
+            let mut readings: Vec<Reading> = Vec::new();
+            for segment in self.fetch_segments(&ids).await? {
+                let Some(segment) = segment else {
+                    // Replaced meanwhile: the next pass sees the bucket as it is now.
+                    return Ok(());
+                };
+                readings.extend(segment.readings.iter().cloned());
+            }
+            readings.sort_by_key(|r| (r.ts, r.id));
+            old.extend(ids);
+            for part in chunks(readings, |r| {
+                36 + if r.extra.is_empty() {
+                    0
+                } else {
+                    serde_json::to_vec(&r.extra).map(|v| v.len()).unwrap_or(0)
+                }
+            }) {
+                new.push(Arc::new(Segment::new(ObjectId::new(), part)));
+            }
+        }
+        let encoded: Vec<RawDocumentBuf> = new.iter().map(|s| s.encode()).collect();
+        let lens: Vec<i32> = encoded.iter().map(|d| d.as_bytes().len() as i32).collect();
+        let new_ids: Vec<Vec<u8>> = new.iter().map(|s| s.id.bytes().to_vec()).collect();
+        let intent: i64 = sqlx::query_scalar(
+            "INSERT INTO raw_doc_expiry (docs, due_at, pending_write)
+             VALUES ($1, now() + make_interval(secs => $2), true) RETURNING id",
+        )
+        .bind(&new_ids)
+        .bind(self.tuning.intent_ttl.as_secs_f64())
+        .fetch_one(&self.pg)
+        .await?;
+        self.segments.insert_many(&encoded).ordered(false).await?;
+        let bytes: u64 = lens.iter().map(|&l| l as u64).sum();
+        metrics::counter!("raw_store_bytes_written_total", "by" => "merge").increment(bytes);
+
+        let mut tx = self.pg.begin().await?;
+        sqlx::query("SELECT 1 FROM reading_buckets WHERE id = $1 FOR UPDATE")
+            .bind(bucket_id)
+            .execute(&mut *tx)
+            .await?;
+        let gone = sqlx::query("DELETE FROM raw_docs WHERE bucket_id = $1 AND doc = ANY($2)")
+            .bind(bucket_id)
+            .bind(&old)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let kept = sqlx::query("DELETE FROM raw_doc_expiry WHERE id = $1")
+            .bind(intent)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if gone != old.len() as u64 || kept != 1 {
+            // Someone changed the bucket first, or this took longer than the intent
+            // lived: the new segments expire, the bucket is looked at again.
+            tx.rollback().await?;
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes)
+             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int[], $4::timestamptz[],
+                                  $5::timestamptz[], $6::int[])",
+        )
+        .bind(&new_ids)
+        .bind(vec![bucket_id; new.len()])
+        .bind(
+            new.iter()
+                .map(|s| s.readings.len() as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(new.iter().map(|s| s.span().0).collect::<Vec<_>>())
+        .bind(new.iter().map(|s| s.span().1).collect::<Vec<_>>())
+        .bind(&lens)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE reading_buckets SET docs = docs - $2 + $3, checked_docs = 0,
+                    settled = settled OR $4
+             WHERE id = $1",
+        )
+        .bind(bucket_id)
+        .bind(old.len() as i32)
+        .bind(new.len() as i32)
+        .bind(is_final)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        for segment in new {
+            self.recent.insert(segment.id, segment);
+        }
+        report.merged += old.len();
+        report.written += lens.len();
+        report.bytes += bytes;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn rows(counts: &[i32]) -> Vec<DocRow> {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, &count)| DocRow {
+                doc: vec![i as u8],
+                count,
+                first_ts: t0 + chrono::Duration::seconds(10 * i as i64),
+                last_ts: t0 + chrono::Duration::seconds(10 * i as i64 + 9),
+                bytes: 36 * count + 200,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn four_small_segments_merge_and_the_merge_cascades() {
+        assert!(tier_plan(&rows(&[1, 1, 1])).is_empty());
+        assert_eq!(tier_plan(&rows(&[1, 1, 1, 1])), vec![vec![0, 1, 2, 3]]);
+        // Four singles make a fourth segment of 4-15, and those four merge into one.
+        let plan = tier_plan(&rows(&[5, 6, 7, 1, 1, 1, 1, 300]));
+        assert_eq!(plan.len(), 1);
+        let mut merged = plan[0].clone();
+        merged.sort();
+        assert_eq!(merged, vec![0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_bucket_fed_one_reading_at_a_time_keeps_few_segments_and_rewrites_each_reading_a_few_times()
+    {
+        // Simulate a sensor sending 900 readings one by one, merged whenever due.
+        let mut docs: Vec<i32> = Vec::new();
+        let mut rewritten = 0i64;
+        for _ in 0..900 {
+            docs.push(1);
+            let plan = tier_plan(&rows(&docs));
+            for group in &plan {
+                rewritten += group.iter().map(|&i| i64::from(docs[i])).sum::<i64>();
+            }
+            let merged: Vec<i32> = plan
+                .iter()
+                .map(|g| g.iter().map(|&i| docs[i]).sum())
+                .collect();
+            let gone: std::collections::HashSet<usize> = plan.into_iter().flatten().collect();
+            docs = docs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !gone.contains(i))
+                .map(|(_, &c)| c)
+                .chain(merged)
+                .collect();
+            let small = docs.iter().filter(|&&c| c < 256).count();
+            assert!(small <= 12, "{docs:?}");
+        }
+        assert_eq!(docs.iter().sum::<i32>(), 900);
+        assert!(rewritten <= 900 * 5, "{rewritten}");
+    }
+
+    #[test]
+    fn the_final_merge_keeps_full_segments_that_overlap_nothing() {
+        let mut docs = rows(&[200, 1, 1]);
+        assert_eq!(final_plan(&docs), vec![1, 2]);
+        // A late segment spanning the full one makes it part of the merge.
+        docs[2].first_ts = docs[0].first_ts;
+        docs[2].last_ts = docs[1].last_ts;
+        assert_eq!(final_plan(&docs), vec![0, 1, 2]);
+        assert!(final_plan(&rows(&[200, 1])).is_empty());
+    }
+}

@@ -1,0 +1,226 @@
+//! The reading store: raw readings in MongoDB, found through PostgreSQL, exactly once.
+//!
+//! # Shape
+//!
+//! Raw readings live in MongoDB as *segments* ([`codec`]): one document holds readings
+//! of one sensor in one 15-minute bucket, column by column, up to
+//! [`SEGMENT_READINGS`]. Nothing reads MongoDB except by `_id`: the embedded FerretDB
+//! answers any other filter by reading the whole collection. PostgreSQL is the index:
+//!
+//! - `reading_buckets`: per sensor and bucket, the rollup (count, exact sum, min, max)
+//!   and how many segments hold its readings; `raw_docs`: each segment's `_id`, bucket,
+//!   count and first and last `ts`. History walks buckets newest first and fetches only
+//!   the segments a page needs ([`queries`]).
+//! - `reading_ids`: every reading id with its bucket: idempotency (a reading id is stored
+//!   once) and a reading by id.
+//! - `reading_hours`: hourly rollups, so a year of daily averages reads ~9,000 rows, not
+//!   35,000 buckets.
+//! - `sensor_latest`: each sensor's newest reading and its reading count.
+//! - `raw_doc_expiry`: segments that exist, or may, in MongoDB without being registered:
+//!   written by an ingest that has not committed yet (expire unless it commits), or
+//!   replaced by a merge or a correction (expire after a grace period, so readers that
+//!   listed them a moment ago still find them).
+//!
+//! # Exactly once
+//!
+//! [`ReadingStore::store`] (see [`write`]):
+//!
+//! 1. PostgreSQL, one statement: record the segments about to be written as expiring, and
+//!    find which reading ids are stored already (redeliveries): those are left out.
+//! 2. MongoDB: insert the segments (fresh `_id`s).
+//! 3. PostgreSQL, one statement (atomic): delete the expiry row, and only if it was
+//!    there register the segments, claim the reading ids (a plain insert: an id another
+//!    writer claimed in between fails the statement, and the call starts over), add the
+//!    rollups and move the latest rows.
+//!
+//! A crash or an outage between 1 and 3 registers nothing and counts nothing; the
+//! written segments expire and are deleted ([`ReadingStore::expire_due`]), and the
+//! redelivered readings are stored anew. After 3 they are stored and counted, and a
+//! redelivery finds their ids in step 1. Rollups are always what the registered segments
+//! hold ([`ReadingStore::recompute_bucket`]).
+//!
+//! # Merging
+//!
+//! A sensor that sends one reading a message makes one segment a reading. Segments of a
+//! bucket are merged in the background ([`compact`]): while the bucket is open, in size
+//! tiers (four small segments into one), so a bucket never has more than about three
+//! segments per size class and each reading is rewritten a few times at most; once the
+//! bucket is closed, into as few segments as its readings need.
+
+pub mod codec;
+mod compact;
+mod corrections;
+mod dead_letters;
+mod latest;
+mod migrate;
+mod queries;
+mod rollups;
+mod write;
+
+use std::{sync::Arc, time::Duration};
+
+use mongodb::{
+    bson::{oid::ObjectId, Document, RawDocumentBuf},
+    Collection, Database,
+};
+use sqlx::PgPool;
+
+pub use codec::{bson_time, bucket_of, Segment, BUCKET_MINUTES};
+pub use compact::CompactReport;
+pub use dead_letters::{DeadLetter, DeadLetterQuery, StoredDeadLetter, DEAD_LETTER_PAYLOAD_BYTES};
+pub use latest::LatestCache;
+pub use migrate::MigrationReport;
+pub use queries::{DayStat, HistoryPage, HistoryQuery, Position};
+pub use rollups::{BucketChange, ChangeHook, BUCKETS_CHANNEL, LATE_AFTER};
+pub use write::StoreOutcome;
+
+/// Collection of segments (raw readings).
+pub const SEGMENTS: &str = "reading_segments";
+/// Collection of refused messages and readings.
+pub const DEAD_LETTERS: &str = "dead_letters";
+/// Most readings in one segment: a history page of 50 costs the fetch of a document of
+/// at most this many (the embedded FerretDB pays per byte it returns).
+pub const SEGMENT_READINGS: usize = 256;
+/// Most bytes of readings in one segment (extra fields can be large), unless one reading
+/// alone is larger. Far below MongoDB's 16 MiB.
+pub const SEGMENT_BYTES: usize = 1 << 20;
+
+/// A store failed. Every variant but [`StoreError::Corrupt`] is worth retrying: the data
+/// is kept by the caller and nothing half-applied is lost (see the module docs).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// PostgreSQL failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// MongoDB failed.
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    /// A raw document cannot be read back, or is missing although registered.
+    #[error("raw store: {0}")]
+    Corrupt(String),
+}
+
+impl From<codec::CodecError> for StoreError {
+    fn from(e: codec::CodecError) -> Self {
+        Self::Corrupt(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// True when a store could not be reached (the caller answers 503 or retries).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Postgres(e) => crate::db::is_unavailable(e),
+            Self::Mongo(e) => crate::mongo::is_unavailable(e),
+            Self::Corrupt(_) => false,
+        }
+    }
+}
+
+/// How the store sizes its work; the defaults suit production, tests shorten the waits.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How long written but unregistered segments wait before they are deleted
+    /// (`CONSUMER_RECOVER_AFTER_SECS`): longer than any store call takes.
+    pub intent_ttl: Duration,
+    /// Readings of recently written segments kept in memory (merges and history read
+    /// them from here instead of the document store).
+    pub cache_readings: u64,
+    /// How long after a bucket's end it counts as closed (late readings still come).
+    pub close_after: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            intent_ttl: Duration::from_secs(30),
+            cache_readings: 64 * 1024,
+            close_after: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The reading store. Cheap to clone; clones share caches.
+#[derive(Clone)]
+pub struct ReadingStore {
+    pg: PgPool,
+    segments: Collection<RawDocumentBuf>,
+    dead_letters: Collection<Document>,
+    legacy: Collection<Document>,
+    latest: LatestCache,
+    recent: moka::sync::Cache<ObjectId, Arc<Segment>>,
+    on_change: Option<ChangeHook>,
+    tuning: Tuning,
+}
+
+impl ReadingStore {
+    /// A store over PostgreSQL (migrated) and a MongoDB database.
+    pub fn new(pg: PgPool, mongo: &Database) -> Self {
+        Self::with_tuning(pg, mongo, Tuning::default())
+    }
+
+    /// A store with explicit tuning.
+    pub fn with_tuning(pg: PgPool, mongo: &Database, tuning: Tuning) -> Self {
+        Self {
+            pg,
+            segments: mongo.collection(SEGMENTS),
+            dead_letters: mongo.collection(DEAD_LETTERS),
+            legacy: mongo.collection(codec::legacy::COLLECTION),
+            latest: LatestCache::new(Duration::from_secs(1)),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(tuning.cache_readings)
+                .weigher(|_, s: &Arc<Segment>| s.readings.len().try_into().unwrap_or(u32::MAX))
+                .time_to_live(Duration::from_secs(30 * 60))
+                .build(),
+            on_change: None,
+            tuning,
+        }
+    }
+
+    /// Calls `hook` after every commit that changed buckets of possibly finished days.
+    pub fn with_change_hook(mut self, hook: ChangeHook) -> Self {
+        self.on_change = Some(hook);
+        self
+    }
+
+    /// Serves latest readings through `cache` (edge mode shares the API's, so what the
+    /// consumer commits is current there at once).
+    pub fn with_latest_cache(mut self, cache: LatestCache) -> Self {
+        self.latest = cache;
+        self
+    }
+
+    fn changed(&self, changes: &[BucketChange]) {
+        if let (Some(hook), false) = (&self.on_change, changes.is_empty()) {
+            hook(changes);
+        }
+    }
+}
+
+impl ReadingStore {
+    /// Runs the store's background work every `every` until `stop` turns true: deletes
+    /// expired segments (recovering from writes that never committed) and merges the
+    /// buckets that are due. Several processes may run it at once.
+    pub async fn maintain(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.expire_due().await {
+                tracing::warn!(error = %e, "deleting expired segments failed; will retry");
+            }
+            // A few passes a round at most: a bucket whose merge lost a race stays due.
+            for _ in 0..16 {
+                match self.compact(chrono::Utc::now()).await {
+                    Ok(report) if report.buckets > 0 && !*stop.borrow() => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "merging segments failed; will retry");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! Reading readings back: history pages, a reading by id, daily statistics.
+//!
+//! PostgreSQL says which segments can hold what is asked (buckets newest first, each
+//! with its segments' counts and time spans); only those are fetched, by `_id`, from the
+//! cache of recently written segments or the document store. A segment that vanished
+//! between the two (a merge replaced it, and its grace period ran out) restarts the
+//! query.
+
+use std::{collections::HashMap, sync::Arc};
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono_tz::Tz;
+use futures::future::try_join_all;
+use mongodb::bson::{doc, oid::ObjectId};
+use uuid::Uuid;
+
+use super::{codec::BUCKET_MINUTES, ReadingStore, Segment, StoreError};
+use crate::{ids::SensorId, reading::Reading, tz::local_day_start};
+
+/// How many times a query starts over when a segment it listed is gone.
+const ATTEMPTS: usize = 3;
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Position {
+    /// After skipping this many readings (page numbers).
+    Offset(u64),
+    /// After this reading (`ts`, `id`), in newest-first order (a keyset cursor).
+    After(DateTime<Utc>, Uuid),
+}
+
+/// A history request: a sensor's readings newest first by `(ts, id)`.
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    /// The sensor.
+    pub sensor: SensorId,
+    /// Only readings measured at or after this.
+    pub from: Option<DateTime<Utc>>,
+    /// Only readings measured before this.
+    pub to: Option<DateTime<Utc>>,
+    /// Where the page starts.
+    pub position: Position,
+    /// Readings per page.
+    pub limit: usize,
+}
+
+/// A page of history.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The readings, newest first.
+    pub readings: Vec<Reading>,
+    /// Whether more readings follow.
+    pub more: bool,
+    /// The sensor's readings in all, when the query had no window and no cursor.
+    pub total: Option<i64>,
+}
+
+/// One local day's statistics of one sensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DayStat {
+    /// Readings.
+    pub count: i64,
+    /// Their sum.
+    pub sum: f64,
+    /// The lowest.
+    pub min: f64,
+    /// The highest.
+    pub max: f64,
+}
+
+impl DayStat {
+    /// Both days' readings together.
+    pub fn merge(self, other: DayStat) -> DayStat {
+        DayStat {
+            count: self.count + other.count,
+            sum: self.sum + other.sum,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+        }
+    }
+}
+
+/// A bucket with one of its segments (none for a bucket without any, which only a bulk
+/// load of rollups makes).
+#[derive(sqlx::FromRow)]
+struct BucketRow {
+    bucket: DateTime<Utc>,
+    bucket_count: i64,
+    doc: Option<Vec<u8>>,
+    count: Option<i32>,
+    first_ts: Option<DateTime<Utc>>,
+    last_ts: Option<DateTime<Utc>>,
+}
+
+/// A reading's place: its bucket, its time in it, and a segment of that bucket.
+#[derive(sqlx::FromRow)]
+struct PlaceRow {
+    bucket: DateTime<Utc>,
+    offset_ms: i32,
+    doc: Vec<u8>,
+    first_ts: DateTime<Utc>,
+    last_ts: DateTime<Utc>,
+}
+
+/// A segment as the index lists it.
+#[derive(Debug, Clone)]
+struct Listed {
+    doc: Vec<u8>,
+    count: i32,
+    first_ts: DateTime<Utc>,
+    last_ts: DateTime<Utc>,
+}
+
+fn object_id(bytes: &[u8]) -> Result<ObjectId, StoreError> {
+    <[u8; 12]>::try_from(bytes)
+        .map(ObjectId::from_bytes)
+        .map_err(|_| StoreError::Corrupt("a registered segment id is not 12 bytes".into()))
+}
+
+/// The bounds a query puts on readings.
+struct Window {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+}
+
+impl Window {
+    fn holds(&self, r: &Reading) -> bool {
+        self.from.is_none_or(|f| r.ts >= f)
+            && self.to.is_none_or(|t| r.ts < t)
+            && self.after.is_none_or(|a| (r.ts, r.id) < a)
+    }
+
+    /// Whether every reading measured in `[first, last]` is inside.
+    fn covers(&self, first: DateTime<Utc>, last: DateTime<Utc>) -> bool {
+        self.from.is_none_or(|f| first >= f)
+            && self.to.is_none_or(|t| last < t)
+            && self.after.is_none_or(|(ts, _)| last < ts)
+    }
+
+    /// Whether no reading measured in `[first, last]` can be inside.
+    fn excludes(&self, first: DateTime<Utc>, last: DateTime<Utc>) -> bool {
+        self.from.is_some_and(|f| last < f)
+            || self.to.is_some_and(|t| first >= t)
+            || self.after.is_some_and(|(ts, _)| first > ts)
+    }
+}
+
+/// The segments of one bucket that can hold its newest `need` readings inside `window`.
+/// Segments wholly inside the window guarantee their counts: with T the latest time
+/// such that they hold at least `need` readings measured at or after T, every one of
+/// the newest `need` is at or after T, so segments ending before T cannot contribute.
+fn prune(mut docs: Vec<Listed>, window: &Window, need: u64) -> Vec<Listed> {
+    docs.retain(|d| !window.excludes(d.first_ts, d.last_ts));
+    let mut inside: Vec<&Listed> = docs
+        .iter()
+        .filter(|d| window.covers(d.first_ts, d.last_ts))
+        .collect();
+    inside.sort_by_key(|d| std::cmp::Reverse(d.first_ts));
+    let mut guaranteed = 0u64;
+    let mut threshold = None;
+    for d in inside {
+        guaranteed += d.count as u64;
+        if guaranteed >= need {
+            threshold = Some(d.first_ts);
+            break;
+        }
+    }
+    if let Some(t) = threshold {
+        docs.retain(|d| d.last_ts >= t);
+    }
+    docs
+}
+
+impl ReadingStore {
+    /// Segments by `_id`, in order, from the cache of recent writes or the document
+    /// store (concurrently); `None` for one that does not exist.
+    pub(super) async fn fetch_segments(
+        &self,
+        docs: &[Vec<u8>],
+    ) -> Result<Vec<Option<Arc<Segment>>>, StoreError> {
+        let fetches = docs.iter().map(|d| async move {
+            let id = object_id(d)?;
+            if let Some(hit) = self.recent.get(&id) {
+                metrics::counter!("raw_segment_reads_total", "from" => "cache").increment(1);
+                return Ok::<_, StoreError>(Some(hit));
+            }
+            metrics::counter!("raw_segment_reads_total", "from" => "store").increment(1);
+            match self.segments.find_one(doc! { "_id": id }).await? {
+                Some(raw) => Ok(Some(Arc::new(Segment::decode(&raw)?))),
+                None => Ok(None),
+            }
+        });
+        try_join_all(fetches).await
+    }
+
+    /// A page of a sensor's readings, newest first by `(ts, id)`.
+    #[tracing::instrument(skip_all, fields(sensor_id = %query.sensor))]
+    pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        for _ in 1..ATTEMPTS {
+            if let Some(page) = self.try_history(query).await? {
+                return Ok(page);
+            }
+            metrics::counter!("raw_query_restarts_total").increment(1);
+        }
+        self.try_history(query).await?.ok_or_else(|| {
+            StoreError::Corrupt("registered segments kept vanishing during a query".into())
+        })
+    }
+
+    async fn try_history(&self, q: &HistoryQuery) -> Result<Option<HistoryPage>, StoreError> {
+        let window = Window {
+            from: q.from,
+            to: q.to,
+            after: match q.position {
+                Position::After(ts, id) => Some((ts, id)),
+                Position::Offset(_) => None,
+            },
+        };
+        let mut skip = match q.position {
+            Position::Offset(n) => n,
+            Position::After(..) => 0,
+        };
+        let want = q.limit + 1;
+        let width = Duration::minutes(BUCKET_MINUTES);
+        // Newest bucket that can hold anything inside the window.
+        let mut upper = [
+            q.to.map(|t| super::bucket_of(t - Duration::milliseconds(1))),
+            window.after.map(|(ts, _)| super::bucket_of(ts)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let lower = q.from.map(super::bucket_of);
+        let total = if q.from.is_none() && q.to.is_none() && window.after.is_none() {
+            Some(
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT coalesce((SELECT count FROM sensor_latest WHERE sensor_id = $1), 0)",
+                )
+                .bind(q.sensor.0)
+                .fetch_one(&self.pg)
+                .await?,
+            )
+        } else {
+            None
+        };
+        let mut found: Vec<Reading> = Vec::with_capacity(want);
+        // Buckets are listed a few at a time; more at a time while skipping far.
+        let mut batch: i64 = if skip > 0 { 64 } else { 4 };
+        'listing: loop {
+            // Buckets with their segments (a bucket without any, which only a bulk load
+            // of rollups makes, lists once with none).
+            let listed: Vec<BucketRow> = sqlx::query_as(
+                "SELECT b.bucket, b.count AS bucket_count, d.doc, d.count, d.first_ts, d.last_ts
+                 FROM (SELECT id, bucket, count FROM reading_buckets
+                       WHERE sensor_id = $1
+                         AND ($2::timestamptz IS NULL OR bucket <= $2)
+                         AND ($3::timestamptz IS NULL OR bucket >= $3)
+                       ORDER BY bucket DESC LIMIT $4) b
+                 LEFT JOIN raw_docs d ON d.bucket_id = b.id
+                 ORDER BY b.bucket DESC",
+            )
+            .bind(q.sensor.0)
+            .bind(upper)
+            .bind(lower)
+            .bind(batch)
+            .fetch_all(&self.pg)
+            .await?;
+            let mut buckets: Vec<(DateTime<Utc>, i64, Vec<Listed>)> = Vec::new();
+            for row in listed {
+                if buckets.last().is_none_or(|(b, ..)| *b != row.bucket) {
+                    buckets.push((row.bucket, row.bucket_count, Vec::new()));
+                }
+                if let (Some(doc), Some(count), Some(first_ts), Some(last_ts)) =
+                    (row.doc, row.count, row.first_ts, row.last_ts)
+                {
+                    let docs = &mut buckets.last_mut().expect("pushed").2;
+                    docs.push(Listed {
+                        doc,
+                        count,
+                        first_ts,
+                        last_ts,
+                    });
+                }
+            }
+            let exhausted = (buckets.len() as i64) < batch;
+            for (bucket, count, docs) in buckets {
+                upper = Some(bucket - width);
+                let whole = window.covers(bucket, bucket + width - Duration::milliseconds(1));
+                if whole && skip >= count as u64 {
+                    skip -= count as u64;
+                    continue;
+                }
+                let need = skip + (want - found.len()) as u64;
+                let chosen = prune(docs, &window, need);
+                let ids: Vec<Vec<u8>> = chosen.iter().map(|d| d.doc.clone()).collect();
+                let mut readings = Vec::new();
+                for segment in self.fetch_segments(&ids).await? {
+                    let Some(segment) = segment else {
+                        return Ok(None);
+                    };
+                    readings.extend(segment.readings.iter().filter(|r| window.holds(r)).cloned());
+                }
+                readings.sort_by_key(|r| std::cmp::Reverse((r.ts, r.id)));
+                let dropped = (skip as usize).min(readings.len());
+                skip -= dropped as u64;
+                found.extend(readings.into_iter().skip(dropped).take(want - found.len()));
+                if found.len() >= want {
+                    break 'listing;
+                }
+            }
+            if exhausted {
+                break;
+            }
+            batch = (batch * 4).min(4096);
+        }
+        let more = found.len() > q.limit;
+        found.truncate(q.limit);
+        Ok(Some(HistoryPage {
+            readings: found,
+            more,
+            total,
+        }))
+    }
+
+    /// A reading by id.
+    #[tracing::instrument(skip_all, fields(reading_id = %id))]
+    pub async fn reading(&self, id: Uuid) -> Result<Option<Reading>, StoreError> {
+        for _ in 0..ATTEMPTS {
+            let listed: Vec<PlaceRow> = sqlx::query_as(
+                "SELECT b.bucket, r.offset_ms, d.doc, d.first_ts, d.last_ts
+                 FROM reading_ids r
+                 JOIN reading_buckets b ON b.id = r.bucket_id
+                 JOIN raw_docs d ON d.bucket_id = b.id
+                 WHERE r.id = $1",
+            )
+            .bind(id)
+            .fetch_all(&self.pg)
+            .await?;
+            let Some(first) = listed.first() else {
+                return Ok(None);
+            };
+            let ts = first.bucket + Duration::milliseconds(i64::from(first.offset_ms));
+            let docs: Vec<Vec<u8>> = listed
+                .iter()
+                .filter(|p| p.first_ts <= ts && ts <= p.last_ts)
+                .map(|p| p.doc.clone())
+                .collect();
+            let segments = self.fetch_segments(&docs).await?;
+            if segments.iter().any(Option::is_none) {
+                continue;
+            }
+            return Ok(segments
+                .into_iter()
+                .flatten()
+                .find_map(|s| s.readings.iter().find(|r| r.id == id).cloned()));
+        }
+        Err(StoreError::Corrupt(format!(
+            "the segments of reading {id} kept vanishing"
+        )))
+    }
+
+    /// Statistics per sensor and local day in `tz`, for the days `from..=to`, from the
+    /// hourly rollups; where a day starts inside an hour (zones at :30 and :45), that
+    /// hour's 15-minute buckets. Never reads raw readings.
+    #[tracing::instrument(skip_all, fields(sensors = sensors.len(), tz = %tz))]
+    pub async fn daily(
+        &self,
+        sensors: &[SensorId],
+        tz: Tz,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<HashMap<(SensorId, NaiveDate), DayStat>, StoreError> {
+        let days: Vec<NaiveDate> = from.iter_days().take_while(|d| *d <= to).collect();
+        let starts: Vec<DateTime<Utc>> = days
+            .iter()
+            .chain(std::iter::once(&(to + chrono::Days::new(1))))
+            .map(|d| local_day_start(tz, *d))
+            .collect();
+        let hour = |t: DateTime<Utc>| t - Duration::seconds(t.timestamp().rem_euclid(3600));
+        // Hours a day boundary falls inside: read as buckets instead.
+        let split: Vec<DateTime<Utc>> = starts
+            .iter()
+            .filter(|s| hour(**s) != **s)
+            .map(|s| hour(*s))
+            .collect();
+        let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
+        type Row = (Uuid, DateTime<Utc>, i64, f64, f64, f64);
+        let hours = sqlx::query_as::<_, Row>(
+            "SELECT sensor_id, hour, count, sum::float8, min, max FROM reading_hours
+             WHERE sensor_id = ANY($1) AND hour >= $2 AND hour < $3 AND NOT hour = ANY($4)",
+        )
+        .bind(&ids)
+        .bind(hour(starts[0]))
+        .bind(starts[starts.len() - 1])
+        .bind(&split)
+        .fetch_all(&self.pg);
+        let buckets = async {
+            if split.is_empty() {
+                return Ok(Vec::new());
+            }
+            sqlx::query_as::<_, Row>(
+                "SELECT sensor_id, bucket, count, sum::float8, min, max FROM reading_buckets
+                 WHERE sensor_id = ANY($1) AND date_trunc('hour', bucket) = ANY($2)",
+            )
+            .bind(&ids)
+            .bind(&split)
+            .fetch_all(&self.pg)
+            .await
+        };
+        let (hours, buckets) = tokio::try_join!(hours, buckets)?;
+        let mut out: HashMap<(SensorId, NaiveDate), DayStat> = HashMap::new();
+        for (sensor, at, count, sum, min, max) in hours.into_iter().chain(buckets) {
+            // The day whose span holds `at` (rows before the first day or after the last
+            // are the neighbours' parts of a split hour).
+            let i = starts.partition_point(|s| *s <= at);
+            if i == 0 || i > days.len() {
+                continue;
+            }
+            let stat = DayStat {
+                count,
+                sum,
+                min,
+                max,
+            };
+            out.entry((SensorId(sensor), days[i - 1]))
+                .and_modify(|s| *s = s.merge(stat))
+                .or_insert(stat);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn listed(first: i64, last: i64, count: i32) -> Listed {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        Listed {
+            doc: first.to_be_bytes().to_vec(),
+            count,
+            first_ts: t0 + Duration::seconds(first),
+            last_ts: t0 + Duration::seconds(last),
+        }
+    }
+
+    fn open() -> Window {
+        Window {
+            from: None,
+            to: None,
+            after: None,
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_only_segments_that_can_hold_the_newest_readings() {
+        // In order, one segment per minute: the newest two hold 50 readings.
+        let docs: Vec<Listed> = (0..10).map(|m| listed(m * 60, m * 60 + 59, 30)).collect();
+        let kept = prune(docs.clone(), &open(), 50);
+        let mut firsts: Vec<i64> = kept.iter().map(|d| d.first_ts.timestamp() % 3600).collect();
+        firsts.sort();
+        assert_eq!(firsts, vec![480, 540]);
+        // A late segment spanning everything must be read too.
+        let mut with_late = docs;
+        with_late.push(listed(0, 599, 5));
+        assert_eq!(prune(with_late, &open(), 50).len(), 3);
+    }
+
+    #[test]
+    fn pruning_never_drops_a_segment_straddling_the_cursor() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let docs = vec![
+            listed(0, 100, 10),
+            listed(100, 200, 10),
+            listed(200, 300, 10),
+        ];
+        let window = Window {
+            from: None,
+            to: None,
+            after: Some((t0 + Duration::seconds(100), Uuid::max())),
+        };
+        let kept = prune(docs, &window, 5);
+        // The newest segment is after the cursor; the one ending at it may hold some.
+        assert_eq!(kept.len(), 2);
+        assert!(kept
+            .iter()
+            .all(|d| d.first_ts <= t0 + Duration::seconds(100)));
+    }
+}

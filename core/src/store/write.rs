@@ -1,0 +1,560 @@
+//! Storing readings exactly once, and deleting what expired (the segments of writes
+//! that never committed, and those merges and corrections replaced).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
+
+use chrono::{DateTime, Utc};
+use mongodb::{
+    bson::{doc, oid::ObjectId, Bson, RawDocumentBuf},
+    error::ErrorKind,
+};
+use uuid::Uuid;
+
+use super::{
+    codec::{bucket_of, offset_in_bucket, Segment},
+    rollups::{late_changes, BUCKETS_CHANNEL},
+    ReadingStore, StoreError, SEGMENTS, SEGMENT_BYTES, SEGMENT_READINGS,
+};
+use crate::{ids::SensorId, reading::Reading};
+
+/// What a [`ReadingStore::store`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoreOutcome {
+    /// Readings stored now.
+    pub inserted: usize,
+    /// Readings already stored before (redeliveries, replays).
+    pub duplicates: usize,
+    /// Readings that cannot be stored, by index into the input, with the reason (the
+    /// document store refused them, or their sensor was deleted meanwhile). Callers
+    /// dead-letter them; they are not retried.
+    pub refused: Vec<(usize, String)>,
+}
+
+/// How many times a store call starts over after another writer claimed one of its
+/// reading ids first, before it reports the conflict as an error.
+const RACE_RETRIES: usize = 5;
+
+/// One segment about to be written: its readings as indexes into the input.
+struct Planned {
+    id: ObjectId,
+    members: Vec<usize>,
+}
+
+/// A readings' size in a segment, for the byte cap: the columns and the extra fields.
+fn weight(r: &Reading) -> usize {
+    36 + if r.extra.is_empty() {
+        0
+    } else {
+        serde_json::to_vec(&r.extra)
+            .map(|v| v.len() + 8)
+            .unwrap_or(0)
+    }
+}
+
+/// Splits readings of one sensor and bucket (sorted) into segments of at most
+/// [`SEGMENT_READINGS`] readings and [`SEGMENT_BYTES`].
+pub(super) fn chunks<T>(items: Vec<T>, weigh: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let w = weigh(&item);
+        match out.last_mut() {
+            Some(last) if last.len() < SEGMENT_READINGS && bytes + w <= SEGMENT_BYTES => {
+                bytes += w;
+                last.push(item);
+            }
+            _ => {
+                bytes = w;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
+}
+
+/// The readings' segments: grouped by sensor and bucket, sorted, cut by the caps, each
+/// with a fresh `_id`. `ids` gives each group the `_id`s to use, in order (so a plan made
+/// after leaving out duplicates reuses the `_id`s recorded as expiring before).
+fn plan(
+    readings: &[&Reading],
+    keep: impl Fn(usize) -> bool,
+    ids: &mut BTreeMap<(SensorId, DateTime<Utc>), Vec<ObjectId>>,
+) -> Vec<Planned> {
+    let mut groups: BTreeMap<(SensorId, DateTime<Utc>), Vec<usize>> = BTreeMap::new();
+    for (i, r) in readings.iter().enumerate().filter(|(i, _)| keep(*i)) {
+        groups
+            .entry((r.sensor_id, bucket_of(r.ts)))
+            .or_default()
+            .push(i);
+    }
+    let mut out = Vec::new();
+    for (key, mut members) in groups {
+        members.sort_by_key(|&i| (readings[i].ts, readings[i].id));
+        let ids = ids.entry(key).or_default();
+        for (n, members) in chunks(members, |&i| weight(readings[i]))
+            .into_iter()
+            .enumerate()
+        {
+            if ids.len() <= n {
+                ids.push(ObjectId::new());
+            }
+            out.push(Planned {
+                id: ids[n],
+                members,
+            });
+        }
+    }
+    out
+}
+
+impl ReadingStore {
+    /// Stores readings once each; see the module docs. Safe to call again with the same
+    /// readings after any error.
+    #[tracing::instrument(skip_all, fields(readings = readings.len()))]
+    pub async fn store(&self, readings: &[Reading]) -> Result<StoreOutcome, StoreError> {
+        if readings.is_empty() {
+            return Ok(StoreOutcome::default());
+        }
+        let started = Instant::now();
+        // The same reading twice in one call is stored once.
+        let mut seen = HashSet::with_capacity(readings.len());
+        let (positions, unique): (Vec<usize>, Vec<&Reading>) = readings
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| seen.insert(r.id))
+            .unzip();
+        let mut attempt = 0;
+        let mut outcome = loop {
+            match self.store_unique(&unique).await? {
+                Some(outcome) => break outcome,
+                None if attempt < RACE_RETRIES => attempt += 1,
+                None => {
+                    return Err(StoreError::Corrupt(
+                        "other writers kept claiming these reading ids first".into(),
+                    ))
+                }
+            }
+        };
+        outcome.duplicates += readings.len() - unique.len();
+        for refused in &mut outcome.refused {
+            refused.0 = positions[refused.0];
+        }
+        metrics::histogram!("ingest_store_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("ingest_batch_readings").record(readings.len() as f64);
+        metrics::counter!("readings_stored_total").increment(outcome.inserted as u64);
+        metrics::counter!("readings_duplicate_total").increment(outcome.duplicates as u64);
+        Ok(outcome)
+    }
+
+    /// One attempt; `None` when another writer claimed one of the ids meanwhile (the
+    /// caller starts over: this attempt registered nothing).
+    async fn store_unique(
+        &self,
+        readings: &[&Reading],
+    ) -> Result<Option<StoreOutcome>, StoreError> {
+        // 1. Record every segment this call may write as expiring, and learn which
+        //    readings are stored already.
+        let mut ids = BTreeMap::new();
+        let all = plan(readings, |_| true, &mut ids);
+        let expiring: Vec<Vec<u8>> = all.iter().map(|p| p.id.bytes().to_vec()).collect();
+        let reading_ids: Vec<Uuid> = readings.iter().map(|r| r.id).collect();
+        let (intent, stored): (i64, Vec<Uuid>) = sqlx::query_as(
+            "WITH intent AS (
+                INSERT INTO raw_doc_expiry (docs, due_at, pending_write)
+                VALUES ($1, now() + make_interval(secs => $2), true) RETURNING id
+             )
+             SELECT (SELECT id FROM intent),
+                    coalesce((SELECT array_agg(id) FROM reading_ids WHERE id = ANY($3)), '{}')",
+        )
+        .bind(&expiring)
+        .bind(self.tuning.intent_ttl.as_secs_f64())
+        .bind(&reading_ids)
+        .fetch_one(&self.pg)
+        .await?;
+        let stored: HashSet<Uuid> = stored.into_iter().collect();
+        let mut outcome = StoreOutcome {
+            duplicates: stored.len(),
+            ..Default::default()
+        };
+        let planned = if stored.is_empty() {
+            all
+        } else {
+            plan(readings, |i| !stored.contains(&readings[i].id), &mut ids)
+        };
+
+        // 2. The segments, into the document store.
+        let segments: Vec<Arc<Segment>> = planned
+            .iter()
+            .map(|p| {
+                Arc::new(Segment::new(
+                    p.id,
+                    p.members.iter().map(|&i| readings[i].clone()).collect(),
+                ))
+            })
+            .collect();
+        let docs: Vec<RawDocumentBuf> = segments.iter().map(|s| s.encode()).collect();
+        let lens: Vec<i32> = docs.iter().map(|d| d.as_bytes().len() as i32).collect();
+        let mut refused_docs: HashSet<usize> = HashSet::new();
+        if !docs.is_empty() {
+            if let Err(e) = self.segments.insert_many(&docs).ordered(false).await {
+                match *e.kind {
+                    ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
+                        for we in failure.write_errors.iter().flatten() {
+                            if we.code == crate::mongo::DUPLICATE_KEY {
+                                // Fresh ObjectIds never collide: something else is wrong.
+                                return Err(e.into());
+                            }
+                            refused_docs.insert(we.index);
+                            for &i in &planned[we.index].members {
+                                outcome.refused.push((i, we.message.clone()));
+                            }
+                        }
+                    }
+                    // Unknown what was written: it expires, and the caller retries.
+                    _ => return Err(e.into()),
+                }
+            }
+        }
+        let bytes: i64 = lens.iter().map(|&l| i64::from(l)).sum();
+        metrics::counter!("raw_store_bytes_written_total", "by" => "ingest")
+            .increment(bytes as u64);
+
+        // 3. Register, claim and roll up, atomically.
+        let written: Vec<(&Arc<Segment>, i32)> = segments
+            .iter()
+            .zip(lens)
+            .enumerate()
+            .filter(|(n, _)| !refused_docs.contains(n))
+            .map(|(_, s)| s)
+            .collect();
+        let registered = match self.register(intent, &written).await {
+            Err(StoreError::Postgres(e))
+                if crate::db::sqlstate(&e).as_deref() == Some("23505")
+                    && crate::db::constraint(&e) == Some("reading_ids_pkey") =>
+            {
+                return Ok(None)
+            }
+            other => other?,
+        };
+        let Some(registered) = registered else {
+            // The expiry ran first (this call took longer than the intent's TTL): the
+            // segments are gone or going. Start over.
+            return Ok(None);
+        };
+        for ((segment, _), members) in written.iter().zip(
+            planned
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| !refused_docs.contains(n))
+                .map(|(_, p)| &p.members),
+        ) {
+            if registered.sensors.contains(&segment.sensor()) {
+                outcome.inserted += segment.readings.len();
+                self.recent.insert(segment.id, Arc::clone(segment));
+            } else {
+                outcome.refused.extend(
+                    members
+                        .iter()
+                        .map(|&i| (i, "the sensor no longer exists".to_owned())),
+                );
+            }
+        }
+        outcome.refused.sort_by_key(|r| r.0);
+        self.changed(&registered.changes);
+        for reading in registered.new_latest {
+            self.latest.offer(reading).await;
+        }
+        Ok(Some(outcome))
+    }
+
+    /// Step 3 of a store: one statement, so all of it happens or none. `None` when the
+    /// intent `intent` was expired by someone else first.
+    async fn register(
+        &self,
+        intent: i64,
+        segments: &[(&Arc<Segment>, i32)],
+    ) -> Result<Option<Registered>, StoreError> {
+        let mut d = DocColumns::default();
+        let mut r = ReadingColumns::default();
+        let mut newest: BTreeMap<SensorId, (&Reading, i64)> = BTreeMap::new();
+        for (n, (s, len)) in segments.iter().enumerate() {
+            let (first, last) = s.span();
+            d.doc.push(s.id.bytes().to_vec());
+            d.sensor.push(s.sensor().0);
+            d.bucket.push(s.bucket);
+            d.count.push(s.readings.len() as i32);
+            d.first.push(first);
+            d.last.push(last);
+            d.bytes.push(*len);
+            for reading in &s.readings {
+                r.id.push(reading.id);
+                r.ord.push(n as i32 + 1);
+                r.offset.push(offset_in_bucket(reading.ts));
+                r.t.push(reading.temperature.get());
+                let slot = newest.entry(reading.sensor_id).or_insert((reading, 0));
+                slot.1 += 1;
+                if (reading.ts, reading.id) > (slot.0.ts, slot.0.id) {
+                    slot.0 = reading;
+                }
+            }
+        }
+        let (changes, notice) = late_changes(segments.iter().flat_map(|(s, _)| s.readings.iter()));
+        let latest: Vec<&Reading> = newest.values().map(|(r, _)| *r).collect();
+        let row: (i64, Vec<Uuid>, Vec<Uuid>, i64) = sqlx::query_as(REGISTER)
+            .bind(intent)
+            .bind(&d.doc)
+            .bind(&d.sensor)
+            .bind(&d.bucket)
+            .bind(&d.count)
+            .bind(&d.first)
+            .bind(&d.last)
+            .bind(&d.bytes)
+            .bind(&r.id)
+            .bind(&r.ord)
+            .bind(&r.offset)
+            .bind(&r.t)
+            .bind(latest.iter().map(|r| r.sensor_id.0).collect::<Vec<_>>())
+            .bind(latest.iter().map(|r| r.id).collect::<Vec<_>>())
+            .bind(latest.iter().map(|r| r.ts).collect::<Vec<_>>())
+            .bind(
+                latest
+                    .iter()
+                    .map(|r| r.temperature.get())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(latest.iter().map(|r| r.received_at).collect::<Vec<_>>())
+            .bind(
+                latest
+                    .iter()
+                    .map(|r| serde_json::Value::Object(r.extra.clone()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(newest.values().map(|(_, n)| *n).collect::<Vec<i64>>())
+            .bind(notice)
+            .bind(BUCKETS_CHANNEL)
+            .fetch_one(&self.pg)
+            .await?;
+        let (intents, sensors, won, _notified) = row;
+        if intents == 0 {
+            return Ok(None);
+        }
+        let sensors: HashSet<SensorId> = sensors.into_iter().map(SensorId).collect();
+        Ok(Some(Registered {
+            new_latest: latest
+                .into_iter()
+                .filter(|r| won.contains(&r.id))
+                .cloned()
+                .collect(),
+            changes: changes
+                .into_iter()
+                .filter(|c| sensors.contains(&SensorId(c.sensor_id)))
+                .collect(),
+            sensors,
+        }))
+    }
+
+    /// Deletes the segments whose expiry is due: those of writes that never committed
+    /// (a crash, an outage, a lost race) and those merges, corrections and deleted
+    /// sensors left behind. Returns how many expiry rows it finished. Safe to run in
+    /// several processes at once.
+    pub async fn expire_due(&self) -> Result<usize, StoreError> {
+        let mut finished = 0;
+        loop {
+            let mut tx = self.pg.begin().await?;
+            let due: Vec<(i64, Vec<Vec<u8>>)> = sqlx::query_as(
+                "SELECT id, docs FROM raw_doc_expiry WHERE due_at <= now()
+                 ORDER BY due_at LIMIT 64 FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            if due.is_empty() {
+                tx.commit().await?;
+                return Ok(finished);
+            }
+            let docs: Vec<ObjectId> = due
+                .iter()
+                .flat_map(|(_, docs)| docs.iter())
+                .filter_map(|d| {
+                    <[u8; 12]>::try_from(d.as_slice())
+                        .ok()
+                        .map(ObjectId::from_bytes)
+                })
+                .collect();
+            self.delete_documents(&docs).await?;
+            let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
+            sqlx::query("DELETE FROM raw_doc_expiry WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            finished += due.len();
+            metrics::counter!("raw_segments_expired_total").increment(docs.len() as u64);
+        }
+    }
+
+    /// Deletes segments by `_id`, one statement each (a filter on several `_id`s is a
+    /// scan on FerretDB), in one command.
+    async fn delete_documents(&self, docs: &[ObjectId]) -> Result<(), StoreError> {
+        for chunk in docs.chunks(500) {
+            for id in chunk {
+                self.recent.invalidate(id);
+            }
+            let deletes: Vec<Bson> = chunk
+                .iter()
+                .map(|id| Bson::Document(doc! { "q": { "_id": id }, "limit": 1 }))
+                .collect();
+            self.segments
+                .client()
+                .database(self.segments.namespace().db.as_str())
+                .run_command(doc! { "delete": SEGMENTS, "deletes": deletes, "ordered": false })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a registration did.
+struct Registered {
+    /// Sensors whose segments were registered (the others were deleted meanwhile).
+    sensors: HashSet<SensorId>,
+    /// Readings that became their sensor's latest.
+    new_latest: Vec<Reading>,
+    /// Late buckets announced.
+    changes: Vec<super::BucketChange>,
+}
+
+#[derive(Default)]
+struct DocColumns {
+    doc: Vec<Vec<u8>>,
+    sensor: Vec<Uuid>,
+    bucket: Vec<DateTime<Utc>>,
+    count: Vec<i32>,
+    first: Vec<DateTime<Utc>>,
+    last: Vec<DateTime<Utc>>,
+    bytes: Vec<i32>,
+}
+
+#[derive(Default)]
+struct ReadingColumns {
+    id: Vec<Uuid>,
+    ord: Vec<i32>,
+    offset: Vec<i32>,
+    t: Vec<f64>,
+}
+
+/// Step 3 of a store. Deletes the intent and, only if it was there, registers the
+/// segments of sensors that still exist, claims their reading ids (a plain insert: an id
+/// claimed by another writer since step 1 fails the whole statement), adds the readings
+/// to their buckets and hours, counts them and moves the latest rows; the segments of
+/// deleted sensors expire at once. Rows are locked in (sensor, bucket) order, so
+/// concurrent writers do not deadlock. Returns whether the intent was there, the
+/// sensors registered, and the reading ids that became their sensor's latest.
+const REGISTER: &str = "
+WITH intent AS (
+    DELETE FROM raw_doc_expiry WHERE id = $1 RETURNING id
+), input AS (
+    SELECT d.*, EXISTS (SELECT 1 FROM sensors s WHERE s.id = d.sensor_id) AS known
+    FROM unnest($2::bytea[], $3::uuid[], $4::timestamptz[], $5::int[], $6::timestamptz[],
+                $7::timestamptz[], $8::int[])
+         WITH ORDINALITY AS d(doc, sensor_id, bucket, count, first_ts, last_ts, bytes, ord)
+    WHERE EXISTS (SELECT 1 FROM intent)
+), docs AS (
+    SELECT * FROM input WHERE known
+), readings AS (
+    SELECT r.id, r.offset_ms, r.t, d.sensor_id, d.bucket
+    FROM unnest($9::uuid[], $10::int[], $11::int[], $12::float8[]) AS r(id, ord, offset_ms, t)
+    JOIN docs d ON d.ord = r.ord
+), buckets AS (
+    INSERT INTO reading_buckets AS b (sensor_id, bucket, count, sum, min, max, docs)
+    SELECT r.sensor_id, r.bucket, count(*), sum(r.t::numeric), min(r.t), max(r.t),
+           (SELECT count(*) FROM docs d WHERE d.sensor_id = r.sensor_id AND d.bucket = r.bucket)
+    FROM readings r
+    GROUP BY r.sensor_id, r.bucket
+    ORDER BY r.sensor_id, r.bucket
+    ON CONFLICT (sensor_id, bucket) DO UPDATE SET
+        count = b.count + excluded.count,
+        sum = b.sum + excluded.sum,
+        min = least(b.min, excluded.min),
+        max = greatest(b.max, excluded.max),
+        docs = b.docs + excluded.docs,
+        settled = false
+    RETURNING b.id, b.sensor_id, b.bucket
+), hours AS (
+    INSERT INTO reading_hours AS h (sensor_id, hour, count, sum, min, max)
+    SELECT sensor_id, date_trunc('hour', bucket), count(*), sum(t::numeric), min(t), max(t)
+    FROM readings
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (sensor_id, hour) DO UPDATE SET
+        count = h.count + excluded.count,
+        sum = h.sum + excluded.sum,
+        min = least(h.min, excluded.min),
+        max = greatest(h.max, excluded.max)
+), registered AS (
+    INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes)
+    SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes
+    FROM docs d JOIN buckets b ON b.sensor_id = d.sensor_id AND b.bucket = d.bucket
+), claimed AS (
+    INSERT INTO reading_ids (id, bucket_id, offset_ms)
+    SELECT r.id, b.id, r.offset_ms
+    FROM readings r JOIN buckets b ON b.sensor_id = r.sensor_id AND b.bucket = r.bucket
+), orphaned AS (
+    INSERT INTO raw_doc_expiry (docs, due_at)
+    SELECT array_agg(doc), now() FROM input WHERE NOT known HAVING count(*) > 0
+), latest AS (
+    INSERT INTO sensor_latest AS l (sensor_id, reading_id, ts, temperature, received_at, extra, count)
+    SELECT n.*
+    FROM unnest($13::uuid[], $14::uuid[], $15::timestamptz[], $16::float8[], $17::timestamptz[],
+                $18::jsonb[], $19::int8[])
+         AS n(sensor_id, reading_id, ts, temperature, received_at, extra, count)
+    WHERE n.sensor_id IN (SELECT sensor_id FROM docs)
+    ORDER BY n.sensor_id
+    ON CONFLICT (sensor_id) DO UPDATE SET
+        count = l.count + excluded.count,
+        reading_id = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+                          THEN excluded.reading_id ELSE l.reading_id END,
+        ts = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+                  THEN excluded.ts ELSE l.ts END,
+        temperature = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+                           THEN excluded.temperature ELSE l.temperature END,
+        received_at = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+                           THEN excluded.received_at ELSE l.received_at END,
+        extra = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
+                     THEN excluded.extra ELSE l.extra END,
+        updated_at = now()
+    RETURNING l.reading_id
+), notified AS (
+    SELECT pg_notify($21, $20) FROM intent WHERE $20 IS NOT NULL
+)
+SELECT (SELECT count(*) FROM intent)::int8,
+       coalesce((SELECT array_agg(DISTINCT sensor_id) FROM docs), '{}'),
+       coalesce((SELECT array_agg(reading_id) FROM latest), '{}'),
+       (SELECT count(*) FROM notified)::int8
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_both_caps_and_keep_order() {
+        let items: Vec<usize> = (0..600).collect();
+        let cut = chunks(items.clone(), |_| 36);
+        assert_eq!(
+            cut.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![
+                SEGMENT_READINGS,
+                SEGMENT_READINGS,
+                600 - 2 * SEGMENT_READINGS
+            ]
+        );
+        assert_eq!(cut.concat(), items);
+        // One reading over the byte cap still gets a segment of its own.
+        let cut = chunks(vec![10, SEGMENT_BYTES + 1, 10, 10], |&w| w);
+        assert_eq!(cut, vec![vec![10], vec![SEGMENT_BYTES + 1], vec![10, 10]]);
+    }
+}
