@@ -6,3 +6,4 @@ mod crash;
 mod harness;
 mod mosquitto;
 mod pipeline;
+mod store;

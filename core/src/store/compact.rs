@@ -160,7 +160,7 @@ impl ReadingStore {
         let finals: std::collections::HashSet<i64> =
             due.iter().filter(|(_, f)| *f).map(|(id, _)| *id).collect();
         for (bucket_id, is_final) in due {
-            if !seen.insert(bucket_id) || (!is_final && finals.contains(&bucket_id)) {
+            if (!is_final && finals.contains(&bucket_id)) || !seen.insert(bucket_id) {
                 continue;
             }
             report.buckets += 1;
