@@ -449,7 +449,12 @@ async fn a_reading_of_another_sensor_with_a_taken_id_is_a_duplicate_not_a_second
         ..first.clone()
     };
     assert_eq!(
-        stores.store.store(&[first.clone()]).await.unwrap().inserted,
+        stores
+            .store
+            .store(std::slice::from_ref(&first))
+            .await
+            .unwrap()
+            .inserted,
         1
     );
     let outcome = stores.store.store(&[same_id]).await.unwrap();
