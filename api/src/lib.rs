@@ -9,6 +9,7 @@ mod bootstrap;
 pub mod clients;
 pub mod conversations;
 pub mod daily;
+pub mod dead_letters;
 pub mod error;
 mod health;
 mod http;

@@ -19,6 +19,7 @@ use crate::{
     clients::ClientsApi,
     conversations::ConversationsApi,
     daily::DailyApi,
+    dead_letters::DeadLettersApi,
     error::{into_json_error, panic_response},
     health,
     http::{limit_body, record_metrics},
@@ -43,6 +44,7 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             SensorsApi,
             ReadingsApi,
             DailyApi,
+            DeadLettersApi,
             ConversationsApi,
         ),
         "termopar",
@@ -114,7 +116,7 @@ impl Application {
         let app = Self::with_stores(settings, pg, mongo)?;
         app.state
             .store
-            .migrate_legacy()
+            .prepare()
             .await
             .context("failed to move readings of the previous version")?;
         Ok(app)

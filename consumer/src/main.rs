@@ -16,8 +16,8 @@ async fn main() -> anyhow::Result<()> {
     let mongo = mongo::connect(&MongoSettings::from_env()).await?;
     let store =
         ReadingStore::with_tuning(pg.clone(), &mongo, termopar_core::settings::store_tuning()?);
-    // Readings of the previous version's shape are moved before anything new is stored.
-    store.migrate_legacy().await?;
+    // Before anything new is stored: readings of a previous version are moved.
+    store.prepare().await?;
     termopar_consumer::run(
         settings,
         SensorDirectory::new(pg),

@@ -8,7 +8,10 @@ use secrecy::SecretString;
 use termopar_api::Application;
 use termopar_broker::{BrokerSettings, RunningBroker};
 use termopar_consumer::ConsumerSettings;
-use termopar_core::settings::MqttEndpoint;
+use termopar_core::{
+    settings::MqttEndpoint,
+    store::{MigrationReport, ReadingStore},
+};
 
 /// Everything edge mode needs.
 #[derive(Debug, Clone)]
@@ -49,6 +52,18 @@ impl EdgeSettings {
         }
         Ok(())
     }
+}
+
+/// Applies the database migrations and moves readings of a previous version's shape
+/// (see `termopar_core::store`), without starting anything.
+pub async fn migrate(settings: &EdgeSettings) -> anyhow::Result<MigrationReport> {
+    let pg = termopar_core::db::connect_and_migrate(&settings.api.database).await?;
+    let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
+    Ok(
+        ReadingStore::with_tuning(pg, &mongo, settings.api.store.clone())
+            .prepare()
+            .await?,
+    )
 }
 
 /// A running edge node.

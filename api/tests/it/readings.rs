@@ -471,3 +471,103 @@ async fn readings_of_another_tenant_are_not_found() {
         assert!(!got.1.to_string().contains(s));
     }
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_newest_first_per_tenant_with_their_payload() {
+    let app = TestApp::spawn().await;
+    let mine = app.create_client("mine").await;
+    let theirs = app.create_client("theirs").await;
+    let sensor = app.create_sensor(id(&mine), "s").await;
+    let their_sensor = app.create_sensor(id(&theirs), "t").await;
+    let send = |sensor: &Value, body: &'static [u8]| {
+        let request = app
+            .request(
+                Method::POST,
+                &format!("/sensors/{}/readings", id(sensor)),
+                None,
+            )
+            .header("x-device-secret", sensor["device_secret"].as_str().unwrap())
+            .header("content-type", "application/json")
+            .body(body);
+        async move { read(request.send().await.unwrap()).await }
+    };
+    assert_eq!(
+        send(&sensor, br#"{"temperature": "hot"}"#).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        send(&sensor, b"\xff\x00not json").await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        send(&their_sensor, br#"{"temperature": 5000}"#).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    // A message for no known sensor (as MQTT would dead-letter it): admins only.
+    app.state
+        .store
+        .dead_letter(&[termopar_core::store::DeadLetter {
+            source: "mqtt",
+            topic: Some("clients/x/sensors/y/readings".into()),
+            sensor_id: None,
+            client_id: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            reason: termopar_core::reading::RejectReason::InvalidTopic,
+            detail: "not a readings topic".into(),
+            index: None,
+            received_at: Utc::now(),
+        }])
+        .await
+        .unwrap();
+
+    let (status, all) = app.get("/dead-letters", &app.admin).await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let reasons: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "invalid_topic",
+            "temperature_out_of_range",
+            "malformed_json",
+            "invalid_temperature"
+        ]
+    );
+    let (_, viewer) = app.user_with_token("viewer", Some(id(&mine))).await;
+    let (_, own) = app.get("/dead-letters?page_size=10", &viewer).await;
+    let own_reasons: Vec<&str> = own["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(own_reasons, vec!["malformed_json", "invalid_temperature"]);
+    let (_, filtered) = app
+        .get("/dead-letters?reason=invalid_temperature", &viewer)
+        .await;
+    assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
+
+    // One with its payload: text when UTF-8, hex otherwise; other tenants' are not found.
+    let text_id = own["items"][1]["id"].as_str().unwrap();
+    let (status, one) = app.get(&format!("/dead-letters/{text_id}"), &viewer).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["payload"], r#"{"temperature": "hot"}"#);
+    let binary_id = own["items"][0]["id"].as_str().unwrap();
+    let (_, binary) = app
+        .get(&format!("/dead-letters/{binary_id}"), &viewer)
+        .await;
+    assert_eq!(binary["payload_hex"], hex::encode(b"\xff\x00not json"));
+    for other in [&all["items"][0]["id"], &all["items"][1]["id"]] {
+        let got = app
+            .get(
+                &format!("/dead-letters/{}", other.as_str().unwrap()),
+                &viewer,
+            )
+            .await;
+        assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    }
+}

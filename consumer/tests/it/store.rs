@@ -462,3 +462,32 @@ async fn a_reading_of_another_sensor_with_a_taken_id_is_a_duplicate_not_a_second
     assert_eq!(stores.store.reading(first.id).await.unwrap(), Some(first));
     stores.assert_rollups_match_raw().await;
 }
+
+#[tokio::test]
+async fn the_document_store_finds_a_segment_by_id_through_its_index() {
+    let stores = Stores::new().await;
+    stores.store.prepare().await.unwrap();
+    let explained = stores
+        .mongo
+        .database()
+        .await
+        .run_command(doc! {
+            "explain": { "find": SEGMENTS, "filter": { "_id": mongodb::bson::oid::ObjectId::new() } },
+        })
+        .await
+        .unwrap();
+    let planner = explained.get_document("queryPlanner").unwrap();
+    match planner.get_array("Plan") {
+        // FerretDB: SQLite's plan must search the `_id_` index, not scan the table.
+        Ok(plan) => assert!(
+            plan.iter()
+                .any(|p| p.as_str().is_some_and(|p| p.contains("USING INDEX"))),
+            "FerretDB scans for an _id lookup: {plan:?} (run `make services` to rebuild it)"
+        ),
+        // MongoDB: an index stage.
+        Err(_) => {
+            let winning = planner.get_document("winningPlan").unwrap().to_string();
+            assert!(!winning.contains("COLLSCAN"), "{winning}");
+        }
+    }
+}

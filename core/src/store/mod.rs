@@ -198,6 +198,58 @@ impl ReadingStore {
 }
 
 impl ReadingStore {
+    /// What every process that stores readings does at start, before storing any:
+    /// creates the segment collection, warns when the document store cannot look
+    /// segments up by `_id` without scanning, and moves readings a previous version
+    /// stored (see [`migrate`]).
+    pub async fn prepare(&self) -> Result<MigrationReport, StoreError> {
+        let db = self
+            .segments
+            .client()
+            .database(self.segments.namespace().db.as_str());
+        if let Err(e) = db.create_collection(SEGMENTS).await {
+            // 48: NamespaceExists.
+            if !matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 48) {
+                return Err(e.into());
+            }
+        }
+        self.check_lookups(&db).await?;
+        self.migrate_legacy().await
+    }
+
+    /// Asks the document store how it would find a segment by `_id`. FerretDB 1.24.2 as
+    /// released scans its whole table for that (see `scripts/services.sh`, which builds
+    /// it fixed); real MongoDB uses its `_id` index.
+    async fn check_lookups(&self, db: &Database) -> Result<(), StoreError> {
+        let explained = db
+            .run_command(mongodb::bson::doc! {
+                "explain": { "find": SEGMENTS, "filter": { "_id": ObjectId::new() } },
+            })
+            .await?;
+        let plan: Vec<String> = explained
+            .get_document("queryPlanner")
+            .ok()
+            .and_then(|q| q.get_array("Plan").ok())
+            .map(|p| {
+                p.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let scans = plan.iter().any(|p| p.contains(" SCAN "))
+            && !plan.iter().any(|p| p.contains("USING INDEX"));
+        metrics::gauge!("raw_store_lookups_scan").set(if scans { 1.0 } else { 0.0 });
+        if scans {
+            tracing::warn!(
+                ?plan,
+                "the document store scans its whole collection to find a segment by _id: \
+                 history and readings by id will slow down as data grows. This is FerretDB \
+                 1.24's SQLite backend as released; scripts/services.sh builds it with the fix"
+            );
+        }
+        Ok(())
+    }
+
     /// Runs the store's background work every `every` until `stop` turns true: deletes
     /// expired segments (recovering from writes that never committed) and merges the
     /// buckets that are due. Several processes may run it at once.

@@ -202,3 +202,70 @@ fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
     let err = settings.validate().unwrap_err().to_string();
     assert!(err.contains("rumqttd"), "{err}");
 }
+
+#[tokio::test]
+async fn the_migrate_command_moves_readings_of_the_previous_shape() {
+    let db = TestDb::new().await;
+    let mongo = TestMongo::new();
+    let (client, sensor) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, 'c', 'UTC')")
+        .bind(client)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, 's', '\\x00')",
+    )
+    .bind(sensor)
+    .bind(client)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let store_db = mongo.database().await;
+    let t0 = mongodb::bson::DateTime::parse_rfc3339_str("2026-02-01T00:00:00Z").unwrap();
+    let legacy: Vec<Document> = (0..25)
+        .map(|i| {
+            doc! {
+                "_id": Uuid::new_v4().to_string(), "sensor_id": sensor.to_string(),
+                "client_id": client.to_string(),
+                "ts": mongodb::bson::DateTime::from_millis(t0.timestamp_millis() + i * 60_000),
+                "temperature": i as f64, "received_at": t0, "batch": Uuid::new_v4().to_string(),
+                "extra": {},
+            }
+        })
+        .collect();
+    store_db
+        .collection::<Document>("readings")
+        .insert_many(legacy)
+        .await
+        .unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_termopar"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("MONGODB_URI", &mongo.settings.uri)
+        .env("MONGODB_DB", &mongo.settings.database)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run termopar migrate");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("25 readings moved"), "{stdout}");
+    assert_eq!(test_support::stored_count(&db.pool).await, 25);
+    assert_eq!(
+        test_support::stored_readings(&db.pool, &store_db)
+            .await
+            .len(),
+        25
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count FROM sensor_latest WHERE sensor_id = $1")
+        .bind(sensor)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 25);
+}
