@@ -9,7 +9,7 @@ export ADMIN_EMAIL ADMIN_PASSWORD
 
 CARGO ?= cargo
 
-.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-webhook docker-build up down
+.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook docker-build up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ fmt: ## Format the code
 
 ci: lint test ## What CI runs: lint, then the tests
 
-bench: bench-ingest bench-api bench-webhook ## Every benchmark, each printed as a table with ratios to baselines
+bench: bench-ingest bench-api bench-store bench-webhook ## Every benchmark, each printed as a table with ratios to baselines
 
 bench-build: services
 	@scripts/services.sh bench-tools
@@ -52,6 +52,9 @@ bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker 
 
 bench-api: bench-build ## Latest reading vs /health, daily averages over a year, deep history pages
 	./target/release/bench-api
+
+bench-store: bench-build ## History at 10k vs 5M readings, ingest vs the store's ceiling, slow sensors' bytes, store size, daily averages
+	./target/release/bench-store
 
 bench-webhook: bench-build ## Webhook events/s with 32 senders vs a Django REST Framework baseline
 	./target/release/bench-webhook

@@ -1,5 +1,7 @@
 //! Shared pieces of the benchmarks: result tables, percentiles, process memory.
 
+pub mod ingest;
+
 use std::time::Duration;
 
 /// One row of a result table.

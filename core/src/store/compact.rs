@@ -12,12 +12,16 @@
 //!   segments become as few as their readings need, in time order, except full ones
 //!   that overlap no other, which stay.
 //!
-//! A merge writes its new segments (recorded as expiring first), then swaps them for
-//! the old ones in PostgreSQL under the bucket's row lock, if the old ones are still
-//! all there (a correction or another merger may have replaced one: then nothing
-//! happens, and the new segments expire). The old ones expire after a grace period.
+//! A pass merges many buckets at once. It writes the new segments (recorded as expiring
+//! first), then swaps them for the old ones in PostgreSQL under the buckets' row locks,
+//! for each bucket whose old segments are still all there (a correction or another
+//! compactor may have replaced one: that bucket's new segments expire at once). The
+//! old ones expire after a grace period.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use mongodb::bson::{oid::ObjectId, RawDocumentBuf};
@@ -41,12 +45,13 @@ pub struct CompactReport {
     pub bytes: u64,
 }
 
-/// Buckets looked at per query of a pass.
-const PASS: i64 = 64;
+/// Buckets of each kind (tiers, final) one pass looks at.
+const PASS: i64 = 512;
 
 /// A segment as the index lists it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(super) struct DocRow {
+    pub bucket_id: i64,
     pub doc: Vec<u8>,
     pub count: i32,
     pub first_ts: DateTime<Utc>,
@@ -134,9 +139,27 @@ fn final_plan(docs: &[DocRow]) -> Vec<usize> {
     }
 }
 
+/// What a pass merges in one bucket: groups of segments, each merged into new ones.
+struct Plan {
+    bucket_id: i64,
+    is_final: bool,
+    groups: Vec<Vec<Vec<u8>>>,
+}
+
+/// One bucket's merges in a pass: the segments it loses and gains.
+struct Merge {
+    bucket_id: i64,
+    is_final: bool,
+    old: Vec<Vec<u8>>,
+    new: Vec<Arc<Segment>>,
+}
+
 impl ReadingStore {
     /// One compaction pass at time `now` (the clock is a parameter so benchmarks can
-    /// simulate hours): merges the buckets that are due, up to a few dozen of each kind.
+    /// simulate hours): merges the buckets that are due, up to [`PASS`] of each kind, as
+    /// one batch: one listing, one insert of the new segments, one transaction swapping
+    /// them in. Merging per bucket would cost a few round trips for every seven readings
+    /// of a sensor sending one every ten seconds.
     pub async fn compact(&self, now: DateTime<Utc>) -> Result<CompactReport, StoreError> {
         let closed_before = now
             - chrono::Duration::minutes(BUCKET_MINUTES)
@@ -154,77 +177,118 @@ impl ReadingStore {
         .bind(PASS)
         .fetch_all(&self.pg)
         .await?;
-        let mut report = CompactReport::default();
-        let mut seen = std::collections::HashSet::new();
         // A closed bucket due both ways gets the final merge only.
-        let finals: std::collections::HashSet<i64> =
-            due.iter().filter(|(_, f)| *f).map(|(id, _)| *id).collect();
-        for (bucket_id, is_final) in due {
-            if (!is_final && finals.contains(&bucket_id)) || !seen.insert(bucket_id) {
-                continue;
-            }
-            report.buckets += 1;
-            self.merge_bucket(bucket_id, is_final, &mut report).await?;
+        let mut kinds: HashMap<i64, bool> = HashMap::new();
+        for (id, is_final) in due {
+            *kinds.entry(id).or_default() |= is_final;
         }
+        let mut report = CompactReport {
+            buckets: kinds.len(),
+            ..Default::default()
+        };
+        if kinds.is_empty() {
+            return Ok(report);
+        }
+        let ids: Vec<i64> = kinds.keys().copied().collect();
+        let rows: Vec<DocRow> = sqlx::query_as(
+            "SELECT bucket_id, doc, count, first_ts, last_ts, bytes FROM raw_docs
+             WHERE bucket_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pg)
+        .await?;
+        let mut per_bucket: HashMap<i64, Vec<DocRow>> = HashMap::new();
+        for row in rows {
+            per_bucket.entry(row.bucket_id).or_default().push(row);
+        }
+
+        // Plan every bucket; those with nothing to merge now are noted as looked at.
+        let mut plans: Vec<Plan> = Vec::new();
+        let (mut idle, mut idle_final) = (Vec::new(), Vec::new());
+        for (&bucket_id, &is_final) in &kinds {
+            let docs = per_bucket.remove(&bucket_id).unwrap_or_default();
+            let groups: Vec<Vec<usize>> = if is_final {
+                vec![final_plan(&docs)]
+            } else {
+                tier_plan(&docs)
+            };
+            let groups: Vec<Vec<Vec<u8>>> = groups
+                .into_iter()
+                .filter(|g| !g.is_empty())
+                .map(|g| g.into_iter().map(|i| docs[i].doc.clone()).collect())
+                .collect();
+            if groups.is_empty() {
+                idle.push(bucket_id);
+                idle_final.push(is_final);
+            } else {
+                plans.push(Plan {
+                    bucket_id,
+                    is_final,
+                    groups,
+                });
+            }
+        }
+        if !idle.is_empty() {
+            sqlx::query(
+                "UPDATE reading_buckets b SET checked_docs = b.docs, settled = b.settled OR i.f
+                 FROM unnest($1::int8[], $2::bool[]) AS i(id, f) WHERE b.id = i.id",
+            )
+            .bind(&idle)
+            .bind(&idle_final)
+            .execute(&self.pg)
+            .await?;
+        }
+
+        // Read what is merged (from the cache of recent writes where it is there).
+        let wanted: Vec<Vec<u8>> = plans.iter().flat_map(|p| p.groups.concat()).collect();
+        let fetched: HashMap<Vec<u8>, Arc<Segment>> = self
+            .fetch_segments(&wanted)
+            .await?
+            .into_iter()
+            .zip(wanted)
+            .filter_map(|(s, id)| s.map(|s| (id, s)))
+            .collect();
+        let mut merges: Vec<Merge> = Vec::new();
+        'plans: for plan in plans {
+            let mut new = Vec::new();
+            for group in &plan.groups {
+                let mut readings: Vec<Reading> = Vec::new();
+                for id in group {
+                    // Gone: replaced meanwhile; the next pass sees the bucket as it is.
+                    let Some(segment) = fetched.get(id) else {
+                        continue 'plans;
+                    };
+                    readings.extend(segment.readings.iter().cloned());
+                }
+                readings.sort_by_key(|r| (r.ts, r.id));
+                for part in chunks(readings, |r| {
+                    36 + if r.extra.is_empty() {
+                        0
+                    } else {
+                        serde_json::to_vec(&r.extra).map_or(0, |v| v.len())
+                    }
+                }) {
+                    new.push(Arc::new(Segment::new(ObjectId::new(), part)));
+                }
+            }
+            merges.push(Merge {
+                bucket_id: plan.bucket_id,
+                is_final: plan.is_final,
+                old: plan.groups.concat(),
+                new,
+            });
+        }
+        if merges.is_empty() {
+            return Ok(report);
+        }
+        self.swap(&merges, &mut report).await?;
         Ok(report)
     }
 
-    async fn merge_bucket(
-        &self,
-        bucket_id: i64,
-        is_final: bool,
-        report: &mut CompactReport,
-    ) -> Result<(), StoreError> {
-        let docs: Vec<DocRow> = sqlx::query_as(
-            "SELECT doc, count, first_ts, last_ts, bytes FROM raw_docs WHERE bucket_id = $1",
-        )
-        .bind(bucket_id)
-        .fetch_all(&self.pg)
-        .await?;
-        let groups = if is_final {
-            vec![final_plan(&docs)]
-        } else {
-            tier_plan(&docs)
-        };
-        let groups: Vec<Vec<usize>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
-        if groups.is_empty() {
-            // Nothing to merge now: note it, so the bucket is not looked at again until
-            // it gets another segment.
-            sqlx::query(
-                "UPDATE reading_buckets SET checked_docs = docs, settled = settled OR $2
-                 WHERE id = $1",
-            )
-            .bind(bucket_id)
-            .bind(is_final)
-            .execute(&self.pg)
-            .await?;
-            return Ok(());
-        }
-
-        let mut old: Vec<Vec<u8>> = Vec::new();
-        let mut new: Vec<Arc<Segment>> = Vec::new();
-        for group in &groups {
-            let ids: Vec<Vec<u8>> = group.iter().map(|&i| docs[i].doc.clone()).collect();
-            let mut readings: Vec<Reading> = Vec::new();
-            for segment in self.fetch_segments(&ids).await? {
-                let Some(segment) = segment else {
-                    // Replaced meanwhile: the next pass sees the bucket as it is now.
-                    return Ok(());
-                };
-                readings.extend(segment.readings.iter().cloned());
-            }
-            readings.sort_by_key(|r| (r.ts, r.id));
-            old.extend(ids);
-            for part in chunks(readings, |r| {
-                36 + if r.extra.is_empty() {
-                    0
-                } else {
-                    serde_json::to_vec(&r.extra).map(|v| v.len()).unwrap_or(0)
-                }
-            }) {
-                new.push(Arc::new(Segment::new(ObjectId::new(), part)));
-            }
-        }
+    /// Writes the merges' new segments and swaps them for the old ones, for the buckets
+    /// whose old segments are all still registered.
+    async fn swap(&self, merges: &[Merge], report: &mut CompactReport) -> Result<(), StoreError> {
+        let new: Vec<&Arc<Segment>> = merges.iter().flat_map(|m| m.new.iter()).collect();
         let encoded: Vec<RawDocumentBuf> = new.iter().map(|s| s.encode()).collect();
         let lens: Vec<i32> = encoded.iter().map(|d| d.as_bytes().len() as i32).collect();
         let new_ids: Vec<Vec<u8>> = new.iter().map(|s| s.id.bytes().to_vec()).collect();
@@ -241,64 +305,122 @@ impl ReadingStore {
         metrics::counter!("raw_store_bytes_written_total", "by" => "merge").increment(bytes);
 
         let mut tx = self.pg.begin().await?;
-        sqlx::query("SELECT 1 FROM reading_buckets WHERE id = $1 FOR UPDATE")
-            .bind(bucket_id)
-            .execute(&mut *tx)
-            .await?;
-        let gone = sqlx::query("DELETE FROM raw_docs WHERE bucket_id = $1 AND doc = ANY($2)")
-            .bind(bucket_id)
-            .bind(&old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         let kept = sqlx::query("DELETE FROM raw_doc_expiry WHERE id = $1")
             .bind(intent)
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        if gone != old.len() as u64 || kept != 1 {
-            // Someone changed the bucket first, or this took longer than the intent
-            // lived: the new segments expire, the bucket is looked at again.
+        if kept != 1 {
+            // This took longer than the intent lived: the new segments are gone.
             tx.rollback().await?;
             return Ok(());
         }
+        // Lock the buckets in the order ingestion does (sensor, bucket), then see which
+        // still have all the segments their merge read.
+        let bucket_ids: Vec<i64> = merges.iter().map(|m| m.bucket_id).collect();
+        sqlx::query(
+            "SELECT 1 FROM reading_buckets WHERE id = ANY($1) ORDER BY sensor_id, bucket FOR UPDATE",
+        )
+            .bind(&bucket_ids)
+            .execute(&mut *tx)
+            .await?;
+        let old: Vec<Vec<u8>> = merges.iter().flat_map(|m| m.old.iter().cloned()).collect();
+        let present: HashSet<Vec<u8>> =
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT doc FROM raw_docs WHERE doc = ANY($1)")
+                .bind(&old)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let (mut go_old, mut go_bucket) = (Vec::new(), Vec::new());
+        let mut add = NewColumns::default();
+        let mut stale_new: Vec<Vec<u8>> = Vec::new();
+        let (mut upd_id, mut upd_delta, mut upd_final) = (Vec::new(), Vec::new(), Vec::new());
+        let mut at = 0;
+        for m in merges {
+            let these = &lens[at..at + m.new.len()];
+            at += m.new.len();
+            if !m.old.iter().all(|d| present.contains(d)) {
+                stale_new.extend(m.new.iter().map(|s| s.id.bytes().to_vec()));
+                continue;
+            }
+            for d in &m.old {
+                go_old.push(d.clone());
+                go_bucket.push(m.bucket_id);
+            }
+            for (s, len) in m.new.iter().zip(these) {
+                let (first, last) = s.span();
+                add.doc.push(s.id.bytes().to_vec());
+                add.bucket.push(m.bucket_id);
+                add.count.push(s.readings.len() as i32);
+                add.first.push(first);
+                add.last.push(last);
+                add.bytes.push(*len);
+            }
+            upd_id.push(m.bucket_id);
+            upd_delta.push(m.new.len() as i32 - m.old.len() as i32);
+            upd_final.push(m.is_final);
+            report.merged += m.old.len();
+            report.written += m.new.len();
+            report.bytes += these.iter().map(|&l| l as u64).sum::<u64>();
+        }
+        sqlx::query(
+            "DELETE FROM raw_docs d USING unnest($1::bytea[], $2::int8[]) AS o(doc, bucket_id)
+             WHERE d.doc = o.doc AND d.bucket_id = o.bucket_id",
+        )
+        .bind(&go_old)
+        .bind(&go_bucket)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes)
              SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int[], $4::timestamptz[],
                                   $5::timestamptz[], $6::int[])",
         )
-        .bind(&new_ids)
-        .bind(vec![bucket_id; new.len()])
-        .bind(
-            new.iter()
-                .map(|s| s.readings.len() as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(new.iter().map(|s| s.span().0).collect::<Vec<_>>())
-        .bind(new.iter().map(|s| s.span().1).collect::<Vec<_>>())
-        .bind(&lens)
+        .bind(&add.doc)
+        .bind(&add.bucket)
+        .bind(&add.count)
+        .bind(&add.first)
+        .bind(&add.last)
+        .bind(&add.bytes)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE reading_buckets SET docs = docs - $2 + $3, checked_docs = 0,
-                    settled = settled OR $4
-             WHERE id = $1",
+            "UPDATE reading_buckets b SET docs = b.docs + u.delta, checked_docs = 0,
+                    settled = b.settled OR u.f
+             FROM unnest($1::int8[], $2::int[], $3::bool[]) AS u(id, delta, f) WHERE b.id = u.id",
         )
-        .bind(bucket_id)
-        .bind(old.len() as i32)
-        .bind(new.len() as i32)
-        .bind(is_final)
+        .bind(&upd_id)
+        .bind(&upd_delta)
+        .bind(&upd_final)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        for segment in new {
-            self.recent.insert(segment.id, segment);
+        if !stale_new.is_empty() {
+            // Merges another writer overtook: their new segments expire at once.
+            sqlx::query("INSERT INTO raw_doc_expiry (docs, due_at) VALUES ($1, now())")
+                .bind(&stale_new)
+                .execute(&mut *tx)
+                .await?;
         }
-        report.merged += old.len();
-        report.written += lens.len();
-        report.bytes += bytes;
+        tx.commit().await?;
+        let stale: HashSet<Vec<u8>> = stale_new.into_iter().collect();
+        for s in new {
+            if !stale.contains(s.id.bytes().as_slice()) {
+                self.recent.insert(s.id, Arc::clone(s));
+            }
+        }
         Ok(())
     }
+}
+
+#[derive(Default)]
+struct NewColumns {
+    doc: Vec<Vec<u8>>,
+    bucket: Vec<i64>,
+    count: Vec<i32>,
+    first: Vec<DateTime<Utc>>,
+    last: Vec<DateTime<Utc>>,
+    bytes: Vec<i32>,
 }
 
 #[cfg(test)]
@@ -312,6 +434,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &count)| DocRow {
+                bucket_id: 1,
                 doc: vec![i as u8],
                 count,
                 first_ts: t0 + chrono::Duration::seconds(10 * i as i64),

@@ -231,14 +231,29 @@ impl ReadingStore {
             .filter(|(n, _)| !refused_docs.contains(n))
             .map(|(_, s)| s)
             .collect();
-        let registered = match self.register(intent, &written).await {
-            Err(StoreError::Postgres(e))
-                if crate::db::sqlstate(&e).as_deref() == Some("23505")
-                    && crate::db::constraint(&e) == Some("reading_ids_pkey") =>
-            {
-                return Ok(None)
+        let mut tries = 0;
+        let registered = loop {
+            tries += 1;
+            match self.register(intent, &written).await {
+                Err(StoreError::Postgres(e))
+                    if crate::db::sqlstate(&e).as_deref() == Some("23505")
+                        && crate::db::constraint(&e) == Some("reading_ids_pkey") =>
+                {
+                    return Ok(None)
+                }
+                // A deadlock or serialization failure rolled the statement back whole:
+                // the same statement may pass now.
+                Err(StoreError::Postgres(e))
+                    if tries < 3
+                        && matches!(
+                            crate::db::sqlstate(&e).as_deref(),
+                            Some("40P01" | "40001")
+                        ) =>
+                {
+                    continue
+                }
+                other => break other?,
             }
-            other => other?,
         };
         let Some(registered) = registered else {
             // The expiry ran first (this call took longer than the intent's TTL): the
