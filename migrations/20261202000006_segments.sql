@@ -32,16 +32,23 @@ CREATE INDEX reading_buckets_tiers_due_idx ON reading_buckets (bucket)
 CREATE INDEX reading_buckets_unsettled_idx ON reading_buckets (bucket) WHERE NOT settled;
 
 -- Segments: the MongoDB `_id` (an ObjectId), the bucket, and what a query needs to know
--- before fetching one.
+-- before fetching one. A fragment (a small segment of an open bucket, merged later) lives
+-- in the collection of the hour its ObjectId was made in, which is dropped whole once
+-- nothing registers a fragment of that hour: deleting documents one by one costs the
+-- embedded FerretDB a read and a delete each.
 CREATE TABLE raw_docs (
     doc        bytea       PRIMARY KEY CHECK (length(doc) = 12),
     bucket_id  bigint      NOT NULL REFERENCES reading_buckets (id) ON DELETE CASCADE,
     count      int         NOT NULL CHECK (count > 0),
     first_ts   timestamptz NOT NULL,
     last_ts    timestamptz NOT NULL,
-    bytes      int         NOT NULL
+    bytes      int         NOT NULL,
+    fragment   boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX raw_docs_bucket_idx ON raw_docs (bucket_id);
+-- Live fragments by creation time (an ObjectId starts with it): which hours' collections
+-- are still in use.
+CREATE INDEX raw_docs_fragments_idx ON raw_docs (doc) WHERE fragment;
 
 -- Every stored reading id: idempotency, and a reading by id (its bucket, and its
 -- measurement time within it to pick the segment). No foreign key: checking one per
@@ -57,19 +64,24 @@ CREATE TABLE reading_ids (
 -- grace period, so queries that listed them a moment ago still find them).
 CREATE TABLE raw_doc_expiry (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- Segments of the main collection: deleted one by one when due.
     docs           bytea[]     NOT NULL,
     due_at         timestamptz NOT NULL,
     -- True for a write's intent (its documents may not exist), false for replaced ones.
-    pending_write  boolean     NOT NULL DEFAULT false
+    pending_write  boolean     NOT NULL DEFAULT false,
+    -- Fragments a pending write may have written: gone with their hour's collection,
+    -- which is not dropped while an intent names one of them.
+    fragments      bytea[]     NOT NULL DEFAULT '{}'
 );
 CREATE INDEX raw_doc_expiry_due_idx ON raw_doc_expiry (due_at);
 
--- However a segment stops being registered (merged, corrected, its sensor deleted),
--- its document expires.
+-- However a segment of the main collection stops being registered (merged, corrected,
+-- its sensor deleted), its document expires. Fragments go with their hour's collection.
 CREATE FUNCTION raw_docs_expire() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO raw_doc_expiry (docs, due_at)
-    SELECT array_agg(doc), now() + interval '60 seconds' FROM gone HAVING count(*) > 0;
+    SELECT array_agg(doc), now() + interval '60 seconds' FROM gone WHERE NOT fragment
+    HAVING count(*) > 0;
     RETURN NULL;
 END
 $$;

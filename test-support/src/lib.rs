@@ -306,31 +306,40 @@ pub fn mosquitto_pub_status(
     status
 }
 
-/// Every stored reading, read the way nothing in production does: the whole segment
-/// collection, keeping the segments PostgreSQL registers (a scan is fine for a test's
-/// few thousand readings, and leaves out segments that are only expiring).
+/// Every stored reading, read the way nothing in production does: every segment and
+/// fragment collection whole, keeping the segments PostgreSQL registers (a scan is fine
+/// for a test's readings, and leaves out segments that are only expiring).
 pub async fn stored_readings(
     pool: &PgPool,
     mongo: &mongodb::Database,
 ) -> Vec<termopar_core::reading::Reading> {
     use std::collections::HashSet;
+    use termopar_core::store::{Segment, FRAGMENTS, SEGMENTS};
     let registered: HashSet<Vec<u8>> = sqlx::query_scalar::<_, Vec<u8>>("SELECT doc FROM raw_docs")
         .fetch_all(pool)
         .await
         .expect("list registered segments")
         .into_iter()
         .collect();
-    let mut cursor = mongo
-        .collection::<mongodb::bson::RawDocumentBuf>(termopar_core::store::SEGMENTS)
-        .find(mongodb::bson::doc! {})
-        .await
-        .expect("read segments");
     let mut readings = Vec::new();
-    while cursor.advance().await.expect("read segments") {
-        let segment =
-            termopar_core::store::Segment::decode(cursor.current()).expect("a segment document");
-        if registered.contains(segment.id.bytes().as_slice()) {
-            readings.extend(segment.readings);
+    let names = mongo
+        .list_collection_names()
+        .await
+        .expect("list collections");
+    for name in names
+        .iter()
+        .filter(|n| *n == SEGMENTS || n.starts_with(FRAGMENTS))
+    {
+        let mut cursor = mongo
+            .collection::<mongodb::bson::RawDocumentBuf>(name)
+            .find(mongodb::bson::doc! {})
+            .await
+            .expect("read segments");
+        while cursor.advance().await.expect("read segments") {
+            let segment = Segment::decode(cursor.current()).expect("a segment document");
+            if registered.contains(segment.id.bytes().as_slice()) {
+                readings.extend(segment.readings);
+            }
         }
     }
     readings

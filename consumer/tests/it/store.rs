@@ -222,7 +222,10 @@ async fn history_answers_the_same_from_single_reading_segments_merged_tiers_and_
         .fetch_one(&stores.db.pool)
         .await
         .unwrap();
-    assert_eq!(in_store as i64, registered);
+    assert_eq!(
+        in_store as i64, registered,
+        "closed buckets have no fragments left"
+    );
     let mut stored = stores.readings().await;
     stored.sort_by_key(|r| r.id);
     everything.sort_by_key(|r| r.id);
@@ -490,4 +493,47 @@ async fn the_document_store_finds_a_segment_by_id_through_its_index() {
             assert!(!winning.contains("COLLSCAN"), "{winning}");
         }
     }
+}
+
+#[tokio::test]
+async fn fragment_collections_are_dropped_once_nothing_registers_their_fragments() {
+    use mongodb::bson::oid::ObjectId;
+    use termopar_core::store::{fragments_collection, Segment};
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(1).await;
+    let db = stores.mongo.database().await;
+    // Fragments made three and four hours ago: one of them still registered.
+    let made = |hours_ago: i64| {
+        let t = Utc::now() - Duration::hours(hours_ago);
+        let mut bytes = ObjectId::new().bytes();
+        bytes[..4].copy_from_slice(&(t.timestamp() as u32).to_be_bytes());
+        ObjectId::from_bytes(bytes)
+    };
+    let mut rng = StdRng::seed_from_u64(1);
+    let r = readings(&mut rng, client, sensors[0].0, 1, 5);
+    let (unused, used) = (made(4), made(3));
+    for id in [unused, used] {
+        db.collection::<RawDocumentBuf>(&fragments_collection(id))
+            .insert_one(Segment::new(id, r.clone()).encode())
+            .await
+            .unwrap();
+    }
+    stores.store.store(&r).await.unwrap();
+    sqlx::query("UPDATE raw_docs SET doc = $1, fragment = true")
+        .bind(used.bytes().to_vec())
+        .execute(&stores.db.pool)
+        .await
+        .unwrap();
+    let current = db.list_collection_names().await.unwrap();
+    assert!(current.contains(&fragments_collection(unused)));
+
+    assert_eq!(stores.store.drop_fragments().await.unwrap(), 1);
+    let left = db.list_collection_names().await.unwrap();
+    assert!(!left.contains(&fragments_collection(unused)), "{left:?}");
+    assert!(left.contains(&fragments_collection(used)), "{left:?}");
+    // The registered fragment still reads back through its collection.
+    assert_eq!(
+        stores.store.reading(r[0].id).await.unwrap().as_ref(),
+        Some(&r[0])
+    );
 }

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use mongodb::bson::{oid::ObjectId, RawDocumentBuf};
 
 use super::{
-    codec::BUCKET_MINUTES, write::chunks, ReadingStore, Segment, StoreError, SEGMENT_BYTES,
+    codec::BUCKET_MINUTES, write::chunks, DocRef, ReadingStore, Segment, StoreError, SEGMENT_BYTES,
     SEGMENT_READINGS,
 };
 use crate::reading::Reading;
@@ -53,6 +53,7 @@ const PASS: i64 = 512;
 pub(super) struct DocRow {
     pub bucket_id: i64,
     pub doc: Vec<u8>,
+    pub fragment: bool,
     pub count: i32,
     pub first_ts: DateTime<Utc>,
     pub last_ts: DateTime<Utc>,
@@ -116,8 +117,9 @@ fn tier_plan(docs: &[DocRow]) -> Vec<Vec<usize>> {
     done
 }
 
-/// Which segments a closed bucket's final merge rewrites: all but the full ones that
-/// overlap no other; nothing when that leaves fewer than two.
+/// Which segments a closed bucket's final merge rewrites: all but the full ones in the
+/// main collection that overlap no other; nothing when that leaves no fragment and fewer
+/// than two segments.
 fn final_plan(docs: &[DocRow]) -> Vec<usize> {
     let overlaps = |i: usize| {
         docs.iter()
@@ -129,10 +131,10 @@ fn final_plan(docs: &[DocRow]) -> Vec<usize> {
             let d = &docs[i];
             let full =
                 d.count as usize >= SEGMENT_READINGS / 2 || d.bytes as usize >= SEGMENT_BYTES / 2;
-            !full || overlaps(i)
+            d.fragment || !full || overlaps(i)
         })
         .collect();
-    if rest.len() >= 2 {
+    if rest.len() >= 2 || rest.iter().any(|&i| docs[i].fragment) {
         rest
     } else {
         Vec::new()
@@ -143,14 +145,15 @@ fn final_plan(docs: &[DocRow]) -> Vec<usize> {
 struct Plan {
     bucket_id: i64,
     is_final: bool,
-    groups: Vec<Vec<Vec<u8>>>,
+    groups: Vec<Vec<DocRef>>,
 }
 
 /// One bucket's merges in a pass: the segments it loses and gains.
 struct Merge {
     bucket_id: i64,
+    /// A final merge writes lasting segments; a tier merge, fragments.
     is_final: bool,
-    old: Vec<Vec<u8>>,
+    old: Vec<DocRef>,
     new: Vec<Arc<Segment>>,
 }
 
@@ -191,7 +194,7 @@ impl ReadingStore {
         }
         let ids: Vec<i64> = kinds.keys().copied().collect();
         let rows: Vec<DocRow> = sqlx::query_as(
-            "SELECT bucket_id, doc, count, first_ts, last_ts, bytes FROM raw_docs
+            "SELECT bucket_id, doc, fragment, count, first_ts, last_ts, bytes FROM raw_docs
              WHERE bucket_id = ANY($1)",
         )
         .bind(&ids)
@@ -212,11 +215,15 @@ impl ReadingStore {
             } else {
                 tier_plan(&docs)
             };
-            let groups: Vec<Vec<Vec<u8>>> = groups
+            let groups: Vec<Vec<DocRef>> = groups
                 .into_iter()
                 .filter(|g| !g.is_empty())
-                .map(|g| g.into_iter().map(|i| docs[i].doc.clone()).collect())
-                .collect();
+                .map(|g| {
+                    g.into_iter()
+                        .map(|i| DocRef::from_row(&docs[i].doc, docs[i].fragment))
+                        .collect::<Result<_, _>>()
+                })
+                .collect::<Result<_, _>>()?;
             if groups.is_empty() {
                 idle.push(bucket_id);
                 idle_final.push(is_final);
@@ -240,22 +247,22 @@ impl ReadingStore {
         }
 
         // Read what is merged (from the cache of recent writes where it is there).
-        let wanted: Vec<Vec<u8>> = plans.iter().flat_map(|p| p.groups.concat()).collect();
-        let fetched: HashMap<Vec<u8>, Arc<Segment>> = self
+        let wanted: Vec<DocRef> = plans.iter().flat_map(|p| p.groups.concat()).collect();
+        let fetched: HashMap<ObjectId, Arc<Segment>> = self
             .fetch_segments(&wanted)
             .await?
             .into_iter()
             .zip(wanted)
-            .filter_map(|(s, id)| s.map(|s| (id, s)))
+            .filter_map(|(s, d)| s.map(|s| (d.id, s)))
             .collect();
         let mut merges: Vec<Merge> = Vec::new();
         'plans: for plan in plans {
             let mut new = Vec::new();
             for group in &plan.groups {
                 let mut readings: Vec<Reading> = Vec::new();
-                for id in group {
+                for d in group {
                     // Gone: replaced meanwhile; the next pass sees the bucket as it is.
-                    let Some(segment) = fetched.get(id) else {
+                    let Some(segment) = fetched.get(&d.id) else {
                         continue 'plans;
                     };
                     readings.extend(segment.readings.iter().cloned());
@@ -288,19 +295,41 @@ impl ReadingStore {
     /// Writes the merges' new segments and swaps them for the old ones, for the buckets
     /// whose old segments are all still registered.
     async fn swap(&self, merges: &[Merge], report: &mut CompactReport) -> Result<(), StoreError> {
-        let new: Vec<&Arc<Segment>> = merges.iter().flat_map(|m| m.new.iter()).collect();
-        let encoded: Vec<RawDocumentBuf> = new.iter().map(|s| s.encode()).collect();
+        let new: Vec<(&Arc<Segment>, bool)> = merges
+            .iter()
+            .flat_map(|m| m.new.iter().map(move |s| (s, !m.is_final)))
+            .collect();
+        let encoded: Vec<RawDocumentBuf> = new.iter().map(|(s, _)| s.encode()).collect();
         let lens: Vec<i32> = encoded.iter().map(|d| d.as_bytes().len() as i32).collect();
-        let new_ids: Vec<Vec<u8>> = new.iter().map(|s| s.id.bytes().to_vec()).collect();
+        let refs: Vec<DocRef> = new
+            .iter()
+            .map(|(s, fragment)| DocRef {
+                id: s.id,
+                fragment: *fragment,
+            })
+            .collect();
+        let ids = |fragment: bool| -> Vec<Vec<u8>> {
+            refs.iter()
+                .filter(|r| r.fragment == fragment)
+                .map(|r| r.id.bytes().to_vec())
+                .collect()
+        };
         let intent: i64 = sqlx::query_scalar(
-            "INSERT INTO raw_doc_expiry (docs, due_at, pending_write)
-             VALUES ($1, now() + make_interval(secs => $2), true) RETURNING id",
+            "INSERT INTO raw_doc_expiry (docs, fragments, due_at, pending_write)
+             VALUES ($1, $2, now() + make_interval(secs => $3), true) RETURNING id",
         )
-        .bind(&new_ids)
+        .bind(ids(false))
+        .bind(ids(true))
         .bind(self.tuning.intent_ttl.as_secs_f64())
         .fetch_one(&self.pg)
         .await?;
-        self.segments.insert_many(&encoded).ordered(false).await?;
+        let refused = self.insert_documents(&refs, &encoded).await?;
+        if let Some((_, why)) = refused.first() {
+            // The intent makes whatever was written expire.
+            return Err(StoreError::Corrupt(format!(
+                "a merged segment was refused: {why}"
+            )));
+        }
         let bytes: u64 = lens.iter().map(|&l| l as u64).sum();
         metrics::counter!("raw_store_bytes_written_total", "by" => "merge").increment(bytes);
 
@@ -324,7 +353,10 @@ impl ReadingStore {
             .bind(&bucket_ids)
             .execute(&mut *tx)
             .await?;
-        let old: Vec<Vec<u8>> = merges.iter().flat_map(|m| m.old.iter().cloned()).collect();
+        let old: Vec<Vec<u8>> = merges
+            .iter()
+            .flat_map(|m| m.old.iter().map(|d| d.id.bytes().to_vec()))
+            .collect();
         let present: HashSet<Vec<u8>> =
             sqlx::query_scalar::<_, Vec<u8>>("SELECT doc FROM raw_docs WHERE doc = ANY($1)")
                 .bind(&old)
@@ -340,12 +372,18 @@ impl ReadingStore {
         for m in merges {
             let these = &lens[at..at + m.new.len()];
             at += m.new.len();
-            if !m.old.iter().all(|d| present.contains(d)) {
-                stale_new.extend(m.new.iter().map(|s| s.id.bytes().to_vec()));
+            if !m
+                .old
+                .iter()
+                .all(|d| present.contains(d.id.bytes().as_slice()))
+            {
+                if m.is_final {
+                    stale_new.extend(m.new.iter().map(|s| s.id.bytes().to_vec()));
+                }
                 continue;
             }
             for d in &m.old {
-                go_old.push(d.clone());
+                go_old.push(d.id.bytes().to_vec());
                 go_bucket.push(m.bucket_id);
             }
             for (s, len) in m.new.iter().zip(these) {
@@ -356,6 +394,7 @@ impl ReadingStore {
                 add.first.push(first);
                 add.last.push(last);
                 add.bytes.push(*len);
+                add.fragment.push(!m.is_final);
             }
             upd_id.push(m.bucket_id);
             upd_delta.push(m.new.len() as i32 - m.old.len() as i32);
@@ -373,9 +412,9 @@ impl ReadingStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes)
+            "INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes, fragment)
              SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int[], $4::timestamptz[],
-                                  $5::timestamptz[], $6::int[])",
+                                  $5::timestamptz[], $6::int[], $7::bool[])",
         )
         .bind(&add.doc)
         .bind(&add.bucket)
@@ -383,6 +422,7 @@ impl ReadingStore {
         .bind(&add.first)
         .bind(&add.last)
         .bind(&add.bytes)
+        .bind(&add.fragment)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -396,7 +436,8 @@ impl ReadingStore {
         .execute(&mut *tx)
         .await?;
         if !stale_new.is_empty() {
-            // Merges another writer overtook: their new segments expire at once.
+            // Final merges another writer overtook: their new segments expire at once
+            // (fragments go with their hour's collection).
             sqlx::query("INSERT INTO raw_doc_expiry (docs, due_at) VALUES ($1, now())")
                 .bind(&stale_new)
                 .execute(&mut *tx)
@@ -404,7 +445,7 @@ impl ReadingStore {
         }
         tx.commit().await?;
         let stale: HashSet<Vec<u8>> = stale_new.into_iter().collect();
-        for s in new {
+        for (s, _) in new {
             if !stale.contains(s.id.bytes().as_slice()) {
                 self.recent.insert(s.id, Arc::clone(s));
             }
@@ -421,6 +462,7 @@ struct NewColumns {
     first: Vec<DateTime<Utc>>,
     last: Vec<DateTime<Utc>>,
     bytes: Vec<i32>,
+    fragment: Vec<bool>,
 }
 
 #[cfg(test)]
@@ -435,7 +477,8 @@ mod tests {
             .enumerate()
             .map(|(i, &count)| DocRow {
                 bucket_id: 1,
-                doc: vec![i as u8],
+                doc: vec![i as u8; 12],
+                fragment: false,
                 count,
                 first_ts: t0 + chrono::Duration::seconds(10 * i as i64),
                 last_ts: t0 + chrono::Duration::seconds(10 * i as i64 + 9),
@@ -496,5 +539,9 @@ mod tests {
         docs[2].last_ts = docs[1].last_ts;
         assert_eq!(final_plan(&docs), vec![0, 1, 2]);
         assert!(final_plan(&rows(&[200, 1])).is_empty());
+        // A fragment always moves, even alone.
+        let mut lone = rows(&[3]);
+        lone[0].fragment = true;
+        assert_eq!(final_plan(&lone), vec![0]);
     }
 }

@@ -13,12 +13,25 @@ use uuid::Uuid;
 
 use super::{
     rollups::{replace_rollup, BucketChange, BUCKETS_CHANNEL},
-    ReadingStore, Segment, StoreError,
+    DocRef, ReadingStore, Segment, StoreError,
 };
 use crate::{
     ids::SensorId,
     reading::{Celsius, Reading},
 };
+
+/// Where a reading is: its bucket, its time in it, and a segment of that bucket.
+#[derive(sqlx::FromRow)]
+struct PlaceRow {
+    bucket_id: i64,
+    sensor_id: Uuid,
+    bucket: DateTime<Utc>,
+    offset_ms: i32,
+    doc: Vec<u8>,
+    fragment: bool,
+    first_ts: DateTime<Utc>,
+    last_ts: DateTime<Utc>,
+}
 
 /// How many times a correction starts over when a merge replaced its segment first.
 const ATTEMPTS: usize = 3;
@@ -65,17 +78,9 @@ impl ReadingStore {
 
     /// One attempt; `None` when the segment was replaced meanwhile.
     async fn try_edit(&self, id: Uuid, edit: Edit) -> Result<Option<Option<Reading>>, StoreError> {
-        type Row = (
-            i64,
-            uuid::Uuid,
-            DateTime<Utc>,
-            i32,
-            Vec<u8>,
-            DateTime<Utc>,
-            DateTime<Utc>,
-        );
-        let listed: Vec<Row> = sqlx::query_as(
-            "SELECT b.id, b.sensor_id, b.bucket, r.offset_ms, d.doc, d.first_ts, d.last_ts
+        let listed: Vec<PlaceRow> = sqlx::query_as(
+            "SELECT b.id AS bucket_id, b.sensor_id, b.bucket, r.offset_ms, d.doc, d.fragment,
+                    d.first_ts, d.last_ts
              FROM reading_ids r
              JOIN reading_buckets b ON b.id = r.bucket_id
              JOIN raw_docs d ON d.bucket_id = b.id
@@ -84,17 +89,18 @@ impl ReadingStore {
         .bind(id)
         .fetch_all(&self.pg)
         .await?;
-        let Some(&(bucket_id, sensor, bucket, offset, ..)) = listed.first() else {
+        let Some(first) = listed.first() else {
             return Ok(Some(None));
         };
-        let sensor = SensorId(sensor);
-        let ts = bucket + Duration::milliseconds(i64::from(offset));
-        let candidates: Vec<Vec<u8>> = listed
+        let (bucket_id, sensor, bucket) =
+            (first.bucket_id, SensorId(first.sensor_id), first.bucket);
+        let ts = bucket + Duration::milliseconds(i64::from(first.offset_ms));
+        let candidates: Vec<DocRef> = listed
             .iter()
-            .filter(|r| r.5 <= ts && ts <= r.6)
-            .map(|r| r.4.clone())
-            .collect();
-        let mut holder: Option<(Vec<u8>, Arc<Segment>)> = None;
+            .filter(|r| r.first_ts <= ts && ts <= r.last_ts)
+            .map(|r| DocRef::from_row(&r.doc, r.fragment))
+            .collect::<Result<_, _>>()?;
+        let mut holder: Option<(DocRef, Arc<Segment>)> = None;
         for (doc, segment) in candidates
             .iter()
             .zip(self.fetch_segments(&candidates).await?)
@@ -103,7 +109,7 @@ impl ReadingStore {
                 return Ok(None);
             };
             if segment.readings.iter().any(|r| r.id == id) {
-                holder = Some((doc.clone(), segment));
+                holder = Some((*doc, segment));
             }
         }
         let Some((old_doc, old)) = holder else {
@@ -170,7 +176,7 @@ impl ReadingStore {
             .execute(&mut *tx)
             .await?;
         let swapped = sqlx::query("DELETE FROM raw_docs WHERE doc = $1 AND bucket_id = $2")
-            .bind(&old_doc)
+            .bind(old_doc.id.bytes().to_vec())
             .bind(bucket_id)
             .execute(&mut *tx)
             .await?

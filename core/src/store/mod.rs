@@ -74,8 +74,47 @@ pub use queries::{DayStat, HistoryPage, HistoryQuery, Position};
 pub use rollups::{BucketChange, ChangeHook, BUCKETS_CHANNEL, LATE_AFTER};
 pub use write::StoreOutcome;
 
-/// Collection of segments (raw readings).
+/// Collection of segments (raw readings) in their lasting form.
 pub const SEGMENTS: &str = "reading_segments";
+/// Prefix of the hourly collections of fragments: small segments of open buckets,
+/// written by ingest and tier merges, moved into [`SEGMENTS`] when their bucket closes.
+pub const FRAGMENTS: &str = "reading_fragments_";
+/// How long after its hour a fragment collection may be dropped, once nothing
+/// registers a fragment of it: longer than any clock skew between writers is expected
+/// to be.
+pub const FRAGMENT_HOURS_KEPT: i64 = 2;
+
+/// The collection a fragment made at `id`'s creation time lives in:
+/// `reading_fragments_YYYYMMDDHH` (UTC).
+pub fn fragments_collection(id: ObjectId) -> String {
+    let made = chrono::DateTime::<chrono::Utc>::from_timestamp(
+        i64::from(u32::from_be_bytes(
+            id.bytes()[..4].try_into().expect("4 bytes"),
+        )),
+        0,
+    )
+    .unwrap_or_default();
+    format!("{FRAGMENTS}{}", made.format("%Y%m%d%H"))
+}
+
+/// A registered segment: its `_id` and where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct DocRef {
+    /// The `_id`.
+    pub id: ObjectId,
+    /// In a fragment collection, not [`SEGMENTS`].
+    pub fragment: bool,
+}
+
+impl DocRef {
+    /// From the index's bytes.
+    pub(crate) fn from_row(doc: &[u8], fragment: bool) -> Result<Self, StoreError> {
+        let id = <[u8; 12]>::try_from(doc)
+            .map(ObjectId::from_bytes)
+            .map_err(|_| StoreError::Corrupt("a registered segment id is not 12 bytes".into()))?;
+        Ok(Self { id, fragment })
+    }
+}
 /// Collection of refused messages and readings.
 pub const DEAD_LETTERS: &str = "dead_letters";
 /// Most readings in one segment: a history page of 50 costs the fetch of a document of
@@ -144,6 +183,7 @@ impl Default for Tuning {
 #[derive(Clone)]
 pub struct ReadingStore {
     pg: PgPool,
+    db: Database,
     segments: Collection<RawDocumentBuf>,
     dead_letters: Collection<Document>,
     legacy: Collection<Document>,
@@ -163,6 +203,7 @@ impl ReadingStore {
     pub fn with_tuning(pg: PgPool, mongo: &Database, tuning: Tuning) -> Self {
         Self {
             pg,
+            db: mongo.clone(),
             segments: mongo.collection(SEGMENTS),
             dead_letters: mongo.collection(DEAD_LETTERS),
             legacy: mongo.collection(codec::legacy::COLLECTION),
@@ -190,6 +231,15 @@ impl ReadingStore {
         self
     }
 
+    /// The collection a segment lives in.
+    fn collection(&self, doc: &DocRef) -> Collection<RawDocumentBuf> {
+        if doc.fragment {
+            self.db.collection(&fragments_collection(doc.id))
+        } else {
+            self.segments.clone()
+        }
+    }
+
     fn changed(&self, changes: &[BucketChange]) {
         if let (Some(hook), false) = (&self.on_change, changes.is_empty()) {
             hook(changes);
@@ -203,17 +253,14 @@ impl ReadingStore {
     /// segments up by `_id` without scanning, and moves readings a previous version
     /// stored (see [`migrate`]).
     pub async fn prepare(&self) -> Result<MigrationReport, StoreError> {
-        let db = self
-            .segments
-            .client()
-            .database(self.segments.namespace().db.as_str());
+        let db = &self.db;
         if let Err(e) = db.create_collection(SEGMENTS).await {
             // 48: NamespaceExists.
             if !matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 48) {
                 return Err(e.into());
             }
         }
-        self.check_lookups(&db).await?;
+        self.check_lookups(db).await?;
         self.migrate_legacy().await
     }
 
@@ -257,6 +304,9 @@ impl ReadingStore {
         loop {
             if let Err(e) = self.expire_due().await {
                 tracing::warn!(error = %e, "deleting expired segments failed; will retry");
+            }
+            if let Err(e) = self.drop_fragments().await {
+                tracing::warn!(error = %e, "dropping fragment collections failed; will retry");
             }
             // A few passes a round at most: a bucket whose merge lost a race stays due.
             for _ in 0..16 {

@@ -132,11 +132,15 @@ impl ReadingStore {
         tx: &mut Transaction<'_, Postgres>,
         bucket_id: i64,
     ) -> Result<Vec<Reading>, StoreError> {
-        let docs: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT doc FROM raw_docs WHERE bucket_id = $1")
-                .bind(bucket_id)
-                .fetch_all(&mut **tx)
-                .await?;
+        let docs: Vec<super::DocRef> = sqlx::query_as::<_, (Vec<u8>, bool)>(
+            "SELECT doc, fragment FROM raw_docs WHERE bucket_id = $1",
+        )
+        .bind(bucket_id)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|(doc, fragment)| super::DocRef::from_row(doc, *fragment))
+        .collect::<Result<_, _>>()?;
         let segments = self.fetch_segments(&docs).await?;
         let mut readings: Vec<Reading> = segments
             .into_iter()

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::{
     codec::{bucket_of, offset_in_bucket, Segment},
     rollups::{late_changes, BUCKETS_CHANNEL},
-    ReadingStore, StoreError, SEGMENTS, SEGMENT_BYTES, SEGMENT_READINGS,
+    DocRef, ReadingStore, StoreError, SEGMENTS, SEGMENT_BYTES, SEGMENT_READINGS,
 };
 use crate::{ids::SensorId, reading::Reading};
 
@@ -42,6 +42,14 @@ const RACE_RETRIES: usize = 5;
 struct Planned {
     id: ObjectId,
     members: Vec<usize>,
+}
+
+impl Planned {
+    /// Small segments are fragments, merged later (see [`super::FRAGMENTS`]); the rest
+    /// are written in their lasting form.
+    fn is_fragment(&self) -> bool {
+        self.members.len() < SEGMENT_READINGS / 2
+    }
 }
 
 /// A readings' size in a segment, for the byte cap: the columns and the extra fields.
@@ -160,17 +168,26 @@ impl ReadingStore {
         //    readings are stored already.
         let mut ids = BTreeMap::new();
         let all = plan(readings, |_| true, &mut ids);
-        let expiring: Vec<Vec<u8>> = all.iter().map(|p| p.id.bytes().to_vec()).collect();
+        // A plan made after leaving duplicates out has at most as many segments per
+        // group, and smaller ones: each may become a fragment, so every `_id` is named
+        // as both kinds may be (a document that never exists is deleted harmlessly).
+        let expiring: Vec<Vec<u8>> = all
+            .iter()
+            .filter(|p| !p.is_fragment())
+            .map(|p| p.id.bytes().to_vec())
+            .collect();
+        let fragments: Vec<Vec<u8>> = all.iter().map(|p| p.id.bytes().to_vec()).collect();
         let reading_ids: Vec<Uuid> = readings.iter().map(|r| r.id).collect();
         let (intent, stored): (i64, Vec<Uuid>) = sqlx::query_as(
             "WITH intent AS (
-                INSERT INTO raw_doc_expiry (docs, due_at, pending_write)
-                VALUES ($1, now() + make_interval(secs => $2), true) RETURNING id
+                INSERT INTO raw_doc_expiry (docs, fragments, due_at, pending_write)
+                VALUES ($1, $2, now() + make_interval(secs => $3), true) RETURNING id
              )
              SELECT (SELECT id FROM intent),
-                    coalesce((SELECT array_agg(id) FROM reading_ids WHERE id = ANY($3)), '{}')",
+                    coalesce((SELECT array_agg(id) FROM reading_ids WHERE id = ANY($4)), '{}')",
         )
         .bind(&expiring)
+        .bind(&fragments)
         .bind(self.tuning.intent_ttl.as_secs_f64())
         .bind(&reading_ids)
         .fetch_one(&self.pg)
@@ -198,27 +215,20 @@ impl ReadingStore {
             .collect();
         let docs: Vec<RawDocumentBuf> = segments.iter().map(|s| s.encode()).collect();
         let lens: Vec<i32> = docs.iter().map(|d| d.as_bytes().len() as i32).collect();
-        let mut refused_docs: HashSet<usize> = HashSet::new();
-        if !docs.is_empty() {
-            if let Err(e) = self.segments.insert_many(&docs).ordered(false).await {
-                match *e.kind {
-                    ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
-                        for we in failure.write_errors.iter().flatten() {
-                            if we.code == crate::mongo::DUPLICATE_KEY {
-                                // Fresh ObjectIds never collide: something else is wrong.
-                                return Err(e.into());
-                            }
-                            refused_docs.insert(we.index);
-                            for &i in &planned[we.index].members {
-                                outcome.refused.push((i, we.message.clone()));
-                            }
-                        }
-                    }
-                    // Unknown what was written: it expires, and the caller retries.
-                    _ => return Err(e.into()),
-                }
+        let refs: Vec<DocRef> = planned
+            .iter()
+            .map(|p| DocRef {
+                id: p.id,
+                fragment: p.is_fragment(),
+            })
+            .collect();
+        let refused_docs = self.insert_documents(&refs, &docs).await?;
+        for (n, message) in &refused_docs {
+            for &i in &planned[*n].members {
+                outcome.refused.push((i, message.clone()));
             }
         }
+        let refused_docs: HashSet<usize> = refused_docs.into_iter().map(|(n, _)| n).collect();
         let bytes: i64 = lens.iter().map(|&l| i64::from(l)).sum();
         metrics::counter!("raw_store_bytes_written_total", "by" => "ingest")
             .increment(bytes as u64);
@@ -286,6 +296,48 @@ impl ReadingStore {
         Ok(Some(outcome))
     }
 
+    /// Inserts segments, each into its collection. Returns the documents the server
+    /// refused (by index, with its message); an error when it is unknown what was
+    /// written (the caller's intent makes that expire).
+    pub(super) async fn insert_documents(
+        &self,
+        refs: &[DocRef],
+        docs: &[RawDocumentBuf],
+    ) -> Result<Vec<(usize, String)>, StoreError> {
+        let mut by_collection: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (n, r) in refs.iter().enumerate() {
+            let name = if r.fragment {
+                super::fragments_collection(r.id)
+            } else {
+                super::SEGMENTS.to_owned()
+            };
+            by_collection.entry(name).or_default().push(n);
+        }
+        let mut refused = Vec::new();
+        for (name, members) in by_collection {
+            let collection = self.db.collection::<RawDocumentBuf>(&name);
+            let result = collection
+                .insert_many(members.iter().map(|&n| &docs[n]))
+                .ordered(false)
+                .await;
+            if let Err(e) = result {
+                match *e.kind {
+                    ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
+                        for we in failure.write_errors.iter().flatten() {
+                            if we.code == crate::mongo::DUPLICATE_KEY {
+                                // Fresh ObjectIds never collide: something else is wrong.
+                                return Err(e.into());
+                            }
+                            refused.push((members[we.index], we.message.clone()));
+                        }
+                    }
+                    _ => return Err(e.into()),
+                }
+            }
+        }
+        Ok(refused)
+    }
+
     /// Step 3 of a store: one statement, so all of it happens or none. `None` when the
     /// intent `intent` was expired by someone else first.
     async fn register(
@@ -293,6 +345,10 @@ impl ReadingStore {
         intent: i64,
         segments: &[(&Arc<Segment>, i32)],
     ) -> Result<Option<Registered>, StoreError> {
+        let fragment: Vec<bool> = segments
+            .iter()
+            .map(|(s, _)| s.readings.len() < SEGMENT_READINGS / 2)
+            .collect();
         let mut d = DocColumns::default();
         let mut r = ReadingColumns::default();
         let mut newest: BTreeMap<SensorId, (&Reading, i64)> = BTreeMap::new();
@@ -351,6 +407,7 @@ impl ReadingStore {
             .bind(newest.values().map(|(_, n)| *n).collect::<Vec<i64>>())
             .bind(notice)
             .bind(BUCKETS_CHANNEL)
+            .bind(&fragment)
             .fetch_one(&self.pg)
             .await?;
         let (intents, sensors, won, _notified) = row;
@@ -409,6 +466,54 @@ impl ReadingStore {
             finished += due.len();
             metrics::counter!("raw_segments_expired_total").increment(docs.len() as u64);
         }
+    }
+
+    /// Drops the fragment collections of hours that ended more than
+    /// [`super::FRAGMENT_HOURS_KEPT`] hours ago, when nothing registers a fragment of
+    /// theirs and no pending write names one: their merged readings live in the main
+    /// collection by then. One `drop` instead of a delete per fragment. Returns how many
+    /// it dropped.
+    pub async fn drop_fragments(&self) -> Result<usize, StoreError> {
+        let kept_until = Utc::now() - chrono::Duration::hours(super::FRAGMENT_HOURS_KEPT + 1);
+        let mut dropped = 0;
+        for name in self.db.list_collection_names().await? {
+            let Some(hour) = name
+                .strip_prefix(super::FRAGMENTS)
+                .and_then(|h| {
+                    chrono::NaiveDateTime::parse_from_str(&format!("{h}00"), "%Y%m%d%H%M").ok()
+                })
+                .map(|h| h.and_utc())
+            else {
+                continue;
+            };
+            if hour >= kept_until {
+                continue;
+            }
+            let bound = |t: DateTime<Utc>| {
+                let mut b = vec![0u8; 12];
+                b[..4].copy_from_slice(
+                    &(t.timestamp().clamp(0, i64::from(u32::MAX)) as u32).to_be_bytes(),
+                );
+                b
+            };
+            let (lo, hi) = (bound(hour), bound(hour + chrono::Duration::hours(1)));
+            let in_use: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM raw_docs WHERE fragment AND doc >= $1 AND doc < $2)
+                     OR EXISTS (SELECT 1 FROM raw_doc_expiry e, unnest(e.fragments) f
+                                WHERE e.pending_write AND f >= $1 AND f < $2)",
+            )
+            .bind(&lo)
+            .bind(&hi)
+            .fetch_one(&self.pg)
+            .await?;
+            if !in_use {
+                self.db.collection::<RawDocumentBuf>(&name).drop().await?;
+                tracing::debug!(collection = name, "dropped a fragment collection");
+                dropped += 1;
+            }
+        }
+        metrics::counter!("raw_fragment_collections_dropped_total").increment(dropped as u64);
+        Ok(dropped)
     }
 
     /// Deletes segments by `_id`, one statement each (a filter on several `_id`s is a
@@ -474,8 +579,8 @@ WITH intent AS (
 ), input AS (
     SELECT d.*, EXISTS (SELECT 1 FROM sensors s WHERE s.id = d.sensor_id) AS known
     FROM unnest($2::bytea[], $3::uuid[], $4::timestamptz[], $5::int[], $6::timestamptz[],
-                $7::timestamptz[], $8::int[])
-         WITH ORDINALITY AS d(doc, sensor_id, bucket, count, first_ts, last_ts, bytes, ord)
+                $7::timestamptz[], $8::int[], $22::bool[])
+         WITH ORDINALITY AS d(doc, sensor_id, bucket, count, first_ts, last_ts, bytes, fragment, ord)
     WHERE EXISTS (SELECT 1 FROM intent)
 ), docs AS (
     SELECT * FROM input WHERE known
@@ -510,8 +615,8 @@ WITH intent AS (
         min = least(h.min, excluded.min),
         max = greatest(h.max, excluded.max)
 ), registered AS (
-    INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes)
-    SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes
+    INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes, fragment)
+    SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes, d.fragment
     FROM docs d JOIN buckets b ON b.sensor_id = d.sensor_id AND b.bucket = d.bucket
 ), claimed AS (
     INSERT INTO reading_ids (id, bucket_id, offset_ms)
@@ -519,7 +624,7 @@ WITH intent AS (
     FROM readings r JOIN buckets b ON b.sensor_id = r.sensor_id AND b.bucket = r.bucket
 ), orphaned AS (
     INSERT INTO raw_doc_expiry (docs, due_at)
-    SELECT array_agg(doc), now() FROM input WHERE NOT known HAVING count(*) > 0
+    SELECT array_agg(doc), now() FROM input WHERE NOT known AND NOT fragment HAVING count(*) > 0
 ), latest AS (
     INSERT INTO sensor_latest AS l (sensor_id, reading_id, ts, temperature, received_at, extra, count)
     SELECT n.*
