@@ -50,7 +50,7 @@ bench-build: services
 bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS
 	./target/release/bench-ingest
 
-bench-api: bench-build ## Latest reading vs /health, daily averages over a year, deep history pages
+bench-api: bench-build ## Latest reading (JWT, caches) vs /health
 	./target/release/bench-api
 
 bench-store: bench-build ## History at 10k vs 5M readings, ingest vs the store's ceiling, slow sensors' bytes, store size, daily averages

@@ -38,7 +38,13 @@ fn pool_options(settings: &DatabaseSettings) -> PgPoolOptions {
 }
 
 fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<PgConnectOptions> {
-    PgConnectOptions::from_str(settings.url.expose_secret()).context("invalid DATABASE_URL")
+    Ok(PgConnectOptions::from_str(settings.url.expose_secret())
+        .context("invalid DATABASE_URL")?
+        // Every query here is short. PostgreSQL's row estimates for joins against arrays
+        // of parameters are often far too high, and past its cost thresholds it then
+        // compiles the query (JIT, ~25 ms) and starts parallel workers: a year of daily
+        // averages in a :30 zone took ~100 ms that way, 11 ms without.
+        .options([("jit", "off"), ("max_parallel_workers_per_gather", "0")]))
 }
 
 /// Creates the database if missing, connects and applies every pending migration.

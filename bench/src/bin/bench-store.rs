@@ -543,14 +543,15 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     .bind(start)
     .execute(&db.pool)
     .await?;
-    sqlx::query(
-        "INSERT INTO reading_hours (sensor_id, hour, count, sum, min, max)
-         SELECT sensor_id, date_trunc('hour', bucket), sum(count), sum(sum), min(min), max(max)
-         FROM reading_buckets WHERE sensor_id = $1 GROUP BY 1, 2",
-    )
-    .bind(sensor.0)
-    .execute(&db.pool)
-    .await?;
+    // The days' hourly cells, as ingestion keeps them, and fresh statistics (as
+    // autovacuum would have taken by the time anyone asks).
+    sqlx::query("SELECT rebuild_reading_days($1, '2024-12-31', '2026-01-01')")
+        .bind(sensor.0)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE reading_buckets, reading_days")
+        .execute(&db.pool)
+        .await?;
     let daily = format!("{api}/sensors/{sensor}/daily-averages?from=2025-01-01&to=2025-12-31");
     let check = get_json(&http, &daily, &token).await?;
     anyhow::ensure!(

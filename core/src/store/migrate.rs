@@ -76,7 +76,7 @@ impl ReadingStore {
             sqlx::query("DELETE FROM reading_buckets")
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("DELETE FROM reading_hours")
+            sqlx::query("DELETE FROM reading_days")
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM sensor_latest")

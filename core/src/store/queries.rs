@@ -357,7 +357,7 @@ impl ReadingStore {
     }
 
     /// Statistics per sensor and local day in `tz`, for the days `from..=to`, from the
-    /// hourly rollups; where a day starts inside an hour (zones at :30 and :45), that
+    /// days' hourly cells; where a day starts inside an hour (zones at :30 and :45), that
     /// hour's 15-minute buckets. Never reads raw readings.
     #[tracing::instrument(skip_all, fields(sensors = sensors.len(), tz = %tz))]
     pub async fn daily(
@@ -373,54 +373,102 @@ impl ReadingStore {
             .chain(std::iter::once(&(to + chrono::Days::new(1))))
             .map(|d| local_day_start(tz, *d))
             .collect();
-        let hour = |t: DateTime<Utc>| t - Duration::seconds(t.timestamp().rem_euclid(3600));
-        // Hours a day boundary falls inside: read as buckets instead.
-        let split: Vec<DateTime<Utc>> = starts
+        let (first, last) = (starts[0], starts[starts.len() - 1]);
+        let hour_of = |t: DateTime<Utc>| t.timestamp().div_euclid(3600);
+        // Hours a day boundary falls inside: read as their four buckets.
+        let split: Vec<i64> = starts
             .iter()
-            .filter(|s| hour(**s) != **s)
-            .map(|s| hour(*s))
+            .filter(|s| s.timestamp().rem_euclid(3600) != 0)
+            .map(|s| hour_of(*s))
             .collect();
-        let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
-        // Each row's day is found by `width_bucket` over the days' starts, and the days
-        // are summed in PostgreSQL: a year is ~8,800 hours in, 365 rows out.
-        let rows: Vec<(Uuid, i32, i64, f64, f64, f64)> = sqlx::query_as(
-            "SELECT sensor_id, d, sum(count)::int8, sum(sum)::float8, min(min), max(max) FROM (
-                SELECT sensor_id, width_bucket(hour, $2) AS d, count, sum, min, max
-                FROM reading_hours
-                WHERE sensor_id = ANY($1) AND hour >= $3 AND hour < $4 AND NOT hour = ANY($5)
-                UNION ALL
-                SELECT b.sensor_id, width_bucket(b.bucket, $2), b.count, b.sum, b.min, b.max
-                FROM unnest($5::timestamptz[]) AS h(hour)
-                JOIN reading_buckets b ON b.bucket >= h.hour AND b.bucket < h.hour + interval '1 hour'
-                WHERE b.sensor_id = ANY($1)
-             ) t
-             WHERE d BETWEEN 1 AND $6
-             GROUP BY sensor_id, d",
-        )
-        .bind(&ids)
-        .bind(&starts)
-        .bind(hour(starts[0]))
-        .bind(starts[starts.len() - 1])
-        .bind(&split)
-        .bind(days.len() as i32)
-        .fetch_all(&self.pg)
-        .await?;
-        let out = rows
-            .into_iter()
-            .map(|(sensor, d, count, sum, min, max)| {
-                (
-                    (SensorId(sensor), days[d as usize - 1]),
-                    DayStat {
-                        count,
-                        sum,
-                        min,
-                        max,
-                    },
-                )
+        let split_buckets: Vec<DateTime<Utc>> = split
+            .iter()
+            .flat_map(|h| {
+                (0..4).map(move |q| {
+                    DateTime::from_timestamp(h * 3600 + q * 900, 0).expect("in range")
+                })
             })
             .collect();
+        let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
+        let cells = sqlx::query_as::<_, DayRow>(
+            "SELECT sensor_id, day, counts, sums, mins, maxs FROM reading_days
+             WHERE sensor_id = ANY($1) AND day >= $2 AND day <= $3",
+        )
+        .bind(&ids)
+        .bind(first.date_naive())
+        .bind(last.date_naive())
+        .fetch_all(&self.pg);
+        let buckets = async {
+            if split_buckets.is_empty() {
+                return Ok(Vec::new());
+            }
+            sqlx::query_as::<_, (Uuid, DateTime<Utc>, i64, f64, f64, f64)>(
+                "SELECT sensor_id, bucket, count, sum::float8, min, max FROM reading_buckets
+                 WHERE sensor_id = ANY($1) AND bucket = ANY($2)",
+            )
+            .bind(&ids)
+            .bind(&split_buckets)
+            .fetch_all(&self.pg)
+            .await
+        };
+        let (cells, buckets) = tokio::try_join!(cells, buckets)?;
+
+        let mut out: HashMap<(SensorId, NaiveDate), DayStat> = HashMap::new();
+        let mut add = |sensor: Uuid, at: DateTime<Utc>, stat: DayStat| {
+            // The day whose span holds `at`; none before the first or after the last.
+            let i = starts.partition_point(|s| *s <= at);
+            if stat.count == 0 || i == 0 || i > days.len() {
+                return;
+            }
+            out.entry((SensorId(sensor), days[i - 1]))
+                .and_modify(|s| *s = s.merge(stat))
+                .or_insert(stat);
+        };
+        let split: std::collections::HashSet<i64> = split.into_iter().collect();
+        for row in cells {
+            let midnight = row.day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+            for h in 0..24.min(row.counts.len()) {
+                let at = midnight + Duration::hours(h as i64);
+                if at < first || at >= last || split.contains(&hour_of(at)) {
+                    continue;
+                }
+                add(
+                    row.sensor_id,
+                    at,
+                    DayStat {
+                        count: row.counts[h],
+                        sum: row.sums[h],
+                        min: row.mins[h],
+                        max: row.maxs[h],
+                    },
+                );
+            }
+        }
+        for (sensor, bucket, count, sum, min, max) in buckets {
+            add(
+                sensor,
+                bucket,
+                DayStat {
+                    count,
+                    sum,
+                    min,
+                    max,
+                },
+            );
+        }
         Ok(out)
     }
+}
+
+/// A sensor's UTC day in hourly cells.
+#[derive(sqlx::FromRow)]
+struct DayRow {
+    sensor_id: Uuid,
+    day: NaiveDate,
+    counts: Vec<i64>,
+    sums: Vec<f64>,
+    mins: Vec<f64>,
+    maxs: Vec<f64>,
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -204,7 +204,8 @@ impl ReadingStore {
 }
 
 /// Replaces a bucket's rollup (deleting it when `temps` is empty) and recomputes its
-/// hour from the hour's buckets. The caller holds the bucket's row lock.
+/// day's cell of that hour from the hour's buckets. The caller holds the bucket's row
+/// lock.
 pub(super) async fn replace_rollup(
     tx: &mut Transaction<'_, Postgres>,
     sensor: SensorId,
@@ -230,22 +231,22 @@ pub(super) async fn replace_rollup(
         .execute(&mut **tx)
         .await?;
     }
-    // The hour is the sum of its buckets, all exact (NUMERIC sums).
+    // The day's cell of that hour is its buckets' aggregate.
     sqlx::query(
         "WITH h AS (
-            SELECT count(*) AS n, sum(count) AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max
+            SELECT coalesce(sum(count), 0)::bigint AS n, coalesce(sum(sum), 0)::float8 AS s,
+                   coalesce(min(min), 'Infinity') AS lo, coalesce(max(max), '-Infinity') AS hi
             FROM reading_buckets
-            WHERE sensor_id = $1 AND bucket >= date_trunc('hour', $2::timestamptz)
-              AND bucket < date_trunc('hour', $2::timestamptz) + interval '1 hour'
-         ), gone AS (
-            DELETE FROM reading_hours WHERE sensor_id = $1 AND hour = date_trunc('hour', $2::timestamptz)
-              AND (SELECT n FROM h) = 0
+            WHERE sensor_id = $1 AND bucket >= date_trunc('hour', $2::timestamptz, 'UTC')
+              AND bucket < date_trunc('hour', $2::timestamptz, 'UTC') + interval '1 hour'
          )
-         UPDATE reading_hours r SET count = h.count, sum = h.sum, min = h.min, max = h.max
-         FROM h WHERE h.n > 0 AND r.sensor_id = $1 AND r.hour = date_trunc('hour', $2::timestamptz)",
+         UPDATE reading_days d
+         SET counts[$3] = h.n, sums[$3] = h.s, mins[$3] = h.lo, maxs[$3] = h.hi
+         FROM h WHERE d.sensor_id = $1 AND d.day = ($2::timestamptz AT TIME ZONE 'UTC')::date",
     )
     .bind(sensor.0)
     .bind(bucket)
+    .bind(bucket.hour() as i32 + 1)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -569,7 +569,7 @@ struct ReadingColumns {
 /// Step 3 of a store. Deletes the intent and, only if it was there, registers the
 /// segments of sensors that still exist, claims their reading ids (a plain insert: an id
 /// claimed by another writer since step 1 fails the whole statement), adds the readings
-/// to their buckets and hours, counts them and moves the latest rows; the segments of
+/// to their buckets and days' hourly cells, counts them and moves the latest rows; the segments of
 /// deleted sensors expire at once. Rows are locked in (sensor, bucket) order, so
 /// concurrent writers do not deadlock. Returns whether the intent was there, the
 /// sensors registered, and the reading ids that became their sensor's latest.
@@ -604,16 +604,26 @@ WITH intent AS (
         settled = false
     RETURNING b.id, b.sensor_id, b.bucket
 ), hours AS (
-    INSERT INTO reading_hours AS h (sensor_id, hour, count, sum, min, max)
-    SELECT sensor_id, date_trunc('hour', bucket), count(*), sum(t::numeric), min(t), max(t)
+    SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
+           extract(hour FROM bucket AT TIME ZONE 'UTC')::int AS h,
+           count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
     FROM readings
-    GROUP BY 1, 2
-    ORDER BY 1, 2
-    ON CONFLICT (sensor_id, hour) DO UPDATE SET
-        count = h.count + excluded.count,
-        sum = h.sum + excluded.sum,
-        min = least(h.min, excluded.min),
-        max = greatest(h.max, excluded.max)
+    GROUP BY 1, 2, 3
+), days AS (
+    INSERT INTO reading_days AS d (sensor_id, day, counts, sums, mins, maxs)
+    SELECT sensor_id, day,
+           day_cells(array_agg(h), array_agg(n), 0::bigint),
+           day_cells(array_agg(h), array_agg(s), 0::float8),
+           day_cells(array_agg(h), array_agg(lo), 'Infinity'::float8),
+           day_cells(array_agg(h), array_agg(hi), '-Infinity'::float8)
+    FROM hours
+    GROUP BY sensor_id, day
+    ORDER BY sensor_id, day
+    ON CONFLICT (sensor_id, day) DO UPDATE SET
+        counts = cells_add(d.counts, excluded.counts),
+        sums = cells_add(d.sums, excluded.sums),
+        mins = cells_least(d.mins, excluded.mins),
+        maxs = cells_greatest(d.maxs, excluded.maxs)
 ), registered AS (
     INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes, fragment)
     SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes, d.fragment
