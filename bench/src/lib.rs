@@ -20,6 +20,20 @@ pub struct Row {
     pub met: Option<bool>,
 }
 
+impl Row {
+    /// A measurement shown for information, without a baseline or target.
+    pub fn info(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Row {
+            name: name.into(),
+            value: value.into(),
+            baseline: String::new(),
+            ratio: None,
+            target: String::new(),
+            met: None,
+        }
+    }
+}
+
 /// Prints rows as a Markdown table.
 pub fn print_table(title: &str, rows: &[Row]) {
     println!("\n## {title}\n");
@@ -215,6 +229,46 @@ pub async fn start_api(
     let base = format!("http://{}", app.addr());
     tokio::spawn(app.run_until(std::future::pending()));
     Ok((base, state))
+}
+
+/// The API started by [`start_api`], with the bootstrap admin logged in.
+pub struct AdminApi {
+    /// `http://host:port/api/v1`.
+    pub api: String,
+    /// The admin's access token.
+    pub token: String,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    /// The API's state.
+    pub state: termopar_api::state::AppState,
+}
+
+/// Starts the API (see [`start_api`]) and logs in as its admin.
+pub async fn start_api_as_admin(
+    db: &test_support::TestDb,
+    mongo: &test_support::TestMongo,
+) -> anyhow::Result<AdminApi> {
+    let (base, state) = start_api(db, mongo).await?;
+    let api = format!("{base}/api/v1");
+    let http = reqwest::Client::new();
+    let login: serde_json::Value = http
+        .post(format!("{api}/auth/login"))
+        .json(&serde_json::json!({"email": "admin@bench", "password": "bench-admin-pw"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = login["access_token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no access token: {login}"))?
+        .to_owned();
+    Ok(AdminApi {
+        api,
+        token,
+        http,
+        state,
+    })
 }
 
 /// Formats a duration in milliseconds.

@@ -313,14 +313,10 @@ async fn main() -> anyhow::Result<()> {
                 target: "".into(),
                 met: None,
             },
-            Row {
-                name: "consumer peak RSS during end to end".into(),
-                value: format!("{rss:.1} MiB"),
-                baseline: "".into(),
-                ratio: None,
-                target: "".into(),
-                met: None,
-            },
+            Row::info(
+                "consumer peak RSS during end to end",
+                format!("{rss:.1} MiB"),
+            ),
         ],
     );
     Ok(())

@@ -23,7 +23,7 @@ use mongodb::bson::{doc, Document, RawDocumentBuf};
 use serde_json::Value;
 use termopar_bench::{
     ingest::{end_to_end, ingest_store_rate, Fixture},
-    ms, per_sec, percentile, print_table, Row,
+    ms, per_sec, percentile, print_table, start_api_as_admin, AdminApi, Row,
 };
 use termopar_core::{
     ids::{ClientId, SensorId},
@@ -173,20 +173,9 @@ async fn history(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let samples: usize = env_parse("BENCH_STORE_SAMPLES", 300)?;
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (base, _state) = termopar_bench::start_api(&db, &mongo).await?;
-    let api = format!("{base}/api/v1");
-    let http = reqwest::Client::new();
-    let login: Value = http
-        .post(format!("{api}/auth/login"))
-        .json(&serde_json::json!({"email": "admin@bench", "password": "bench-admin-pw"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = login["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let AdminApi {
+        api, token, http, ..
+    } = start_api_as_admin(&db, &mongo).await?;
     // Another process's store: what the API reads, it reads from the document store.
     let loader = ReadingStore::new(db.pool.clone(), &mongo.database().await);
     let (client, sensors) = sensors(&db.pool, 20).await?;
@@ -298,14 +287,10 @@ async fn history(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         target: "".into(),
         met: None,
     });
-    rows.push(Row {
-        name: "loading: ReadingStore::store, 5,000 readings a call (readings/s)".into(),
-        value: per_sec(load_rate),
-        baseline: "".into(),
-        ratio: None,
-        target: "".into(),
-        met: None,
-    });
+    rows.push(Row::info(
+        "loading: ReadingStore::store, 5,000 readings a call (readings/s)",
+        per_sec(load_rate),
+    ));
     Ok(())
 }
 
@@ -340,14 +325,10 @@ async fn ingest(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         target: "≥ 0.70".into(),
         met: Some(rate / ceiling >= 0.7),
     });
-    rows.push(Row {
-        name: "consumer peak RSS during end to end".into(),
-        value: format!("{rss:.1} MiB"),
-        baseline: "".into(),
-        ratio: None,
-        target: "".into(),
-        met: None,
-    });
+    rows.push(Row::info(
+        "consumer peak RSS during end to end",
+        format!("{rss:.1} MiB"),
+    ));
     Ok(())
 }
 
@@ -485,22 +466,18 @@ async fn slow_sensors(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         value: format!("{:.1} B", segments_size / count),
         baseline: format!("{:.1} B one document a reading", legacy_size / count),
         ratio: Some(segments_size / legacy_size),
-        target: "".into(),
-        met: None,
+        target: "≤ 1.0".into(),
+        met: Some(segments_size <= legacy_size),
     });
     let index: i64 = sqlx::query_scalar(
         "SELECT pg_total_relation_size('reading_ids') + pg_total_relation_size('raw_docs')",
     )
     .fetch_one(&db.pool)
     .await?;
-    rows.push(Row {
-        name: "its index in PostgreSQL per reading (reading_ids + raw_docs, with indexes)".into(),
-        value: format!("{:.1} B", index as f64 / count),
-        baseline: "".into(),
-        ratio: None,
-        target: "".into(),
-        met: None,
-    });
+    rows.push(Row::info(
+        "its index in PostgreSQL per reading (reading_ids + raw_docs, with indexes)",
+        format!("{:.1} B", index as f64 / count),
+    ));
     let _ = legacy.drop().await;
     let _ = mongo_db.collection::<RawDocumentBuf>(SEGMENTS).drop().await;
     Ok(())
@@ -512,20 +489,9 @@ async fn slow_sensors(rows: &mut Vec<Row>) -> anyhow::Result<()> {
 async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (base, _state) = termopar_bench::start_api(&db, &mongo).await?;
-    let api = format!("{base}/api/v1");
-    let http = reqwest::Client::new();
-    let login: Value = http
-        .post(format!("{api}/auth/login"))
-        .json(&serde_json::json!({"email": "admin@bench", "password": "bench-admin-pw"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = login["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let AdminApi {
+        api, token, http, ..
+    } = start_api_as_admin(&db, &mongo).await?;
     let (_, sensors) = sensors(&db.pool, 1).await?;
     let sensor = sensors[0];
     let start = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();

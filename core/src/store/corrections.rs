@@ -7,31 +7,11 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
 use mongodb::bson::oid::ObjectId;
 use uuid::Uuid;
 
-use super::{
-    rollups::{replace_rollup, BucketChange, BUCKETS_CHANNEL},
-    DocRef, ReadingStore, Segment, StoreError,
-};
-use crate::{
-    ids::SensorId,
-    reading::{Celsius, Reading},
-};
-
-/// Where a reading is: its bucket, its time in it, and a segment of that bucket.
-#[derive(sqlx::FromRow)]
-struct PlaceRow {
-    bucket_id: i64,
-    sensor_id: Uuid,
-    bucket: DateTime<Utc>,
-    offset_ms: i32,
-    doc: Vec<u8>,
-    fragment: bool,
-    first_ts: DateTime<Utc>,
-    last_ts: DateTime<Utc>,
-}
+use super::{queries::Place, DocRef, ReadingStore, Segment, StoreError};
+use crate::reading::{Celsius, Reading};
 
 /// How many times a correction starts over when a merge replaced its segment first.
 const ATTEMPTS: usize = 3;
@@ -78,28 +58,15 @@ impl ReadingStore {
 
     /// One attempt; `None` when the segment was replaced meanwhile.
     async fn try_edit(&self, id: Uuid, edit: Edit) -> Result<Option<Option<Reading>>, StoreError> {
-        let listed: Vec<PlaceRow> = sqlx::query_as(
-            "SELECT b.id AS bucket_id, b.sensor_id, b.bucket, r.offset_ms, d.doc, d.fragment,
-                    d.first_ts, d.last_ts
-             FROM reading_ids r
-             JOIN reading_buckets b ON b.id = r.bucket_id
-             JOIN raw_docs d ON d.bucket_id = b.id
-             WHERE r.id = $1",
-        )
-        .bind(id)
-        .fetch_all(&self.pg)
-        .await?;
-        let Some(first) = listed.first() else {
+        let Some(Place {
+            bucket_id,
+            sensor,
+            bucket,
+            candidates,
+        }) = self.place(id).await?
+        else {
             return Ok(Some(None));
         };
-        let (bucket_id, sensor, bucket) =
-            (first.bucket_id, SensorId(first.sensor_id), first.bucket);
-        let ts = bucket + Duration::milliseconds(i64::from(first.offset_ms));
-        let candidates: Vec<DocRef> = listed
-            .iter()
-            .filter(|r| r.first_ts <= ts && ts <= r.last_ts)
-            .map(|r| DocRef::from_row(&r.doc, r.fragment))
-            .collect::<Result<_, _>>()?;
         let mut holder: Option<(DocRef, Arc<Segment>)> = None;
         for (doc, segment) in candidates
             .iter()
@@ -216,27 +183,11 @@ impl ReadingStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let temps: Vec<f64> = self
-            .bucket_readings(&mut tx, bucket_id)
-            .await?
-            .iter()
-            .map(|r| r.temperature.get())
-            .collect();
-        replace_rollup(&mut tx, sensor, bucket, &temps).await?;
-        self.recompute_latest(&mut tx, sensor).await?;
-        let changes = [BucketChange {
-            sensor_id: sensor.0,
-            from: bucket,
-            to: bucket,
-        }];
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(BUCKETS_CHANNEL)
-            .bind(serde_json::to_string(&changes).expect("serializable"))
-            .execute(&mut *tx)
+        self.rollup_from_segments(&mut tx, sensor, bucket_id, bucket)
             .await?;
-        tx.commit().await?;
+        self.recompute_latest(&mut tx, sensor).await?;
+        self.announce(tx, sensor, bucket).await?;
         self.latest.invalidate(sensor).await;
-        self.changed(&changes);
         Ok(Some(match edit {
             Edit::Delete => Some(before),
             Edit::Correct(_) => after,

@@ -96,12 +96,23 @@ struct BucketRow {
 /// A reading's place: its bucket, its time in it, and a segment of that bucket.
 #[derive(sqlx::FromRow)]
 struct PlaceRow {
+    bucket_id: i64,
+    sensor_id: Uuid,
     bucket: DateTime<Utc>,
     offset_ms: i32,
     doc: Vec<u8>,
     fragment: bool,
     first_ts: DateTime<Utc>,
     last_ts: DateTime<Utc>,
+}
+
+/// Where a stored reading is: its bucket and the segments whose span holds its time
+/// (one of them holds it).
+pub(super) struct Place {
+    pub bucket_id: i64,
+    pub sensor: SensorId,
+    pub bucket: DateTime<Utc>,
+    pub candidates: Vec<DocRef>,
 }
 
 /// A segment as the index lists it.
@@ -319,29 +330,43 @@ impl ReadingStore {
         }))
     }
 
+    /// Where reading `id` is, from the index; `None` when it is not stored.
+    pub(super) async fn place(&self, id: Uuid) -> Result<Option<Place>, StoreError> {
+        let listed: Vec<PlaceRow> = sqlx::query_as(
+            "SELECT b.id AS bucket_id, b.sensor_id, b.bucket, r.offset_ms, d.doc, d.fragment,
+                    d.first_ts, d.last_ts
+             FROM reading_ids r
+             JOIN reading_buckets b ON b.id = r.bucket_id
+             JOIN raw_docs d ON d.bucket_id = b.id
+             WHERE r.id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pg)
+        .await?;
+        let Some(first) = listed.first() else {
+            return Ok(None);
+        };
+        let ts = first.bucket + Duration::milliseconds(i64::from(first.offset_ms));
+        Ok(Some(Place {
+            bucket_id: first.bucket_id,
+            sensor: SensorId(first.sensor_id),
+            bucket: first.bucket,
+            candidates: listed
+                .iter()
+                .filter(|p| p.first_ts <= ts && ts <= p.last_ts)
+                .map(|p| DocRef::from_row(&p.doc, p.fragment))
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
     /// A reading by id.
     #[tracing::instrument(skip_all, fields(reading_id = %id))]
     pub async fn reading(&self, id: Uuid) -> Result<Option<Reading>, StoreError> {
         for _ in 0..ATTEMPTS {
-            let listed: Vec<PlaceRow> = sqlx::query_as(
-                "SELECT b.bucket, r.offset_ms, d.doc, d.fragment, d.first_ts, d.last_ts
-                 FROM reading_ids r
-                 JOIN reading_buckets b ON b.id = r.bucket_id
-                 JOIN raw_docs d ON d.bucket_id = b.id
-                 WHERE r.id = $1",
-            )
-            .bind(id)
-            .fetch_all(&self.pg)
-            .await?;
-            let Some(first) = listed.first() else {
+            let Some(place) = self.place(id).await? else {
                 return Ok(None);
             };
-            let ts = first.bucket + Duration::milliseconds(i64::from(first.offset_ms));
-            let docs: Vec<DocRef> = listed
-                .iter()
-                .filter(|p| p.first_ts <= ts && ts <= p.last_ts)
-                .map(|p| DocRef::from_row(&p.doc, p.fragment))
-                .collect::<Result<_, _>>()?;
+            let docs = place.candidates;
             let segments = self.fetch_segments(&docs).await?;
             if segments.iter().any(Option::is_none) {
                 continue;

@@ -106,14 +106,38 @@ impl ReadingStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(bucket_id) = locked {
-            let temps: Vec<f64> = self
-                .bucket_readings(&mut tx, bucket_id)
-                .await?
-                .iter()
-                .map(|r| r.temperature.get())
-                .collect();
-            replace_rollup(&mut tx, sensor, bucket, &temps).await?;
+            self.rollup_from_segments(&mut tx, sensor, bucket_id, bucket)
+                .await?;
         }
+        self.announce(tx, sensor, bucket).await
+    }
+
+    /// Replaces a bucket's rollup by what its registered segments hold. The caller holds
+    /// the bucket's row lock.
+    pub(super) async fn rollup_from_segments(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        sensor: SensorId,
+        bucket_id: i64,
+        bucket: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let temps: Vec<f64> = self
+            .bucket_readings(tx, bucket_id)
+            .await?
+            .iter()
+            .map(|r| r.temperature.get())
+            .collect();
+        replace_rollup(tx, sensor, bucket, &temps).await?;
+        Ok(())
+    }
+
+    /// Commits `tx`, which changed one bucket, announcing the change.
+    pub(super) async fn announce(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        sensor: SensorId,
+        bucket: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let changes = [BucketChange {
             sensor_id: sensor.0,
             from: bucket,
