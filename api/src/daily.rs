@@ -1,19 +1,18 @@
 //! Daily averages: avg, min, max and count per local day in any IANA time zone, from the
-//! 15-minute buckets, with finished days cached.
+//! reading store's rollups (`ReadingStore::daily`), with finished days cached.
 //!
 //! Every time-zone offset in use today is a multiple of 15 minutes, so a local day is a
-//! whole number of buckets (92, 96 or 100 across DST changes) and the bucket's local date
-//! is the day it belongs to. PostgreSQL converts bucket starts with `AT TIME ZONE`, which
-//! follows the zone's DST rules.
+//! whole number of 15-minute buckets (92, 96 or 100 across DST changes).
 //!
 //! A day is cached once it ended more than [`LATE_AFTER`] ago. Later changes to it (late
 //! readings, corrections) are announced by the reading store on a NOTIFY channel, which
-//! every API process listens to; while not listening, the cache is bypassed.
+//! every API process listens to; while not listening, the cache is bypassed. Days read
+//! while a change was announced are not cached (a generation count tells).
 
 use std::{
     collections::{BTreeMap, HashSet},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -57,6 +56,9 @@ pub struct DailyCache {
     days: Cache<Key, Option<DayStat>>,
     /// True while changes are being listened to; the cache is bypassed otherwise.
     live: Arc<AtomicBool>,
+    /// Counts changes applied: days read from the store are cached only if no change
+    /// came between the read and the caching.
+    generation: Arc<AtomicU64>,
 }
 
 impl Default for DailyCache {
@@ -75,12 +77,19 @@ impl DailyCache {
                 .support_invalidation_closures()
                 .build(),
             live: Arc::new(AtomicBool::new(false)),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// True while the cache is in use (its change listener is connected).
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// Days cached now (all sensors and zones).
+    pub fn cached_days(&self) -> u64 {
+        self.days.run_pending_tasks();
+        self.days.entry_count()
     }
 
     /// A hook for a reading store of this process: its changes apply at once.
@@ -91,6 +100,7 @@ impl DailyCache {
 
     /// Forgets every cached day that overlaps a change.
     pub fn apply(&self, change: &BucketChange) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let sensor = SensorId(change.sensor_id);
         let (from, to) = (
             change.from,
@@ -124,7 +134,7 @@ impl DailyCache {
                 }
             };
             // Changes made while not listening are unknown: start from nothing.
-            self.days.invalidate_all();
+            self.forget_all();
             self.live.store(true, Ordering::Release);
             backoff = Duration::from_millis(200);
             loop {
@@ -133,7 +143,7 @@ impl DailyCache {
                     // The connection dropped; notifications may have been missed.
                     Ok(None) | Err(_) => {
                         self.live.store(false, Ordering::Release);
-                        self.days.invalidate_all();
+                        self.forget_all();
                         break;
                     }
                 }
@@ -144,8 +154,36 @@ impl DailyCache {
     fn on_payload(&self, payload: &str) {
         match serde_json::from_str::<Vec<BucketChange>>(payload) {
             Ok(changes) => changes.iter().for_each(|c| self.apply(c)),
-            Err(_) => self.days.invalidate_all(),
+            Err(_) => self.forget_all(),
         }
+    }
+
+    fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.days.invalidate_all();
+    }
+
+    /// Caches days read from the store when no change came since `generation` was
+    /// taken (before the read), off the request's path. A change that comes while they
+    /// are inserted is seen afterwards, and they are forgotten again.
+    fn offer(&self, generation: u64, days: Vec<(Key, Option<DayStat>)>) {
+        if days.is_empty() {
+            return;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            if cache.generation.load(Ordering::Acquire) != generation {
+                return;
+            }
+            for (key, stat) in &days {
+                cache.days.insert(*key, *stat);
+            }
+            if cache.generation.load(Ordering::Acquire) != generation {
+                for (key, _) in &days {
+                    cache.days.invalidate(key);
+                }
+            }
+        });
     }
 }
 
@@ -191,14 +229,16 @@ pub async fn sensor_days(
         return Ok(out);
     };
     metrics::counter!("daily_cache_misses_total").increment(1);
+    let generation = state.daily.generation.load(Ordering::Acquire);
     let fetched = state.store.daily(sensors, tz, query_from, to).await?;
+    let mut to_cache = Vec::new();
     let mut day = query_from;
     while day <= to {
         let cache = use_cache && finished(day);
         for s in sensors {
             let stat = fetched.get(&(*s, day)).copied();
             if cache {
-                state.daily.days.insert((*s, tz, day), stat);
+                to_cache.push(((*s, tz, day), stat));
             }
             if let Some(stat) = stat {
                 out.entry(day).or_default().push(stat);
@@ -206,6 +246,7 @@ pub async fn sensor_days(
         }
         day = day + chrono::Days::new(1);
     }
+    state.daily.offer(generation, to_cache);
     Ok(out)
 }
 
@@ -383,5 +424,46 @@ impl DailyApi {
                 .into_iter()
                 .collect();
         respond(&state, &sensors, tz, from, to).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(day: u32) -> Key {
+        (
+            SensorId(Uuid::nil()),
+            chrono_tz::UTC,
+            NaiveDate::from_ymd_opt(2026, 1, day).expect("a date"),
+        )
+    }
+
+    #[tokio::test]
+    async fn days_read_before_a_change_are_not_cached() {
+        let cache = DailyCache::new();
+        let stat = DayStat {
+            count: 1,
+            sum: 1.0,
+            min: 1.0,
+            max: 1.0,
+        };
+        let before = cache.generation.load(Ordering::Acquire);
+        cache.apply(&BucketChange {
+            sensor_id: Uuid::nil(),
+            from: Utc::now(),
+            to: Utc::now(),
+        });
+        cache.offer(before, vec![(key(1), Some(stat))]);
+        let now = cache.generation.load(Ordering::Acquire);
+        cache.offer(now, vec![(key(2), Some(stat))]);
+        test_support::eventually(
+            "the fresh day cached",
+            test_support::DEFAULT_DEADLINE,
+            || async { (cache.cached_days() == 1).then_some(()) },
+        )
+        .await;
+        assert!(cache.days.get(&key(1)).is_none());
+        assert_eq!(cache.days.get(&key(2)), Some(Some(stat)));
     }
 }

@@ -218,6 +218,13 @@ async fn a_late_reading_in_a_cached_finished_day_shows_on_the_next_request() {
         id(&sensor)
     );
     assert_eq!(app.get(&path, &app.admin).await.1["items"][0]["count"], 1);
+    // The three finished days are cached (after the answer).
+    test_support::eventually(
+        "the days cached",
+        test_support::DEFAULT_DEADLINE,
+        || async { (app.state.daily.cached_days() == 3).then_some(()) },
+    )
+    .await;
 
     // Through this API process: its own cache forgets the day at once.
     app.ingest(&sensor, reading_at(day + Duration::hours(3), 20.0))

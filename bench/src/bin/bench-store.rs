@@ -543,6 +543,9 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         anyhow::ensure!(resp.status().is_success(), "{z}: {}", resp.status());
         resp.bytes().await?;
         cold.push(t.elapsed());
+        if std::env::var("BENCH_DEBUG").is_ok() {
+            eprintln!("zone {z} {}", t.elapsed().as_micros());
+        }
     }
     let (p50, p99) = (percentile(&mut cold, 50.0), percentile(&mut cold, 99.0));
     let warm = percentile(&mut sample(&http, &daily, &token, 200).await?, 99.0);

@@ -399,25 +399,21 @@ impl ReadingStore {
             .map(|d| local_day_start(tz, *d))
             .collect();
         let (first, last) = (starts[0], starts[starts.len() - 1]);
-        let hour_of = |t: DateTime<Utc>| t.timestamp().div_euclid(3600);
-        // Hours a day boundary falls inside: read as their four buckets.
-        let split: Vec<i64> = starts
+        // Hours a day boundary falls inside (zones at :30 and :45): read as their four
+        // buckets.
+        let split_buckets: Vec<DateTime<Utc>> = starts
             .iter()
             .filter(|s| s.timestamp().rem_euclid(3600) != 0)
-            .map(|s| hour_of(*s))
-            .collect();
-        let split_buckets: Vec<DateTime<Utc>> = split
-            .iter()
-            .flat_map(|h| {
-                (0..4).map(move |q| {
-                    DateTime::from_timestamp(h * 3600 + q * 900, 0).expect("in range")
-                })
+            .flat_map(|s| {
+                let hour = s.timestamp() - s.timestamp().rem_euclid(3600);
+                (0..4).map(move |q| DateTime::from_timestamp(hour + q * 900, 0).expect("in range"))
             })
             .collect();
         let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
         let cells = sqlx::query_as::<_, DayRow>(
             "SELECT sensor_id, day, counts, sums, mins, maxs FROM reading_days
-             WHERE sensor_id = ANY($1) AND day >= $2 AND day <= $3",
+             WHERE sensor_id = ANY($1) AND day >= $2 AND day <= $3
+             ORDER BY sensor_id, day",
         )
         .bind(&ids)
         .bind(first.date_naive())
@@ -438,50 +434,68 @@ impl ReadingStore {
         };
         let (cells, buckets) = tokio::try_join!(cells, buckets)?;
 
-        let mut out: HashMap<(SensorId, NaiveDate), DayStat> = HashMap::new();
-        let mut add = |sensor: Uuid, at: DateTime<Utc>, stat: DayStat| {
-            // The day whose span holds `at`; none before the first or after the last.
-            let i = starts.partition_point(|s| *s <= at);
-            if stat.count == 0 || i == 0 || i > days.len() {
+        // Per sensor, a statistic per day (by index into `days`).
+        let mut acc: HashMap<Uuid, Vec<Option<DayStat>>> = HashMap::new();
+        let mut add = |sensor: Uuid, day: usize, stat: DayStat| {
+            if stat.count == 0 {
                 return;
             }
-            out.entry((SensorId(sensor), days[i - 1]))
-                .and_modify(|s| *s = s.merge(stat))
-                .or_insert(stat);
+            let slot = &mut acc.entry(sensor).or_insert_with(|| vec![None; days.len()])[day];
+            *slot = Some(slot.map_or(stat, |s| s.merge(stat)));
         };
-        let split: std::collections::HashSet<i64> = split.into_iter().collect();
-        for row in cells {
+        // Cells are in time order per sensor: walk them beside the days' starts.
+        // `next` is the index of the first start after the cell's hour begins.
+        let (mut sensor, mut next) = (None, 0);
+        for row in &cells {
+            if sensor != Some(row.sensor_id) {
+                (sensor, next) = (Some(row.sensor_id), 0);
+            }
             let midnight = row.day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
             for h in 0..24.min(row.counts.len()) {
                 let at = midnight + Duration::hours(h as i64);
-                if at < first || at >= last || split.contains(&hour_of(at)) {
-                    continue;
+                while next < starts.len() && starts[next] <= at {
+                    next += 1;
                 }
-                add(
-                    row.sensor_id,
-                    at,
-                    DayStat {
+                let inside = next > 0 && next < starts.len();
+                // A boundary inside this hour: its buckets are counted instead.
+                let split = next < starts.len() && starts[next] < at + Duration::hours(1);
+                if inside && !split {
+                    let stat = DayStat {
                         count: row.counts[h],
                         sum: row.sums[h],
                         min: row.mins[h],
                         max: row.maxs[h],
+                    };
+                    add(row.sensor_id, next - 1, stat);
+                }
+            }
+        }
+        for (sensor, bucket, count, sum, min, max) in buckets {
+            // The day whose span holds the bucket; none before the first or after the last.
+            let next = starts.partition_point(|s| *s <= bucket);
+            if next > 0 && next < starts.len() {
+                add(
+                    sensor,
+                    next - 1,
+                    DayStat {
+                        count,
+                        sum,
+                        min,
+                        max,
                     },
                 );
             }
         }
-        for (sensor, bucket, count, sum, min, max) in buckets {
-            add(
-                sensor,
-                bucket,
-                DayStat {
-                    count,
-                    sum,
-                    min,
-                    max,
-                },
-            );
-        }
-        Ok(out)
+        Ok(acc
+            .into_iter()
+            .flat_map(|(sensor, stats)| {
+                let days = &days;
+                stats
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(move |(i, stat)| Some(((SensorId(sensor), days[i]), stat?)))
+            })
+            .collect())
     }
 }
 
