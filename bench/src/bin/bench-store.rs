@@ -107,6 +107,8 @@ async fn settle(store: &ReadingStore, now: DateTime<Utc>) -> anyhow::Result<()> 
 
 /// p99 of each history query at one volume.
 struct Latencies {
+    /// Page 1 asked for the first time: its segments come from the document store.
+    first_page1: Duration,
     latest: Duration,
     page1: Duration,
     deep: Duration,
@@ -124,6 +126,9 @@ async fn measure(
     n: usize,
 ) -> anyhow::Result<Latencies> {
     let readings = format!("{api}/sensors/{sensor}/readings");
+    let t = Instant::now();
+    get_json(http, &format!("{readings}?page_size=50"), token).await?;
+    let first_page1 = t.elapsed();
     // The cursor after the `depth`-th newest reading, walked to once, untimed.
     let mut cursor = String::new();
     let mut walked = 0;
@@ -147,6 +152,7 @@ async fn measure(
         .replace('+', "%2B");
     let p99 = |mut v: Vec<Duration>| percentile(&mut v, 99.0);
     Ok(Latencies {
+        first_page1,
         latest: p99(sample(http, &format!("{readings}/latest"), token, n).await?),
         page1: p99(sample(http, &format!("{readings}?page_size=50"), token, n).await?),
         deep: p99(sample(
@@ -287,6 +293,12 @@ async fn history(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         target: "".into(),
         met: None,
     });
+    rows.push(Row::info(
+        format!(
+            "history page 1 asked first (segments from the document store, not the cache) at {small} / at {stored}"
+        ),
+        format!("{} / {}", ms(at_small.first_page1), ms(at_large.first_page1)),
+    ));
     rows.push(Row::info(
         "loading: ReadingStore::store, 5,000 readings a call (readings/s)",
         per_sec(load_rate),
@@ -543,9 +555,6 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         anyhow::ensure!(resp.status().is_success(), "{z}: {}", resp.status());
         resp.bytes().await?;
         cold.push(t.elapsed());
-        if std::env::var("BENCH_DEBUG").is_ok() {
-            eprintln!("zone {z} {}", t.elapsed().as_micros());
-        }
     }
     let (p50, p99) = (percentile(&mut cold, 50.0), percentile(&mut cold, 99.0));
     let warm = percentile(&mut sample(&http, &daily, &token, 200).await?, 99.0);

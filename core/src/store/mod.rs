@@ -162,8 +162,8 @@ pub struct Tuning {
     /// How long written but unregistered segments wait before they are deleted
     /// (`CONSUMER_RECOVER_AFTER_SECS`): longer than any store call takes.
     pub intent_ttl: Duration,
-    /// Readings of recently written segments kept in memory (merges and history read
-    /// them from here instead of the document store).
+    /// Readings of recently written or read segments kept in memory (merges and
+    /// history read them from here instead of the document store).
     pub cache_readings: u64,
     /// How long after a bucket's end it counts as closed (late readings still come).
     pub close_after: Duration,

@@ -2,7 +2,7 @@
 //!
 //! PostgreSQL says which segments can hold what is asked (buckets newest first, each
 //! with its segments' counts and time spans); only those are fetched, by `_id`, from the
-//! cache of recently written segments or the document store. A segment that vanished
+//! cache of recently written or read segments or the document store. A segment that vanished
 //! between the two (a merge replaced it, and its grace period ran out) restarts the
 //! query.
 
@@ -180,8 +180,9 @@ fn prune(mut docs: Vec<Listed>, window: &Window, need: u64) -> Vec<Listed> {
 }
 
 impl ReadingStore {
-    /// Segments by `_id`, in order, from the cache of recent writes or the document
-    /// store (concurrently); `None` for one that does not exist.
+    /// Segments by `_id`, in order, from the cache of recent segments or the document
+    /// store (concurrently; what is fetched is cached: a segment never changes under its
+    /// `_id`); `None` for one that does not exist.
     pub(super) async fn fetch_segments(
         &self,
         docs: &[DocRef],
@@ -193,7 +194,11 @@ impl ReadingStore {
             }
             metrics::counter!("raw_segment_reads_total", "from" => "store").increment(1);
             match self.collection(d).find_one(doc! { "_id": d.id }).await? {
-                Some(raw) => Ok(Some(Arc::new(Segment::decode(&raw)?))),
+                Some(raw) => {
+                    let segment = Arc::new(Segment::decode(&raw)?);
+                    self.recent.insert(d.id, Arc::clone(&segment));
+                    Ok(Some(segment))
+                }
                 None => Ok(None),
             }
         });
