@@ -36,6 +36,10 @@ pub struct ConsumerSettings {
     /// (`CONSUMER_MAX_UNACKED`, default 100). rumqttd sends at most 100 unacknowledged
     /// messages to a subscriber, so waiting for more would only wait for the delay.
     pub max_unacked: usize,
+    /// Batches stored at once (`CONSUMER_PIPELINE`, default 2). Each batch takes its
+    /// share of `max_unacked`, so the next batch fills while one is stored;
+    /// acknowledgements stay in order.
+    pub pipeline: usize,
     /// Payload limits (`CONSUMER_MAX_PAYLOAD_BYTES`, default 256 KiB).
     pub limits: Limits,
     /// `/metrics` and `/health` of a standalone consumer (`CONSUMER_METRICS_ADDR`,
@@ -56,6 +60,7 @@ impl ConsumerSettings {
             batch_size: env_parse("CONSUMER_BATCH_SIZE", 5000)?,
             batch_delay: Duration::from_millis(env_parse("CONSUMER_BATCH_DELAY_MS", 20)?),
             max_unacked: env_parse("CONSUMER_MAX_UNACKED", 100)?,
+            pipeline: env_parse("CONSUMER_PIPELINE", 2)?,
             limits: Limits {
                 max_payload_bytes: env_parse("CONSUMER_MAX_PAYLOAD_BYTES", 256 * 1024)?,
                 ..Limits::default()
@@ -81,6 +86,7 @@ impl ConsumerSettings {
             batch_size: 5000,
             batch_delay: Duration::from_millis(20),
             max_unacked: 100,
+            pipeline: 2,
             limits: Limits::default(),
             metrics_addr: None,
         }
@@ -88,8 +94,10 @@ impl ConsumerSettings {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.batch_size == 0 || self.max_unacked == 0 {
-            bail!("CONSUMER_BATCH_SIZE and CONSUMER_MAX_UNACKED must be positive");
+        if self.batch_size == 0 || self.max_unacked == 0 || self.pipeline == 0 {
+            bail!(
+                "CONSUMER_BATCH_SIZE, CONSUMER_MAX_UNACKED and CONSUMER_PIPELINE must be positive"
+            );
         }
         if self.client_id.is_empty() {
             bail!("MQTT_CLIENT_ID must not be empty");
