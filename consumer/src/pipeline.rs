@@ -252,20 +252,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_stored_before_the_one_ahead_of_it_is_acknowledged_after_it() {
         let db = TestDb::new().await;
-        let (client, sensor) = (Uuid::new_v4(), Uuid::new_v4());
-        sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, 'c', 'UTC')")
-            .bind(client)
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        sqlx::query(
-            "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, 's', '\\x00')",
-        )
-        .bind(sensor)
-        .bind(client)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        let (client, sensor) = db.client_with_sensor().await;
         let mut settings = ConsumerSettings::new(
             MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(),
             "pipeline-test",

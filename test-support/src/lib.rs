@@ -72,6 +72,27 @@ impl TestDb {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// A new client (zone UTC) with one sensor (no usable device secret), straight into
+    /// PostgreSQL: `(client id, sensor id)`.
+    pub async fn client_with_sensor(&self) -> (Uuid, Uuid) {
+        let (client, sensor) = (Uuid::new_v4(), Uuid::new_v4());
+        sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, $2, 'UTC')")
+            .bind(client)
+            .bind(format!("client-{}", client.simple()))
+            .execute(&self.pool)
+            .await
+            .expect("insert a client");
+        sqlx::query(
+            "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, 's', '\\x00')",
+        )
+        .bind(sensor)
+        .bind(client)
+        .execute(&self.pool)
+        .await
+        .expect("insert a sensor");
+        (client, sensor)
+    }
 }
 
 impl Drop for TestDb {

@@ -207,20 +207,7 @@ fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
 async fn the_migrate_command_moves_readings_of_the_previous_shape() {
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (client, sensor) = (Uuid::new_v4(), Uuid::new_v4());
-    sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, 'c', 'UTC')")
-        .bind(client)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, 's', '\\x00')",
-    )
-    .bind(sensor)
-    .bind(client)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let (client, sensor) = db.client_with_sensor().await;
     let store_db = mongo.database().await;
     let t0 = mongodb::bson::DateTime::parse_rfc3339_str("2026-02-01T00:00:00Z").unwrap();
     let legacy: Vec<Document> = (0..25)
