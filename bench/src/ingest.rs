@@ -48,27 +48,12 @@ impl Fixture {
         let db = TestDb::new().await;
         let mongo = TestMongo::new();
         let store = ReadingStore::new(db.pool.clone(), &mongo.database().await);
-        let client = Uuid::new_v4();
-        sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, 'bench', 'UTC')")
-            .bind(client)
-            .execute(&db.pool)
-            .await?;
-        let mut sensors = Vec::new();
-        for i in 0..SENSORS {
-            let id = Uuid::new_v4();
-            sqlx::query("INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, $3, '\\x00')")
-                .bind(id)
-                .bind(client)
-                .bind(format!("s{i}"))
-                .execute(&db.pool)
-                .await?;
-            sensors.push(SensorId(id));
-        }
+        let (client, sensors) = db.client_with_sensors(SENSORS).await;
         Ok(Self {
             db,
             mongo,
             store,
-            client: ClientId(client),
+            client,
             sensors,
         })
     }

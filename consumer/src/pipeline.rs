@@ -252,7 +252,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_stored_before_the_one_ahead_of_it_is_acknowledged_after_it() {
         let db = TestDb::new().await;
-        let (client, sensor) = db.client_with_sensor().await;
+        let (client, sensors) = db.client_with_sensors(1).await;
         let mut settings = ConsumerSettings::new(
             MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(),
             "pipeline-test",
@@ -281,10 +281,7 @@ mod tests {
         let (messages, incoming) = mpsc::channel(8);
         let (stop, stopped) = watch::channel(false);
         let running = tokio::spawn(pipeline.run(incoming, stopped));
-        let topic = Topics::new("").readings(
-            termopar_core::ids::ClientId(client),
-            termopar_core::ids::SensorId(sensor),
-        );
+        let topic = Topics::new("").readings(client, sensors[0]);
         for (pkid, id) in [(1, first), (2, second)] {
             let payload = Bytes::from(
                 serde_json::json!({"id": id, "ts": "2026-03-01T00:00:00Z", "temperature": 1.0})

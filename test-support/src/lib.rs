@@ -10,8 +10,11 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     ConnectOptions, Connection, Executor, PgConnection, PgPool,
 };
-use termopar_core::settings::{
-    env_or, DatabaseSettings, MongoSettings, DEFAULT_DATABASE_URL, DEFAULT_MONGODB_URI,
+use termopar_core::{
+    ids::{ClientId, SensorId},
+    settings::{
+        env_or, DatabaseSettings, MongoSettings, DEFAULT_DATABASE_URL, DEFAULT_MONGODB_URI,
+    },
 };
 use uuid::Uuid;
 
@@ -73,25 +76,30 @@ impl TestDb {
         &self.name
     }
 
-    /// A new client (zone UTC) with one sensor (no usable device secret), straight into
-    /// PostgreSQL: `(client id, sensor id)`.
-    pub async fn client_with_sensor(&self) -> (Uuid, Uuid) {
-        let (client, sensor) = (Uuid::new_v4(), Uuid::new_v4());
+    /// A new client (zone UTC) with `n` sensors (no usable device secrets), straight
+    /// into PostgreSQL.
+    pub async fn client_with_sensors(&self, n: usize) -> (ClientId, Vec<SensorId>) {
+        let client = Uuid::new_v4();
         sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, $2, 'UTC')")
             .bind(client)
-            .bind(format!("client-{}", client.simple()))
+            .bind(format!("client {client}"))
             .execute(&self.pool)
             .await
             .expect("insert a client");
-        sqlx::query(
-            "INSERT INTO sensors (id, client_id, name, secret_hash) VALUES ($1, $2, 's', '\\x00')",
+        let sensors: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO sensors (id, client_id, name, secret_hash)
+             SELECT gen_random_uuid(), $1, 'sensor ' || i, '\\x00' FROM generate_series(1, $2) i
+             RETURNING id",
         )
-        .bind(sensor)
         .bind(client)
-        .execute(&self.pool)
+        .bind(n as i32)
+        .fetch_all(&self.pool)
         .await
-        .expect("insert a sensor");
-        (client, sensor)
+        .expect("insert sensors");
+        (
+            ClientId(client),
+            sensors.into_iter().map(SensorId).collect(),
+        )
     }
 }
 

@@ -66,26 +66,6 @@ async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Res
     Ok(resp.json().await?)
 }
 
-/// A client with `n` sensors, straight into PostgreSQL.
-async fn sensors(pool: &sqlx::PgPool, n: usize) -> anyhow::Result<(ClientId, Vec<SensorId>)> {
-    let client = Uuid::new_v4();
-    sqlx::query("INSERT INTO clients (id, name, timezone) VALUES ($1, $2, 'UTC')")
-        .bind(client)
-        .bind(format!("bench {client}"))
-        .execute(pool)
-        .await?;
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO sensors (id, client_id, name, secret_hash)
-         SELECT gen_random_uuid(), $1, 'sensor ' || i, '\\x00' FROM generate_series(1, $2) i
-         RETURNING id",
-    )
-    .bind(client)
-    .bind(n as i32)
-    .fetch_all(pool)
-    .await?;
-    Ok((ClientId(client), ids.into_iter().map(SensorId).collect()))
-}
-
 fn reading(client: ClientId, sensor: SensorId, ts: DateTime<Utc>, i: u64) -> Reading {
     Reading {
         id: Uuid::new_v4(),
@@ -184,7 +164,7 @@ async fn history(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     } = start_api_as_admin(&db, &mongo).await?;
     // Another process's store: what the API reads, it reads from the document store.
     let loader = ReadingStore::new(db.pool.clone(), &mongo.database().await);
-    let (client, sensors) = sensors(&db.pool, 20).await?;
+    let (client, sensors) = db.client_with_sensors(20).await;
     let probe = sensors[0];
     let end =
         Utc::now().duration_trunc(chrono::Duration::seconds(1))? - chrono::Duration::minutes(1);
@@ -376,7 +356,7 @@ async fn slow_sensors(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
     let store = ReadingStore::new(db.pool.clone(), &mongo.database().await);
-    let (client, sensors) = sensors(&db.pool, n).await?;
+    let (client, sensors) = db.client_with_sensors(n).await;
     // Simulated time, from a bucket's start a day ago; each sensor every 10 s, spread
     // evenly; a store call per 20 ms of readings (a consumer's batch), and the
     // background work's compaction every simulated second.
@@ -504,7 +484,7 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let AdminApi {
         api, token, http, ..
     } = start_api_as_admin(&db, &mongo).await?;
-    let (_, sensors) = sensors(&db.pool, 1).await?;
+    let (_, sensors) = db.client_with_sensors(1).await;
     let sensor = sensors[0];
     let start = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
     // 900 readings a bucket, a daily cycle; the sums exact (NUMERIC), as ingestion adds.

@@ -2,9 +2,9 @@
 //!
 //! PostgreSQL says which segments can hold what is asked (buckets newest first, each
 //! with its segments' counts and time spans); only those are fetched, by `_id`, from the
-//! cache of recently written or read segments or the document store. A segment that vanished
-//! between the two (a merge replaced it, and its grace period ran out) restarts the
-//! query.
+//! cache of recently written or read segments or the document store. A segment that
+//! vanished between the two (a merge replaced it, and its grace period ran out) restarts
+//! the query.
 
 use std::{collections::HashMap, sync::Arc};
 

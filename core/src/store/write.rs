@@ -569,10 +569,10 @@ struct ReadingColumns {
 /// Step 3 of a store. Deletes the intent and, only if it was there, registers the
 /// segments of sensors that still exist, claims their reading ids (a plain insert: an id
 /// claimed by another writer since step 1 fails the whole statement), adds the readings
-/// to their buckets and days' hourly cells, counts them and moves the latest rows; the segments of
-/// deleted sensors expire at once. Rows are locked in (sensor, bucket) order, so
-/// concurrent writers do not deadlock. Returns whether the intent was there, the
-/// sensors registered, and the reading ids that became their sensor's latest.
+/// to their buckets and days' hourly cells, counts them and moves the latest rows; the
+/// segments of deleted sensors expire at once. Rows are locked in (sensor, bucket)
+/// order, so concurrent writers do not deadlock. Returns whether the intent was there,
+/// the sensors registered, and the reading ids that became their sensor's latest.
 const REGISTER: &str = "
 WITH intent AS (
     DELETE FROM raw_doc_expiry WHERE id = $1 RETURNING id

@@ -207,7 +207,8 @@ fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
 async fn the_migrate_command_moves_readings_of_the_previous_shape() {
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (client, sensor) = db.client_with_sensor().await;
+    let (client, sensors) = db.client_with_sensors(1).await;
+    let (client, sensor) = (client.0, sensors[0].0);
     let store_db = mongo.database().await;
     let t0 = mongodb::bson::DateTime::parse_rfc3339_str("2026-02-01T00:00:00Z").unwrap();
     let legacy: Vec<Document> = (0..25)
