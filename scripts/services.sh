@@ -3,6 +3,7 @@
 #   PostgreSQL  (Debian package)         127.0.0.1:5432, trust for local TCP as `postgres`
 #   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
 #   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
+#   test tools  paho-mqtt (PyPI) in $DEV_DIR/venv, openssl
 #
 # Usage: scripts/services.sh [up|down|status|env|bench-tools]
 # Safe to run any number of times: every step checks first. `up` returns once each
@@ -205,6 +206,21 @@ ferretdb_down() {
     rm -f "$pidfile"
 }
 
+# ---------------------------------------------------------------- test tools
+# Third-party MQTT clients the tests drive besides mosquitto_pub/sub: paho-mqtt 2
+# (Python, from PyPI) in a virtualenv of our own; openssl makes test certificates.
+PAHO_VERSION=2.1.0
+test_tools_up() {
+    apt_install python3-venv openssl
+    local venv=$DEV_DIR/venv
+    if "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+        return 0
+    fi
+    log "installing paho-mqtt $PAHO_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "paho-mqtt==$PAHO_VERSION"
+}
+
 # ---------------------------------------------------------------- Mosquitto
 mosquitto_up() {
     apt_install mosquitto mosquitto-clients
@@ -259,6 +275,7 @@ case "${1:-up}" in
         pg_up
         ferretdb_up
         mosquitto_up
+        test_tools_up
         ;;
     down)
         mosquitto_down

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{bail, Context};
 use secrecy::{ExposeSecret, SecretString};
 use termopar_core::settings::{
-    env_or, env_parse, env_secs, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
+    env_or, env_pair, env_parse, env_secs, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
 };
 
 /// The JWT secret used when `JWT_SECRET` is unset. Only for development: the API logs a
@@ -102,14 +102,11 @@ pub struct BootstrapAdmin {
 impl Settings {
     /// Reads every setting from the environment and validates it.
     pub fn from_env() -> anyhow::Result<Self> {
-        let bootstrap_admin = match (env_var("ADMIN_EMAIL"), env_var("ADMIN_PASSWORD")) {
-            (Some(email), Some(password)) => Some(BootstrapAdmin {
+        let bootstrap_admin =
+            env_pair("ADMIN_EMAIL", "ADMIN_PASSWORD")?.map(|(email, password)| BootstrapAdmin {
                 email,
                 password: SecretString::from(password),
-            }),
-            (None, None) => None,
-            _ => bail!("ADMIN_EMAIL and ADMIN_PASSWORD must be set together"),
-        };
+            });
         let settings = Self {
             addr: env_or("API_ADDR", "127.0.0.1:8080")
                 .parse()

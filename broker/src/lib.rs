@@ -1,13 +1,19 @@
-//! termopar's embedded MQTT broker: rumqttd started in-process, listening for MQTT 3.1.1
-//! and MQTT 5, optionally checking device credentials against PostgreSQL.
+//! termopar's embedded MQTT broker: rumqttd started in-process on loopback, behind the
+//! front door (`front`): one port for MQTT 3.1.1 and 5 (and one for TLS), device
+//! authentication and per-device topic ACLs.
 //!
 //! rumqttd 0.20 binds its listeners inside a blocking `start()` that never returns and
 //! never reports the bound address, and it has no stop. [`start`] wraps that: it resolves
 //! port 0 to a free port first, runs the broker on a named thread, and returns once the
 //! listeners accept connections. The broker lives as long as the process.
 
+mod acl;
+mod front;
+mod packet;
+
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,24 +23,40 @@ use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use termopar_core::{
     directory::SensorDirectory,
-    ids::SensorId,
-    settings::{env_or, env_parse, env_var},
+    settings::{env_or, env_pair, env_parse, env_secs, env_var, MqttEndpoint},
+    topic::Topics,
 };
+
+pub use front::{FrontCounts, FrontStats};
 
 /// Settings of the embedded broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    /// MQTT 3.1.1 listener (`MQTT_ADDR`, default `127.0.0.1:1883`; port 0 picks one).
-    pub v4_addr: SocketAddr,
-    /// MQTT 5 listener (`MQTT_V5_ADDR`, default `127.0.0.1:1885`; `off` disables it).
-    /// rumqttd serves one protocol version per listener.
-    pub v5_addr: Option<SocketAddr>,
+    /// The MQTT port, for 3.1.1 and 5 alike (`MQTT_ADDR`, default `127.0.0.1:1883`; port
+    /// 0 picks one).
+    pub addr: SocketAddr,
+    /// A second plain port serving the same (`MQTT_V5_ADDR`, default off): kept as an
+    /// alias for deployments of the time when MQTT 5 had a port of its own.
+    pub alias_addr: Option<SocketAddr>,
+    /// MQTT over TLS (`MQTT_TLS_ADDR`, default `127.0.0.1:8883`), on when
+    /// `MQTT_TLS_CERT` and `MQTT_TLS_KEY` name PEM files (the chain, and its key).
+    pub tls: Option<TlsSettings>,
     /// Require credentials at CONNECT (`MQTT_AUTH=devices`; default `off`): username =
     /// sensor id and password = its device secret, or the service credentials below.
+    /// Devices may then publish only to their own readings topic and subscribe only
+    /// inside their own subtree.
     pub require_auth: bool,
     /// Credentials of termopar's own clients, the consumer and the simulator
-    /// (`MQTT_USERNAME` / `MQTT_PASSWORD`).
+    /// (`MQTT_USERNAME` / `MQTT_PASSWORD`): full access.
     pub service: Option<(String, SecretString)>,
+    /// Topic prefix of the readings topics (`MQTT_TOPIC_PREFIX`, as the consumer's).
+    pub topic_prefix: String,
+    /// How often live device connections are checked against the directory even without
+    /// a change notice (`MQTT_AUTH_RECHECK_SECS`, default 60, the directory's lifetime).
+    pub recheck_every: Duration,
+    /// How often the front pings rumqttd for a client that connected with keepalive 0
+    /// ("no keepalive", which rumqttd refuses): rumqttd is told twice this (default 30 s).
+    pub no_keepalive_ping: Duration,
     /// Largest PUBLISH payload accepted (`MQTT_MAX_PAYLOAD_BYTES`, default 2 MiB). Larger
     /// than the consumer's own limit on purpose: an oversized reading then reaches the
     /// consumer and is dead-lettered with a reason instead of dropping the connection.
@@ -43,45 +65,73 @@ pub struct BrokerSettings {
     pub max_connections: usize,
 }
 
+/// The TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
 impl BrokerSettings {
     /// Reads the settings from the environment.
     pub fn from_env() -> anyhow::Result<Self> {
-        let v5 = env_or("MQTT_V5_ADDR", "127.0.0.1:1885");
         let auth = env_or("MQTT_AUTH", "off");
         let require_auth = match auth.as_str() {
             "off" => false,
             "devices" => true,
             other => bail!("MQTT_AUTH must be `off` or `devices`, not {other:?}"),
         };
-        let service = match (env_var("MQTT_USERNAME"), env_var("MQTT_PASSWORD")) {
-            (Some(u), Some(p)) => Some((u, SecretString::from(p))),
-            (None, None) => None,
-            _ => bail!("MQTT_USERNAME and MQTT_PASSWORD must be set together"),
+        let alias = env_or("MQTT_V5_ADDR", "off");
+        let tls = match env_pair("MQTT_TLS_CERT", "MQTT_TLS_KEY")? {
+            Some((cert, key)) => Some(TlsSettings {
+                addr: env_or("MQTT_TLS_ADDR", "127.0.0.1:8883")
+                    .parse()
+                    .context("invalid MQTT_TLS_ADDR")?,
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            None if env_var("MQTT_TLS_ADDR").is_some() => {
+                bail!("MQTT_TLS_ADDR needs MQTT_TLS_CERT and MQTT_TLS_KEY")
+            }
+            None => None,
         };
-        let settings = Self {
-            v4_addr: env_or("MQTT_ADDR", "127.0.0.1:1883")
+        Ok(Self {
+            addr: env_or("MQTT_ADDR", "127.0.0.1:1883")
                 .parse()
                 .context("invalid MQTT_ADDR")?,
-            v5_addr: if v5 == "off" {
+            alias_addr: if alias == "off" {
                 None
             } else {
-                Some(v5.parse().context("invalid MQTT_V5_ADDR")?)
+                Some(alias.parse().context("invalid MQTT_V5_ADDR")?)
             },
+            tls,
             require_auth,
-            service,
+            service: env_pair("MQTT_USERNAME", "MQTT_PASSWORD")?
+                .map(|(u, p)| (u, SecretString::from(p))),
+            topic_prefix: env_or("MQTT_TOPIC_PREFIX", ""),
+            recheck_every: env_secs("MQTT_AUTH_RECHECK_SECS", Duration::from_secs(60))?,
+            no_keepalive_ping: Duration::from_secs(30),
             max_payload_bytes: env_parse("MQTT_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024)?,
             max_connections: env_parse("MQTT_MAX_CONNECTIONS", 10_000)?,
-        };
-        Ok(settings)
+        })
     }
 
-    /// Listeners on free loopback ports, no authentication: for tests and benchmarks.
+    /// One port on a free loopback port, no TLS, no authentication: for tests and
+    /// benchmarks.
     pub fn ephemeral() -> Self {
         Self {
-            v4_addr: "127.0.0.1:0".parse().unwrap(),
-            v5_addr: Some("127.0.0.1:0".parse().unwrap()),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            alias_addr: None,
+            tls: None,
             require_auth: false,
             service: None,
+            topic_prefix: String::new(),
+            recheck_every: Duration::from_secs(60),
+            no_keepalive_ping: Duration::from_secs(30),
             max_payload_bytes: 2 * 1024 * 1024,
             max_connections: 10_000,
         }
@@ -89,18 +139,42 @@ impl BrokerSettings {
 }
 
 /// A broker that accepts connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunningBroker {
-    /// The MQTT 3.1.1 listener.
-    pub v4_addr: SocketAddr,
-    /// The MQTT 5 listener.
-    pub v5_addr: Option<SocketAddr>,
+    /// The MQTT port (3.1.1 and 5).
+    pub addr: SocketAddr,
+    /// The alias port, when configured.
+    pub alias_addr: Option<SocketAddr>,
+    /// The TLS port, when configured.
+    pub tls_addr: Option<SocketAddr>,
+    direct: MqttEndpoint,
+    stats: Arc<FrontStats>,
 }
 
 impl RunningBroker {
-    /// `mqtt://host:port` of the 3.1.1 listener, for clients.
+    /// `mqtt://host:port` of the MQTT port, for clients.
     pub fn url(&self) -> String {
-        format!("mqtt://{}", self.v4_addr)
+        format!("mqtt://{}", reachable(self.addr))
+    }
+
+    /// rumqttd's own MQTT 3.1.1 listener on loopback, with its internal credentials: for
+    /// the in-process consumer (which needs no front) and for benchmarks of the front.
+    pub fn direct_endpoint(&self) -> MqttEndpoint {
+        self.direct.clone()
+    }
+
+    /// What the front has done.
+    pub fn stats(&self) -> FrontCounts {
+        self.stats.counts()
+    }
+}
+
+/// Where a client on this host reaches a listener bound to `addr`.
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
     }
 }
 
@@ -118,7 +192,7 @@ fn listener_json(name: &str, addr: SocketAddr, max_payload: usize) -> serde_json
         name: {
             "name": name,
             "listen": addr.to_string(),
-            "next_connection_delay_ms": 1,
+            "next_connection_delay_ms": 0,
             "connections": {
                 "connection_timeout_ms": 60000,
                 "max_payload_size": max_payload,
@@ -129,98 +203,126 @@ fn listener_json(name: &str, addr: SocketAddr, max_payload: usize) -> serde_json
     })
 }
 
-/// Checks CONNECT credentials.
-struct Authenticator {
-    directory: SensorDirectory,
-    service: Option<(String, SecretString)>,
-    runtime: tokio::runtime::Handle,
-}
-
-impl Authenticator {
-    async fn check(&self, username: String, password: String) -> bool {
-        if let Some((user, pass)) = &self.service {
-            if username == *user {
-                return password
-                    .as_bytes()
-                    .ct_eq(pass.expose_secret().as_bytes())
-                    .into();
-            }
+/// Each connection through the front holds three descriptors (the client's, the front's
+/// to rumqttd, rumqttd's): raises this process's limit to what `connections` need, as
+/// far as it may.
+fn raise_fd_limit(connections: usize) {
+    let want = (connections as u64 * 3 + 1024) as libc::rlim_t;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= want {
+            return;
         }
-        let Ok(sensor) = username.parse::<SensorId>() else {
-            return false;
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: limit.rlim_max.max(want),
         };
-        // The check runs on the caller's runtime, where the pool lives, not on rumqttd's
-        // per-listener runtimes.
-        let directory = self.directory.clone();
-        let lookup = self
-            .runtime
-            .spawn(async move { directory.get(sensor).await });
-        match lookup.await {
-            Ok(Ok(Some(entry))) => termopar_core::secrets::verify(&password, &entry.secret_hash),
-            Ok(Ok(None)) => false,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "device authentication could not reach PostgreSQL");
-                false
-            }
-            Err(_) => false,
+        // Raising the hard limit needs privileges; without them, up to the hard limit.
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let soft = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+            tracing::warn!(
+                limit = limit.rlim_max,
+                needed = want,
+                "the open files limit is below what MQTT_MAX_CONNECTIONS needs"
+            );
         }
     }
 }
 
-/// Starts the broker and returns once every listener accepts connections. With
-/// `require_auth`, `directory` checks device credentials.
+/// A multi-threaded runtime that lives as long as the process, on threads named
+/// `mqtt-front`.
+fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("mqtt-front")
+        .enable_all()
+        .build()
+        .context("failed to start the MQTT front's runtime")?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("mqtt-front".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .context("failed to start the MQTT front's thread")?;
+    Ok(handle)
+}
+
+fn tls_acceptor(tls: &TlsSettings) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read the certificates in {}", tls.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .with_context(|| format!("cannot read the private key in {}", tls.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the TLS certificate and key do not make a server configuration")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Starts the broker and its front, and returns once every listener accepts
+/// connections. With `require_auth`, `directory` checks device credentials (and its
+/// change notices end live connections of changed sensors).
 pub async fn start(
     settings: &BrokerSettings,
     directory: Option<SensorDirectory>,
 ) -> anyhow::Result<RunningBroker> {
-    let v4 = resolve(settings.v4_addr)?;
-    let v5 = settings.v5_addr.map(resolve).transpose()?;
-    let mut config = serde_json::json!({
+    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    let (internal_v4, internal_v5) = (resolve(loopback)?, resolve(loopback)?);
+    let internal_password = SecretString::from(termopar_core::secrets::generate());
+    let tls = settings.tls.as_ref().map(tls_acceptor).transpose()?;
+    if settings.require_auth && directory.is_none() {
+        bail!("device authentication needs the sensor directory");
+    }
+    raise_fd_limit(settings.max_connections);
+
+    let config = serde_json::json!({
         "id": 0,
         "router": {
             "id": 0,
-            "max_connections": settings.max_connections,
+            // The in-process consumer and the benchmarks' direct connections too.
+            "max_connections": settings.max_connections + 16,
             "max_outgoing_packet_count": 200,
             "max_segment_size": 104_857_600,
             "max_segment_count": 10
         },
-        "v4": listener_json("v4", v4, settings.max_payload_bytes),
+        "v4": listener_json("v4", internal_v4, settings.max_payload_bytes),
+        "v5": listener_json("v5", internal_v5, settings.max_payload_bytes),
         // Meters feed the broker metrics (see `export_meters`). rumqttd's timer unwraps
         // both intervals whichever is configured, so alerts need one too.
         "metrics": { "meters": { "push_interval": 1 }, "alerts": { "push_interval": 60 } }
     });
-    if let Some(v5) = v5 {
-        config["v5"] = listener_json("v5", v5, settings.max_payload_bytes);
-    }
     // Built through serde: some of rumqttd's config fields are private.
     let mut config: rumqttd::Config =
         serde_json::from_value(config).context("invalid rumqttd configuration")?;
-
-    if settings.require_auth {
-        let directory = directory.context("device authentication needs the sensor directory")?;
-        let auth = Arc::new(Authenticator {
-            directory,
-            service: settings.service.clone(),
-            runtime: tokio::runtime::Handle::current(),
+    // rumqttd's listeners are on loopback, and only the front and the in-process
+    // consumer know their password.
+    let listeners = config
+        .v4
+        .iter_mut()
+        .chain(config.v5.iter_mut())
+        .flat_map(|m| m.values_mut());
+    for listener in listeners {
+        let password = internal_password.clone();
+        listener.set_auth_handler(move |_client_id, _username, given: String| {
+            let ok: bool = given
+                .as_bytes()
+                .ct_eq(password.expose_secret().as_bytes())
+                .into();
+            async move { ok }
         });
-        let listeners = config
-            .v4
-            .iter_mut()
-            .chain(config.v5.iter_mut())
-            .flat_map(|m| m.values_mut());
-        for listener in listeners {
-            let auth = auth.clone();
-            listener.set_auth_handler(move |_client_id, username, password| {
-                let auth = auth.clone();
-                async move {
-                    let ok = auth.check(username, password).await;
-                    let result = if ok { "accepted" } else { "refused" };
-                    metrics::counter!("mqtt_broker_connects_total", "result" => result)
-                        .increment(1);
-                    ok
-                }
-            });
-        }
     }
 
     let mut broker = rumqttd::Broker::new(config);
@@ -238,7 +340,7 @@ pub async fn start(
     export_meters(meters);
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    for addr in std::iter::once(v4).chain(v5) {
+    for addr in [internal_v4, internal_v5] {
         loop {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 break;
@@ -249,10 +351,64 @@ pub async fn start(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    tracing::info!(%v4, v5 = ?v5, auth = settings.require_auth, "embedded MQTT broker listening");
+
+    let stats = Arc::new(FrontStats::default());
+    let live = Arc::new(front::LiveDevices::default());
+    let topics = Topics::new(&settings.topic_prefix);
+    if settings.require_auth {
+        if let Some(directory) = &directory {
+            directory
+                .follow_changes()
+                .await
+                .context("cannot listen for sensor changes")?;
+            live.clone()
+                .watch(directory.clone(), settings.recheck_every, stats.clone());
+        }
+    }
+    let front = Arc::new(front::Front {
+        auth: acl::Authenticator {
+            directory,
+            service: settings.service.clone(),
+            require_auth: settings.require_auth,
+            topics,
+            runtime: tokio::runtime::Handle::current(),
+        },
+        internal_v4,
+        internal_v5,
+        internal_password: internal_password.clone(),
+        // A PUBLISH of the largest payload with its topic and properties.
+        max_packet: settings.max_payload_bytes + 64 * 1024,
+        connect_timeout: Duration::from_secs(10),
+        ping_every: settings.no_keepalive_ping,
+        live,
+        stats: stats.clone(),
+    });
+    // The front has a runtime of its own, as rumqttd has: it serves whatever the caller's
+    // runtime is doing (tests that block it included).
+    let runtime = front_runtime()?;
+    let bind = |addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>| {
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("failed to bind the MQTT port {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        front.clone().serve(&runtime, listener, tls);
+        anyhow::Ok(bound)
+    };
+    let addr = bind(settings.addr, None)?;
+    let alias_addr = settings.alias_addr.map(|a| bind(a, None)).transpose()?;
+    let tls_addr = match (&settings.tls, tls) {
+        (Some(t), Some(acceptor)) => Some(bind(t.addr, Some(acceptor))?),
+        _ => None,
+    };
+    tracing::info!(%addr, alias = ?alias_addr, tls = ?tls_addr, auth = settings.require_auth, "embedded MQTT broker listening (3.1.1 and 5)");
+    let mut direct = MqttEndpoint::parse(&format!("mqtt://{internal_v4}"))?;
+    direct.credentials = Some(("termopar-internal".to_owned(), internal_password));
     Ok(RunningBroker {
-        v4_addr: v4,
-        v5_addr: v5,
+        addr,
+        alias_addr,
+        tls_addr,
+        direct,
+        stats,
     })
 }
 

@@ -43,8 +43,8 @@ async fn device_credentials_are_checked_at_connect() {
     let broker = termopar_broker::start(&settings, Some(directory.clone()))
         .await
         .unwrap();
-    let v4 = MqttEndpoint::parse(&broker.url()).unwrap();
-    let v5 = MqttEndpoint::parse(&format!("mqtt://{}", broker.v5_addr.unwrap())).unwrap();
+    let port = MqttEndpoint::parse(&broker.url()).unwrap();
+    let (v4, v5) = (port.clone(), port);
     let sensor_name = sensor.to_string();
     let unknown = Uuid::new_v4().to_string();
     // (what, credentials, accepted)
@@ -116,11 +116,11 @@ async fn device_credentials_are_checked_at_connect() {
 }
 
 #[tokio::test]
-async fn mqtt_5_subscribers_get_what_mqtt_3_publishers_send() {
+async fn mqtt_5_subscribers_get_what_mqtt_3_publishers_send_on_the_same_port() {
     let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None)
         .await
         .unwrap();
-    let v5 = broker.v5_addr.unwrap();
+    let port = broker.addr;
     let topic = format!(
         "clients/{}/sensors/{}/readings",
         Uuid::new_v4(),
@@ -131,7 +131,7 @@ async fn mqtt_5_subscribers_get_what_mqtt_3_publishers_send() {
             "-h",
             "127.0.0.1",
             "-p",
-            &v5.port().to_string(),
+            &port.port().to_string(),
             "-V",
             "mqttv5",
             "-q",

@@ -1,6 +1,12 @@
 //! Which sensors exist, which client owns each, and their device secrets: read from
 //! PostgreSQL through a cache, by the consumer (validation), the broker (device auth)
 //! and HTTP ingest.
+//!
+//! Changes are announced: [`SensorDirectory::invalidate`] in this process, and the
+//! `sensor_changes` NOTIFY channel (a trigger on `sensors`) from any process, which
+//! [`SensorDirectory::follow_changes`] turns into invalidations. Both reach
+//! [`SensorDirectory::changes`], where the MQTT front learns which live devices to
+//! check again.
 
 use std::{
     sync::Arc,
@@ -9,6 +15,7 @@ use std::{
 
 use moka::{future::Cache, Expiry};
 use sqlx::PgPool;
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::ids::{ClientId, SensorId};
@@ -45,11 +52,25 @@ impl Expiry<SensorId, Option<SensorEntry>> for TwoTtls {
     }
 }
 
+/// What changed in the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SensorChange {
+    /// This sensor's secret or client changed, or it was deleted.
+    One(SensorId),
+    /// Notices may have been missed (the listening connection was lost): anything may
+    /// have changed.
+    Any,
+}
+
+/// PostgreSQL NOTIFY channel of sensor changes (see the `sensor_changes` migration).
+pub const CHANGES_CHANNEL: &str = "sensor_changes";
+
 /// The cached sensor directory. Cheap to clone.
 #[derive(Clone)]
 pub struct SensorDirectory {
     pg: PgPool,
     cache: Cache<SensorId, Option<SensorEntry>>,
+    changes: broadcast::Sender<SensorChange>,
 }
 
 impl SensorDirectory {
@@ -66,7 +87,44 @@ impl SensorDirectory {
                 .max_capacity(1_000_000)
                 .expire_after(TwoTtls { known, unknown })
                 .build(),
+            changes: broadcast::channel(1024).0,
         }
+    }
+
+    /// Changes from now on (a receiver that lags has missed some: treat it as
+    /// [`SensorChange::Any`]).
+    pub fn changes(&self) -> broadcast::Receiver<SensorChange> {
+        self.changes.subscribe()
+    }
+
+    /// Listens on the `sensor_changes` channel until the pool closes, invalidating what
+    /// other processes changed. Resolves once listening, returning the listening task.
+    pub async fn follow_changes(&self) -> Result<tokio::task::JoinHandle<()>, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pg).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        let directory = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(notice)) => match notice.payload().parse::<Uuid>() {
+                        Ok(id) => directory.invalidate(SensorId(id)).await,
+                        Err(_) => tracing::warn!(
+                            payload = notice.payload(),
+                            "unreadable sensor change notice"
+                        ),
+                    },
+                    // The connection was lost and is made again on the next call: what
+                    // was announced meanwhile is unknown.
+                    Ok(None) => directory.invalidate_all(),
+                    Err(sqlx::Error::PoolClosed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listening for sensor changes failed; retrying");
+                        directory.invalidate_all();
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }))
     }
 
     /// The sensor, or `None` when no sensor has this id. Errors only when PostgreSQL
@@ -91,8 +149,15 @@ impl SensorDirectory {
             .await
     }
 
-    /// Forgets a sensor after it changed (secret rotated, deleted).
+    /// Forgets a sensor after it changed (secret rotated, deleted), and announces it.
     pub async fn invalidate(&self, id: SensorId) {
         self.cache.invalidate(&id).await;
+        let _ = self.changes.send(SensorChange::One(id));
+    }
+
+    /// Forgets every sensor, and announces that anything may have changed.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        let _ = self.changes.send(SensorChange::Any);
     }
 }

@@ -20,6 +20,15 @@ pub fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Two variables that only make sense together: both, or neither.
+pub fn env_pair(a: &str, b: &str) -> anyhow::Result<Option<(String, String)>> {
+    match (env_var(a), env_var(b)) {
+        (Some(x), Some(y)) => Ok(Some((x, y))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("{a} and {b} must be set together"),
+    }
+}
+
 /// The value of `name`, or `default` when it is unset or empty.
 pub fn env_or(name: &str, default: &str) -> String {
     env_var(name).unwrap_or_else(|| default.to_owned())
@@ -111,11 +120,8 @@ impl MqttEndpoint {
     /// `MQTT_URL` (default `mqtt://127.0.0.1:1883`) with `MQTT_USERNAME`/`MQTT_PASSWORD`.
     pub fn from_env() -> anyhow::Result<Self> {
         let mut endpoint = Self::parse(&env_or("MQTT_URL", "mqtt://127.0.0.1:1883"))?;
-        endpoint.credentials = match (env_var("MQTT_USERNAME"), env_var("MQTT_PASSWORD")) {
-            (Some(u), Some(p)) => Some((u, SecretString::from(p))),
-            (None, None) => None,
-            _ => anyhow::bail!("MQTT_USERNAME and MQTT_PASSWORD must be set together"),
-        };
+        endpoint.credentials =
+            env_pair("MQTT_USERNAME", "MQTT_PASSWORD")?.map(|(u, p)| (u, SecretString::from(p)));
         Ok(endpoint)
     }
 

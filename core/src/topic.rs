@@ -32,6 +32,12 @@ impl Topics {
         format!("{}clients/{client}/sensors/{sensor}/readings", self.prefix)
     }
 
+    /// `clients/{client_id}/sensors/{sensor_id}/`: the start of every topic of one
+    /// sensor (its readings, and commands later).
+    pub fn sensor_subtree(&self, client: ClientId, sensor: SensorId) -> String {
+        format!("{}clients/{client}/sensors/{sensor}/", self.prefix)
+    }
+
     /// The filter matching every readings topic.
     pub fn readings_filter(&self) -> String {
         format!("{}clients/+/sensors/+/readings", self.prefix)

@@ -20,6 +20,7 @@ use termopar_device_sim::{provision, run, SimConfig};
 ///   device-sim --count 1000 --rate 100
 ///   device-sim --start 2026-01-01T00:00:00Z --speed 3600 --rate 500 --batch 10   # backfill
 ///   device-sim --duration 60 --bad-ratio 0.05                                     # with bad data
+///   device-sim --per-device --sensors 50 --rate 100                               # a fleet of devices
 #[derive(Debug, Parser)]
 #[command(name = "device-sim", version, verbatim_doc_comment)]
 struct Cli {
@@ -87,6 +88,12 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Connect each sensor as its own device, with its own device secret (rotated at
+    /// start for sensors that exist), instead of one client with MQTT_USERNAME: what a
+    /// broker with MQTT_AUTH=devices sees from a real fleet. Deliberately bad messages
+    /// aimed at other sensors' topics are then refused by the broker's device ACL.
+    #[arg(long)]
+    per_device: bool,
 }
 
 #[tokio::main]
@@ -102,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         &cli.admin_email,
         &cli.admin_password,
         cli.sensors,
+        cli.per_device,
     )
     .await
     .context("provisioning the demo clients failed")?;
@@ -127,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         bad_ratio: cli.bad_ratio,
         seed: cli.seed,
         progress: !cli.no_progress,
+        per_device: cli.per_device,
         ..SimConfig::new(broker, Topics::new(&cli.topic_prefix), sensors)
     })
     .await?;

@@ -57,12 +57,15 @@ impl Api {
 }
 
 /// Logs in as an admin and makes sure both demo clients exist with `per_client` sensors
-/// each (creating what is missing, reusing what is there). Returns the sensors.
+/// each (creating what is missing, reusing what is there). Returns the sensors; with
+/// `device_secrets`, each with its device secret (a sensor that existed gets a new one:
+/// secrets are shown only when made).
 pub async fn provision(
     api_url: &str,
     email: &str,
     password: &str,
     per_client: usize,
+    device_secrets: bool,
 ) -> anyhow::Result<Vec<SimSensor>> {
     let http = reqwest::Client::new();
     let base = api_url.trim_end_matches('/').to_owned();
@@ -120,7 +123,12 @@ pub async fn provision(
                 .flatten()
                 .find(|s| s["name"].as_str() == Some(name.as_str()))
                 .cloned();
-            let sensor = match found {
+            let mut sensor = match found {
+                Some(s) if device_secrets => {
+                    let path =
+                        format!("/sensors/{}/secret", s["id"].as_str().context("sensor id")?);
+                    api.call(reqwest::Method::POST, &path, None).await?
+                }
                 Some(s) => s,
                 None => {
                     api.call(
@@ -136,10 +144,20 @@ pub async fn provision(
                     .await?
                 }
             };
+            // A rotation answers with `sensor_id` and the secret.
+            let id: Uuid = sensor
+                .get("id")
+                .or_else(|| sensor.get("sensor_id"))
+                .and_then(Value::as_str)
+                .context("sensor id")?
+                .parse()?;
             sensors.push(SimSensor {
                 client_id: ClientId(client_id),
-                sensor_id: SensorId(sensor["id"].as_str().context("sensor id")?.parse()?),
+                sensor_id: SensorId(id),
                 profile,
+                secret: device_secrets
+                    .then(|| sensor["device_secret"].take().as_str().map(str::to_owned))
+                    .flatten(),
             });
         }
     }

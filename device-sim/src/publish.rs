@@ -33,6 +33,8 @@ pub struct SimSensor {
     pub sensor_id: SensorId,
     /// How it behaves.
     pub profile: Profile,
+    /// Its device secret, when provisioning asked for one (see `per_device`).
+    pub secret: Option<String>,
 }
 
 /// What to publish, where and how fast.
@@ -66,6 +68,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Connect each sensor as its own device (username = sensor id, password = its
+    /// secret) instead of one client with the broker credentials: the way a real fleet
+    /// exercises authentication, the device ACL and many connections.
+    pub per_device: bool,
 }
 
 impl SimConfig {
@@ -88,6 +94,7 @@ impl SimConfig {
             bad_ratio: 0.0,
             seed: 42,
             progress: false,
+            per_device: false,
         }
     }
 }
@@ -152,46 +159,35 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
         "bad ratio must be within 0..=1"
     );
 
-    let mut options = MqttOptions::new(&config.client_id, &config.broker.host, config.broker.port);
-    options
-        .set_keep_alive(Duration::from_secs(15))
-        .set_clean_session(true)
-        .set_inflight(100)
-        .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
-        .set_request_channel_capacity(1024);
-    if let Some((user, pass)) = &config.broker.credentials {
-        options.set_credentials(user.clone(), pass.expose_secret().to_owned());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-
     let acked = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(tokio::sync::Notify::new());
-    let mut driver = {
-        let acked = acked.clone();
-        let connected = connected.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => connected.notify_one(),
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(anyhow::Error::new(e).context("MQTT connection failed")),
-                }
-            }
-        })
-    };
-    tokio::select! {
-        _ = connected.notified() => {}
-        r = &mut driver => {
-            return Err(r.map_err(anyhow::Error::new).and_then(|r| r).err()
-                .unwrap_or_else(|| anyhow::anyhow!("the MQTT connection closed")));
+    let mut links = Vec::new();
+    if config.per_device {
+        for sensor in &config.sensors {
+            let secret = sensor.secret.clone().with_context(|| {
+                format!(
+                    "sensor {} has no device secret to connect with",
+                    sensor.sensor_id
+                )
+            })?;
+            let id = format!("{}-{}", config.client_id, sensor.sensor_id.0.simple());
+            let credentials = Some((sensor.sensor_id.to_string(), secret));
+            links.push(Link::open(&config.broker, &id, credentials, acked.clone()).await?);
         }
-        _ = tokio::time::sleep(Duration::from_secs(10)) => {
-            anyhow::bail!("no CONNACK from {}:{} within 10 s", config.broker.host, config.broker.port);
-        }
+    } else {
+        let credentials = config
+            .broker
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (u.clone(), p.expose_secret().to_owned()));
+        links.push(
+            Link::open(
+                &config.broker,
+                &config.client_id,
+                credentials,
+                acked.clone(),
+            )
+            .await?,
+        );
     }
 
     let mut rng = StdRng::seed_from_u64(config.seed);
@@ -222,6 +218,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
                 order.shuffle(&mut rng);
             }
             let sensor = &config.sensors[order[next]];
+            let link = &links[if config.per_device { order[next] } else { 0 }];
             next = (next + 1) % order.len();
 
             let (topic, payload) = if rng.gen_bool(config.bad_ratio) {
@@ -257,7 +254,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
                     payload,
                 )
             };
-            client
+            link.client
                 .publish(topic, config.qos, false, payload)
                 .await
                 .context("the MQTT client stopped")?;
@@ -266,7 +263,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
                 bar.set_position(summary.messages);
             }
         }
-        if driver.is_finished() {
+        if links.iter().any(|l| l.driver.is_finished()) {
             break;
         }
         tokio::time::sleep(tick).await;
@@ -277,7 +274,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
     if config.qos != QoS::AtMostOnce {
         while acked.load(Ordering::Relaxed) < summary.messages
             && Instant::now() < deadline
-            && !driver.is_finished()
+            && !links.iter().any(|l| l.driver.is_finished())
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -288,14 +285,73 @@ pub async fn run(config: SimConfig) -> anyhow::Result<Summary> {
     } else {
         acked.load(Ordering::Relaxed)
     };
-    let _ = client.disconnect().await;
-    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), driver).await {
-        return Err(e);
+    for link in links {
+        let _ = link.client.disconnect().await;
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), link.driver).await {
+            return Err(e);
+        }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     Ok(summary)
+}
+
+/// One MQTT connection and the task driving it.
+struct Link {
+    client: AsyncClient,
+    driver: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Link {
+    /// Connects and returns once the broker accepted (CONNACK), counting PUBACKs in
+    /// `acked`.
+    async fn open(
+        broker: &MqttEndpoint,
+        client_id: &str,
+        credentials: Option<(String, String)>,
+        acked: Arc<AtomicU64>,
+    ) -> anyhow::Result<Self> {
+        let mut options = MqttOptions::new(client_id, &broker.host, broker.port);
+        options
+            .set_keep_alive(Duration::from_secs(15))
+            .set_clean_session(true)
+            .set_inflight(100)
+            .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
+            .set_request_channel_capacity(1024);
+        if let Some((user, pass)) = credentials {
+            options.set_credentials(user, pass);
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let connected = Arc::new(tokio::sync::Notify::new());
+        let mut driver = {
+            let connected = connected.clone();
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => connected.notify_one(),
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => {
+                            return Err(anyhow::Error::new(e).context("MQTT connection failed"))
+                        }
+                    }
+                }
+            })
+        };
+        tokio::select! {
+            _ = connected.notified() => Ok(Self { client, driver }),
+            r = &mut driver => Err(r.map_err(anyhow::Error::new).and_then(|r| r).err()
+                .unwrap_or_else(|| anyhow::anyhow!("the MQTT connection closed"))),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                driver.abort();
+                anyhow::bail!("no CONNACK from {}:{} within 10 s", broker.host, broker.port)
+            }
+        }
+    }
 }
 
 fn progress_bar(config: &SimConfig) -> Option<ProgressBar> {

@@ -1,12 +1,9 @@
 //! Edge mode: the embedded broker, the consumer and the API in one process, over one
 //! PostgreSQL pool, one MongoDB client and one sensor directory.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
 use anyhow::bail;
-use secrecy::SecretString;
 use termopar_api::Application;
-use termopar_broker::{BrokerSettings, RunningBroker};
+use termopar_broker::{reachable, BrokerSettings, RunningBroker};
 use termopar_consumer::ConsumerSettings;
 use termopar_core::{
     settings::MqttEndpoint,
@@ -76,15 +73,6 @@ pub struct Edge {
     stop_consumer: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Where a client on this host reaches a listener bound to `addr`.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-    } else {
-        addr
-    }
-}
-
 impl Edge {
     /// Connects the stores (creating the database and applying migrations), starts the
     /// broker and the consumer, and binds the API.
@@ -92,34 +80,17 @@ impl Edge {
         settings.validate()?;
         let pg = termopar_core::db::connect_and_migrate(&settings.api.database).await?;
         let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
-        // The listeners are resolved first so /ready can check the embedded broker.
-        settings.broker.v4_addr = termopar_broker::resolve(settings.broker.v4_addr)?;
-        settings.broker.v5_addr = settings
-            .broker
-            .v5_addr
-            .map(termopar_broker::resolve)
-            .transpose()?;
+        // The MQTT port is resolved first so /ready can check the embedded broker.
+        settings.broker.addr = termopar_broker::resolve(settings.broker.addr)?;
         settings.api.ready_broker = Some(MqttEndpoint::parse(&format!(
             "mqtt://{}",
-            reachable(settings.broker.v4_addr)
+            reachable(settings.broker.addr)
         ))?);
         let app = Application::prepare(&settings.api, pg, mongo).await?;
         let directory = app.state().directory.clone();
-
-        // The in-process consumer needs credentials when devices must authenticate; when
-        // none are configured it gets a random one-off service account.
-        if settings.broker.require_auth && settings.broker.service.is_none() {
-            let password = termopar_core::secrets::generate();
-            settings.broker.service = Some((
-                "termopar-edge-consumer".to_owned(),
-                SecretString::from(password),
-            ));
-        }
         let broker = termopar_broker::start(&settings.broker, Some(directory.clone())).await?;
-        let addr = reachable(broker.v4_addr);
-        let mut endpoint = MqttEndpoint::parse(&format!("mqtt://{addr}"))?;
-        endpoint.credentials = settings.broker.service.clone();
-        settings.consumer.broker = endpoint;
+        // The in-process consumer talks to rumqttd directly, past the front.
+        settings.consumer.broker = broker.direct_endpoint();
 
         // The consumer stores through the API's store, so the API's caches (latest
         // readings, finished days, recent segments) follow what it commits at once.

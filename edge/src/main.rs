@@ -30,10 +30,13 @@ async fn main() -> anyhow::Result<()> {
             let mqtt = edge.broker.url();
             tracing::info!(%api, %mqtt, "termopar edge node running");
             eprintln!(
-                "\ntermopar is running:\n  API      http://{api}  (docs at http://{api}/docs)\n  MQTT     {mqtt}  (MQTT 5: {:?})\n\
+                "\ntermopar is running:\n  API      http://{api}  (docs at http://{api}/docs)\n  MQTT     {mqtt}  (3.1.1 and 5{})\n\
                  Simulate two clients' sensors in another terminal:\n  \
                  cargo run --release -p termopar-device-sim -- --api-url http://{api} --mqtt-url {mqtt} --rate 20 --duration 60\n",
-                edge.broker.v5_addr
+                edge.broker
+                    .tls_addr
+                    .map(|a| format!("; TLS on {a}"))
+                    .unwrap_or_default()
             );
             edge.run_until(termopar_core::shutdown::signal()).await
         }

@@ -210,6 +210,18 @@ pub fn free_port() -> u16 {
 }
 
 /// The development Mosquitto (`MOSQUITTO_URL`, default `mqtt://127.0.0.1:1884`).
+/// The Python of the test tools' virtualenv (paho-mqtt), made by `scripts/services.sh`
+/// in `TERMOPAR_DEV_DIR` (default `~/.local/share/termopar-dev`).
+pub fn test_python() -> std::path::PathBuf {
+    let dir = std::env::var_os("TERMOPAR_DEV_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".local/share/termopar-dev")
+        });
+    dir.join("venv/bin/python")
+}
+
 pub fn mosquitto_endpoint() -> termopar_core::settings::MqttEndpoint {
     termopar_core::settings::MqttEndpoint::parse(&env_or("MOSQUITTO_URL", "mqtt://127.0.0.1:1884"))
         .expect("MOSQUITTO_URL is a valid mqtt:// URL")

@@ -222,10 +222,11 @@ pub fn sim_sensors(
 ) -> Vec<termopar_device_sim::SimSensor> {
     sensors
         .iter()
-        .map(|(s, _)| termopar_device_sim::SimSensor {
+        .map(|(s, secret)| termopar_device_sim::SimSensor {
             client_id: client,
             sensor_id: *s,
             profile: termopar_device_sim::Profile::pharma(chrono_tz::UTC)[0].clone(),
+            secret: Some(secret.clone()),
         })
         .collect()
 }

@@ -54,18 +54,19 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
     let mongo = TestMongo::new();
     let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
     let api = format!("http://{}", edge.app.addr());
-    let broker = edge.broker;
+    let broker = edge.broker.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let node = tokio::spawn(edge.run_until(async move {
         let _ = stopped.await;
     }));
 
-    let sensors = termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2)
-        .await
-        .unwrap();
+    let sensors =
+        termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2, false)
+            .await
+            .unwrap();
     assert_eq!(sensors.len(), 4, "two clients with two sensors each");
-    // Provisioning again reuses what exists.
-    let again = termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2)
+    // Provisioning again reuses what exists (here with new device secrets).
+    let again = termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2, true)
         .await
         .unwrap();
     assert_eq!(
@@ -139,6 +140,27 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
         .await
         .unwrap();
     assert_eq!(latest, 4);
+
+    // Each sensor as its own device, with its own secret, through the device ACL.
+    assert!(again.iter().all(|s| s.secret.is_some()));
+    let before = test_support::stored_count(&db.pool).await;
+    let fleet = termopar_device_sim::run(SimConfig {
+        per_device: true,
+        sensors: again.clone(),
+        ..config(100, 0.0, 11)
+    })
+    .await
+    .unwrap();
+    assert_eq!(fleet.acked, 100);
+    eventually(
+        "every device's reading stored",
+        Duration::from_secs(30),
+        || async {
+            (test_support::stored_count(&db.pool).await == before + fleet.readings).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(broker.stats().publishes_refused, 0);
 
     let ready: serde_json::Value = reqwest::get(format!("{api}/ready"))
         .await
