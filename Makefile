@@ -45,7 +45,7 @@ bench: bench-ingest bench-api bench-store bench-webhook ## Every benchmark, each
 
 bench-build: services
 	@scripts/services.sh bench-tools
-	$(CARGO) build --release -p termopar-bench -p termopar-consumer
+	$(CARGO) build --release -p termopar-bench -p termopar-consumer -p termopar-broker
 
 bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS
 	./target/release/bench-ingest

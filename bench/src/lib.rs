@@ -1,5 +1,6 @@
 //! Shared pieces of the benchmarks: result tables, percentiles, process memory.
 
+pub mod fleet;
 pub mod ingest;
 
 use std::time::Duration;
@@ -68,10 +69,19 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 
 /// Peak resident memory of a process in MiB (`VmHWM` from /proc).
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in MiB (`VmRSS` from /proc).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
