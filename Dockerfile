@@ -21,5 +21,5 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=builder /out/ /usr/local/bin/
 USER termopar
 ENV LOG_FORMAT=json RUST_LOG=info
-EXPOSE 8080 1883 1885
+EXPOSE 8080 1883 8883
 CMD ["termopar"]

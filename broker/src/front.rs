@@ -384,9 +384,16 @@ impl Front {
         } else {
             connect.keep_alive
         };
+        // A device's session lives under its sensor's name: another device reusing its
+        // client id (of another tenant, say) cannot take it over.
+        let client_prefix = match &principal {
+            Principal::Device(d) => format!("{}:", d.sensor),
+            Principal::Full => String::new(),
+        };
         broker
             .write_all(&connect.rewrite(
                 keep_alive,
+                client_prefix.as_bytes(),
                 connect.username.unwrap_or_default(),
                 self.internal_password.expose_secret().as_bytes(),
             ))

@@ -208,8 +208,10 @@ pub(crate) struct Connect<'a> {
     flags: u8,
     /// MQTT 5 properties with their length (empty before 5).
     properties: &'a [u8],
-    /// Client id and will, as sent.
-    identity: &'a [u8],
+    /// The client id, without its length.
+    pub client_id: &'a [u8],
+    /// The will (MQTT 5 will properties, topic, payload), as sent.
+    will: &'a [u8],
 }
 
 impl<'a> Connect<'a> {
@@ -224,8 +226,8 @@ impl<'a> Connect<'a> {
         let keep_alive = c.u16()?;
         let v5 = level == 5;
         let properties = if v5 { c.properties()? } else { &[] };
-        let identity_start = c.at;
-        c.field()?; // client id
+        let client_id = c.field()?;
+        let will_start = c.at;
         let will_topic = if flags & 0x04 != 0 {
             if v5 {
                 c.properties()?;
@@ -236,7 +238,7 @@ impl<'a> Connect<'a> {
         } else {
             None
         };
-        let identity = &body[identity_start..c.at];
+        let will = &body[will_start..c.at];
         let username = if flags & 0x80 != 0 {
             Some(c.field()?)
         } else {
@@ -256,21 +258,36 @@ impl<'a> Connect<'a> {
             protocol,
             flags,
             properties,
-            identity,
+            client_id,
+            will,
         })
     }
 
-    /// The same CONNECT with another keepalive and credentials.
-    pub(crate) fn rewrite(&self, keep_alive: u16, username: &[u8], password: &[u8]) -> Bytes {
+    /// The same CONNECT with another keepalive and credentials, and the client id under
+    /// `client_prefix` (a non-empty one).
+    pub(crate) fn rewrite(
+        &self,
+        keep_alive: u16,
+        client_prefix: &[u8],
+        username: &[u8],
+        password: &[u8],
+    ) -> Bytes {
         let mut body = BytesMut::with_capacity(
-            self.protocol.len() + self.properties.len() + self.identity.len() + 64,
+            self.protocol.len() + self.properties.len() + self.will.len() + 128,
         );
         body.put_slice(self.protocol);
         body.put_u8(self.level);
         body.put_u8(self.flags | 0xC0);
         body.put_u16(keep_alive);
         body.put_slice(self.properties);
-        body.put_slice(self.identity);
+        if self.client_id.is_empty() {
+            put_field(&mut body, b"");
+        } else {
+            body.put_u16((client_prefix.len() + self.client_id.len()) as u16);
+            body.put_slice(client_prefix);
+            body.put_slice(self.client_id);
+        }
+        body.put_slice(self.will);
         put_field(&mut body, username);
         put_field(&mut body, password);
         packet(0x10, &body)
@@ -496,7 +513,7 @@ mod tests {
                     assert_eq!(c.will_topic, will.then_some(&b"will/topic"[..]));
                     assert_eq!(c.username, creds.then_some(&b"user"[..]));
                     assert_eq!(c.password, creds.then_some(&b"pass"[..]));
-                    let rewritten = c.rewrite(60, b"front", b"token");
+                    let rewritten = c.rewrite(60, b"p/", b"front", b"token");
                     let r = Connect::parse(&rewritten).unwrap();
                     assert_eq!((r.level, r.keep_alive), (level, 60));
                     assert_eq!(r.will_topic, c.will_topic);
@@ -504,7 +521,8 @@ mod tests {
                         (r.username, r.password),
                         (Some(&b"front"[..]), Some(&b"token"[..]))
                     );
-                    assert_eq!((r.properties, r.identity), (c.properties, c.identity));
+                    assert_eq!((r.properties, r.will), (c.properties, c.will));
+                    assert_eq!(r.client_id, b"p/client-1");
                 }
             }
         }

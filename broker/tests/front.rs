@@ -555,6 +555,56 @@ async fn a_rotated_or_deleted_secret_ends_live_connections_and_refuses_new_ones(
     assert!(!gone.status.success());
 }
 
+#[tokio::test]
+async fn a_device_cannot_take_over_another_devices_session_by_its_client_id() {
+    let db = TestDb::new().await;
+    let (_, s1, secret1) = sensor(&db).await;
+    let (_, s2, secret2) = sensor(&db).await;
+    let broker = with_devices(&db, |_| {}).await;
+    let port = broker.addr.port();
+    let (user1, user2) = (s1.to_string(), s2.to_string());
+    let first = spawn_paho(
+        port,
+        &[
+            "--client-id",
+            "meter-1",
+            "--username",
+            &user1,
+            "--password",
+            &secret1,
+            "--until-disconnected",
+            "3",
+        ],
+    );
+    eventually(
+        "the first device connected",
+        Duration::from_secs(10),
+        || async { (broker.stats().connections == 1).then_some(()) },
+    )
+    .await;
+    // Another tenant's device with the same client id: in rumqttd alone it would take
+    // the session over and disconnect the first.
+    let second = paho(
+        port,
+        &[
+            "--client-id",
+            "meter-1",
+            "--username",
+            &user2,
+            "--password",
+            &secret2,
+        ],
+    )
+    .await;
+    assert_eq!(second["connack"], 0, "{second}");
+    let first = parse_paho(&first.await.unwrap());
+    assert_eq!(
+        first["disconnect"],
+        Value::Null,
+        "the first device stayed connected: {first}"
+    );
+}
+
 fn spawn_paho(port: u16, args: &[&str]) -> tokio::task::JoinHandle<Output> {
     let mut cmd = Command::new(test_python());
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho_client.py"))

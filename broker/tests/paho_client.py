@@ -23,6 +23,7 @@ p.add_argument("--version", choices=["4", "5"], default="4")
 p.add_argument("--username")
 p.add_argument("--password")
 p.add_argument("--keepalive", type=int, default=30)
+p.add_argument("--client-id", default="")
 p.add_argument("--cafile", help="connect with TLS, trusting this CA")
 p.add_argument("--subscribe", action="append", default=[],
                help="FILTER, or FILTER,FILTER,... in one SUBSCRIBE")
@@ -35,7 +36,7 @@ p.add_argument("--timeout", type=float, default=15)
 a = p.parse_args()
 
 version = mqtt.MQTTv5 if a.version == "5" else mqtt.MQTTv311
-c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=version)
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=a.client_id, protocol=version)
 if a.username is not None:
     c.username_pw_set(a.username, a.password)
 if a.cafile:
