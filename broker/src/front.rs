@@ -34,7 +34,7 @@ use termopar_core::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::{oneshot, Notify},
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -236,31 +236,31 @@ impl Drop for Open {
     }
 }
 
-/// Where a refused device packet is answered, and the state that spans both directions.
+/// The state that spans both directions of a framed connection. Nothing in it
+/// allocates until used: most connections never need it.
 #[derive(Default)]
 struct Shared {
     /// SUBSCRIBEs sent on with some filters left out: the codes to put back, by id.
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
     /// PINGRESPs owed to the front's own PINGREQs.
     owed_pings: u32,
+    /// The front's own answers to refused packets, for the client.
+    answers: Vec<Bytes>,
 }
+
+/// Answers a client that does not read them can make the front hold; past that, the
+/// connection is closed.
+const MAX_PENDING_ANSWERS: usize = 1024;
 
 impl Front {
     /// Accepts connections on `listener` (through TLS with `tls`) on `runtime`.
     pub(crate) fn serve(
         self: Arc<Self>,
         runtime: &tokio::runtime::Handle,
-        listener: std::net::TcpListener,
+        listener: TcpListener,
         tls: Option<TlsAcceptor>,
     ) {
         runtime.spawn(async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "MQTT front cannot listen");
-                    return;
-                }
-            };
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
@@ -450,7 +450,7 @@ impl Front {
             None => (None, None),
         };
         let shared = Mutex::new(Shared::default());
-        let (answer, mut answers) = mpsc::channel::<Bytes>(16);
+        let answered = Notify::new();
 
         let upstream = async {
             let mut gate = Gate {
@@ -458,7 +458,7 @@ impl Front {
                 device: device.as_ref(),
                 stats: &self.stats,
                 shared: &shared,
-                answer: &answer,
+                answered: &answered,
                 refused_qos2: HashSet::new(),
                 logged: false,
             };
@@ -467,7 +467,7 @@ impl Front {
             let mut out = BytesMut::new();
             loop {
                 while let Some(p) = from_client.next()? {
-                    gate.pass(p, &mut out).await?;
+                    gate.pass(p, &mut out)?;
                 }
                 if !out.is_empty() {
                     broker_w.write_all(&out).await?;
@@ -519,7 +519,11 @@ impl Front {
                             out.extend_from_slice(&p);
                         }
                     }
-                    Some(p) = answers.recv() => out.extend_from_slice(&p),
+                    _ = answered.notified() => {
+                        for p in std::mem::take(&mut shared.lock().unwrap().answers) {
+                            out.extend_from_slice(&p);
+                        }
+                    }
                     _ = async { revoked.as_mut().unwrap().await }, if revoked.is_some() => {
                         tracing::info!(sensor = ?device.as_ref().map(|d| d.sensor), "device credentials changed: disconnecting");
                         if level == 5 {
@@ -550,7 +554,7 @@ struct Gate<'a> {
     device: Option<&'a Device>,
     stats: &'a FrontStats,
     shared: &'a Mutex<Shared>,
-    answer: &'a mpsc::Sender<Bytes>,
+    answered: &'a Notify,
     /// Refused QoS 2 publishes, whose PUBREL the front answers.
     refused_qos2: HashSet<u16>,
     logged: bool,
@@ -558,7 +562,7 @@ struct Gate<'a> {
 
 impl Gate<'_> {
     /// Appends `p` to `out` when it may go on; answers it when it may not.
-    async fn pass(&mut self, p: Bytes, out: &mut BytesMut) -> anyhow::Result<()> {
+    fn pass(&mut self, p: Bytes, out: &mut BytesMut) -> anyhow::Result<()> {
         let Some(device) = self.device else {
             out.extend_from_slice(&p);
             return Ok(());
@@ -580,15 +584,13 @@ impl Gate<'_> {
                     if publish.qos == 2 {
                         self.refused_qos2.insert(id);
                     }
-                    self.answer
-                        .send(packet::publish_refused(first, self.level, id))
-                        .await?;
+                    self.answer(packet::publish_refused(first, self.level, id))?;
                 }
             }
             packet::PUBREL if !self.refused_qos2.is_empty() => {
                 let id = packet::packet_id(&p)?;
                 if self.refused_qos2.remove(&id) {
-                    self.answer.send(packet::pubcomp(id)).await?;
+                    self.answer(packet::pubcomp(id))?;
                 } else {
                     out.extend_from_slice(&p);
                 }
@@ -620,9 +622,7 @@ impl Gate<'_> {
                 let code = packet::subscribe_refused(self.level);
                 if refused == keep.len() {
                     let codes = vec![code; refused];
-                    self.answer
-                        .send(packet::suback(self.level, subscribe.packet_id, &codes))
-                        .await?;
+                    self.answer(packet::suback(self.level, subscribe.packet_id, &codes))?;
                 } else {
                     let codes = keep.iter().map(|k| (!k).then_some(code)).collect();
                     self.shared
@@ -635,6 +635,18 @@ impl Gate<'_> {
             }
             _ => out.extend_from_slice(&p),
         }
+        Ok(())
+    }
+
+    /// Queues an answer for the client (written by the other direction).
+    fn answer(&self, p: Bytes) -> anyhow::Result<()> {
+        let mut shared = self.shared.lock().unwrap();
+        if shared.answers.len() >= MAX_PENDING_ANSWERS {
+            bail!("the client does not read the answers to its refused packets");
+        }
+        shared.answers.push(p);
+        drop(shared);
+        self.answered.notify_one();
         Ok(())
     }
 

@@ -240,7 +240,9 @@ fn raise_fd_limit(connections: usize) {
 /// A multi-threaded runtime that lives as long as the process, on threads named
 /// `mqtt-front`.
 fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Half the cores: the front only moves bytes, and more threads than it needs cost
+    // the processes beside it (rumqttd, the consumer, the stores) wake-ups and latency.
+    let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("mqtt-front")
@@ -253,6 +255,20 @@ fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
         .spawn(move || runtime.block_on(std::future::pending::<()>()))
         .context("failed to start the MQTT front's thread")?;
     Ok(handle)
+}
+
+/// Connections through the front this process's open files limit (hard) allows: each
+/// holds three descriptors.
+pub fn front_connections_allowed() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain system call on a stack value.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    (limit.rlim_max as usize).saturating_sub(1024) / 3
 }
 
 fn tls_acceptor(tls: &TlsSettings) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
@@ -387,9 +403,19 @@ pub async fn start(
     // runtime is doing (tests that block it included).
     let runtime = front_runtime()?;
     let bind = |addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>| {
-        let listener = TcpListener::bind(addr)
+        let _on_front = runtime.enter();
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(addr)
             .with_context(|| format!("failed to bind the MQTT port {addr}"))?;
-        listener.set_nonblocking(true)?;
+        // A fleet reconnecting at once: the default backlog (128) drops SYNs, and each
+        // dropped one costs its device a second.
+        let listener = socket.listen(4096)?;
         let bound = listener.local_addr()?;
         front.clone().serve(&runtime, listener, tls);
         anyhow::Ok(bound)

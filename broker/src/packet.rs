@@ -63,7 +63,8 @@ fn frame(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, Malformed> {
 pub(crate) struct PacketReader {
     buf: BytesMut,
     max: usize,
-    /// Bytes the next read may fill: doubled while reads fill it, up to 64 KiB.
+    /// Bytes the next read may fill: doubled while reads fill it, up to 64 KiB. Small at
+    /// first: thousands of devices sending a reading now and then each hold one.
     chunk: usize,
 }
 
@@ -72,7 +73,7 @@ impl PacketReader {
         Self {
             buf: BytesMut::new(),
             max: max_packet,
-            chunk: 512,
+            chunk: 256,
         }
     }
 
