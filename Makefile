@@ -47,7 +47,7 @@ bench-build: services
 	@scripts/services.sh bench-tools
 	$(CARGO) build --release -p termopar-bench -p termopar-consumer -p termopar-broker
 
-bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS
+bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS; the MQTT front (plain, TLS) vs rumqttd; a device fleet (BENCH_INGEST_ONLY=ingest,front,fleet)
 	./target/release/bench-ingest
 
 bench-api: bench-build ## Latest reading (JWT, caches) vs /health
