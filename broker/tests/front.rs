@@ -2,12 +2,12 @@
 //! mosquitto_pub/sub, MQTT 3.1.1 and 5 on the one port, keepalive 0, the device ACL,
 //! TLS, and credentials changed under live connections.
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{process::Output, time::Duration};
 
 use serde_json::Value;
 use termopar_broker::{BrokerSettings, RunningBroker, TlsSettings};
 use termopar_core::{directory::SensorDirectory, ids::ClientId, topic::Topics};
-use test_support::{eventually, test_python, TestDb};
+use test_support::{eventually, self_signed_cert, test_python, TestDb};
 use tokio::process::Command;
 use uuid::Uuid;
 
@@ -324,48 +324,14 @@ impl Watcher {
     }
 }
 
-fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed (make services)");
-    assert!(status.success());
-    (cert, key)
-}
-
 #[tokio::test]
 async fn tls_serves_the_same_authentication_and_acl_to_clients_that_trust_it() {
     let db = TestDb::new().await;
     let (client, s1, secret) = sensor(&db).await;
     let dir = std::env::temp_dir().join(format!("termopar-tls-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = self_signed(&dir, "server");
-    let (untrusted, _) = self_signed(&dir, "other");
+    let (cert, key) = self_signed_cert(&dir, "server");
+    let (untrusted, _) = self_signed_cert(&dir, "other");
     let broker = with_devices(&db, |s| {
         s.tls = Some(TlsSettings {
             addr: "127.0.0.1:0".parse().unwrap(),

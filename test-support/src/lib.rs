@@ -222,6 +222,40 @@ pub fn test_python() -> std::path::PathBuf {
     dir.join("venv/bin/python")
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1, made by openssl in `dir`
+/// as `{name}.pem` and `{name}.key`; returns both paths. Not a CA certificate (rustls
+/// refuses a CA's as a server's own).
+pub fn self_signed_cert(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed (make services)");
+    assert!(status.success(), "openssl could not make a certificate");
+    (cert, key)
+}
+
 pub fn mosquitto_endpoint() -> termopar_core::settings::MqttEndpoint {
     termopar_core::settings::MqttEndpoint::parse(&env_or("MOSQUITTO_URL", "mqtt://127.0.0.1:1884"))
         .expect("MOSQUITTO_URL is a valid mqtt:// URL")

@@ -77,6 +77,27 @@ impl Sink for Discard {
     }
 }
 
+/// A consumer on `endpoint` into `sink`, running once subscribed; stopped by sending on
+/// the returned sender (it finishes its batch), its task to await.
+async fn subscribed_consumer<S: Sink>(
+    endpoint: MqttEndpoint,
+    pool: &sqlx::PgPool,
+    sink: S,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let settings = ConsumerSettings::new(endpoint, format!("bench-{}", Uuid::new_v4().simple()));
+    let consumer = Consumer::new(settings, SensorDirectory::new(pool.clone()), sink);
+    let mut subscribed = consumer.subscribed();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    subscribed.wait_for(|s| *s).await?;
+    Ok((stop, task))
+}
+
 /// An in-process consumer into `sink` on a fresh embedded broker; publishes the messages
 /// (paced or not) and returns readings/s once `stored` reaches `readings`.
 async fn in_process<S: Sink>(
@@ -89,21 +110,7 @@ async fn in_process<S: Sink>(
 ) -> anyhow::Result<f64> {
     let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None).await?;
     let endpoint = MqttEndpoint::parse(&broker.url())?;
-    let settings = ConsumerSettings::new(
-        endpoint.clone(),
-        format!("bench-{}", Uuid::new_v4().simple()),
-    );
-    let consumer = Consumer::new(
-        settings,
-        SensorDirectory::new(fixture.db.pool.clone()),
-        sink,
-    );
-    let mut subscribed = consumer.subscribed();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
-    subscribed.wait_for(|s| *s).await?;
+    let (stop, task) = subscribed_consumer(endpoint.clone(), &fixture.db.pool, sink).await?;
     let started = Instant::now();
     let publisher = tokio::spawn(async move { publish_all(&endpoint, messages, pace).await });
     while stored.load(Ordering::Relaxed) < readings {
@@ -193,7 +200,7 @@ enum Route {
 fn device_broker_settings(
     dir: &std::path::Path,
 ) -> anyhow::Result<(BrokerSettings, std::path::PathBuf)> {
-    let (cert, key) = fleet::self_signed(dir)?;
+    let (cert, key) = test_support::self_signed_cert(dir, "server");
     let mut settings = BrokerSettings::ephemeral();
     settings.require_auth = true;
     settings.service = Some(("bench-service".into(), "bench-service-pw".to_owned().into()));
@@ -230,20 +237,8 @@ async fn devices_end_to_end(
         latencies: Default::default(),
         stored: Default::default(),
     };
-    let consumer = Consumer::new(
-        ConsumerSettings::new(
-            broker.direct_endpoint(),
-            format!("bench-{}", Uuid::new_v4().simple()),
-        ),
-        SensorDirectory::new(fixture.db.pool.clone()),
-        timed.clone(),
-    );
-    let mut subscribed = consumer.subscribed();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
-    subscribed.wait_for(|s| *s).await?;
+    let (stop, task) =
+        subscribed_consumer(broker.direct_endpoint(), &fixture.db.pool, timed.clone()).await?;
 
     let mut per_sensor: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); SENSORS];
     for (m, message) in fixture
@@ -378,17 +373,7 @@ async fn fleet_ours(devices: usize, rounds: usize) -> anyhow::Result<FleetRun> {
     };
     let endpoint = MqttEndpoint::parse(&format!("mqtt://{addr}"))?
         .with_credentials("bench-service", "bench-service-pw");
-    let consumer = Consumer::new(
-        ConsumerSettings::new(endpoint, format!("bench-{}", Uuid::new_v4().simple())),
-        SensorDirectory::new(db.pool.clone()),
-        timed.clone(),
-    );
-    let mut subscribed = consumer.subscribed();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
-    subscribed.wait_for(|s| *s).await?;
+    let (stop, task) = subscribed_consumer(endpoint, &db.pool, timed.clone()).await?;
 
     let before = rss_mib(pid).unwrap_or(f64::NAN);
     let fleet = Fleet::connect(addr, &Transport::Plain, fleet_devices(&sensors), 64).await?;
