@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Development services for termopar, installed when missing and started when stopped:
-#   PostgreSQL  (Debian package)         127.0.0.1:5432, trust for local TCP as `postgres`
+#   PostgreSQL  (Debian package)         127.0.0.1:5432, its own cluster `termopar` with
+#               trust for local TCP as `postgres` (another cluster on the port is used
+#               only if it already lets us in, and never changed or stopped)
 #   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
 #   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
 #   test tools  paho-mqtt (PyPI) in $DEV_DIR/venv, openssl
@@ -73,17 +75,42 @@ apt_install() {
 # ---------------------------------------------------------------- PostgreSQL
 pg_version() { ls /usr/lib/postgresql | sort -V | tail -n 1; }
 
+# The cluster this script creates and may change. Any other cluster is someone
+# else's: it is used only if it already lets `postgres` in over local TCP, never
+# reconfigured, never stopped.
+PG_CLUSTER=termopar
+
+pg_cluster_on_port() { pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1 " " $2; exit }'; }
+pg_login_ok() { psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'select 1' -o /dev/null 2>/dev/null; }
+
 pg_up() {
+    local fresh=
+    command -v pg_lsclusters >/dev/null 2>&1 || fresh=1
     apt_install postgresql postgresql-client
-    local ver cluster conf hba
+    local ver cluster conf hba on_port
     ver=$(pg_version)
-    cluster=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $2; exit }')
-    if [ -z "$cluster" ]; then
-        cluster=termopar
-        log "creating PostgreSQL $ver cluster '$cluster' on port $PG_PORT"
-        as_root pg_createcluster "$ver" "$cluster" --port "$PG_PORT" >/dev/null
+    on_port=$(pg_cluster_on_port)
+    # Installing the package just now made Debian's default cluster on 5432: nobody's
+    # data, made by this script's install. Make way for ours.
+    if [ -n "$fresh" ] && [ "${on_port#* }" = main ] && [ "${on_port% *}" = "$ver" ]; then
+        log "dropping the empty default cluster $on_port the package install just created"
+        as_root pg_dropcluster --stop "$ver" main
+        on_port=
     fi
-    ver=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1; exit }')
+    if [ -n "$on_port" ] && [ "${on_port#* }" != "$PG_CLUSTER" ]; then
+        if pg_lsclusters -h | awk -v c="${on_port#* }" -v v="${on_port% *}" '$1 == v && $2 == c' | grep -q online \
+            && pg_login_ok; then
+            log "using PostgreSQL cluster $on_port on port $PG_PORT as it is (not ours: left untouched)"
+            return 0
+        fi
+        die "PostgreSQL cluster $on_port (not created by this script) holds port $PG_PORT and does not let postgres in over local TCP; it is left alone. Start it and allow that yourself, or run with PG_PORT=<free port> and DATABASE_URL=postgres://postgres@127.0.0.1:<port>/termopar"
+    fi
+    if ! pg_lsclusters -h | awk -v c="$PG_CLUSTER" '$2 == c' | grep -q .; then
+        log "creating PostgreSQL $ver cluster '$PG_CLUSTER' on port $PG_PORT"
+        as_root pg_createcluster "$ver" "$PG_CLUSTER" --port "$PG_PORT" >/dev/null
+    fi
+    cluster=$PG_CLUSTER
+    ver=$(pg_lsclusters -h | awk -v c="$cluster" '$2 == c { print $1; exit }')
     conf=/etc/postgresql/$ver/$cluster
     hba=$conf/pg_hba.conf
     # Local TCP as `postgres` without a password, so DATABASE_URL's default
@@ -111,15 +138,15 @@ pg_up() {
         as_root pg_ctlcluster "$ver" "$cluster" start
     fi
     wait_for "PostgreSQL" pg_isready -q -h 127.0.0.1 -p "$PG_PORT"
-    wait_for "PostgreSQL login" psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'select 1' -o /dev/null
+    wait_for "PostgreSQL login" pg_login_ok
     log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
 }
 
+# Stops only the cluster this script created.
 pg_down() {
-    local ver cluster
-    ver=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1; exit }')
-    cluster=$(pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $2; exit }')
-    [ -n "$cluster" ] && as_root pg_ctlcluster "$ver" "$cluster" stop 2>/dev/null || true
+    local ver
+    ver=$(pg_lsclusters -h 2>/dev/null | awk -v c="$PG_CLUSTER" '$2 == c { print $1; exit }')
+    [ -n "$ver" ] && as_root pg_ctlcluster "$ver" "$PG_CLUSTER" stop 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- FerretDB

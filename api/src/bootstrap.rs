@@ -14,7 +14,7 @@ use crate::{
 const BOOTSTRAP_LOCK: i64 = 0x7465_726d_6f70_6172; // "termopar"
 
 /// Creates the configured admin unless some admin already exists.
-pub async fn ensure_admin(pg: &PgPool, admin: &BootstrapAdmin) -> anyhow::Result<()> {
+pub(crate) async fn ensure_admin(pg: &PgPool, admin: &BootstrapAdmin) -> anyhow::Result<()> {
     let hash = password::hash(admin.password.expose_secret().to_owned()).await;
     let mut tx = pg.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")

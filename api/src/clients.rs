@@ -8,12 +8,13 @@ use poem_openapi::{
     Object, OpenApi,
 };
 use sqlx::FromRow;
+use termopar_web::openapi::Constraint;
 use uuid::Uuid;
 
 use crate::{
     auth::BearerAuth,
     error::{ApiError, ApiResult},
-    pagination::{Page, PageParams},
+    pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
     state::AppState,
     validate, ApiTags,
@@ -21,7 +22,7 @@ use crate::{
 
 /// A client company: the tenant that owns sensors and users.
 #[derive(Debug, Clone, Object, FromRow)]
-pub struct Client {
+pub(crate) struct Client {
     /// Id.
     pub id: Uuid,
     /// Name, unique regardless of case.
@@ -43,7 +44,7 @@ macro_rules! columns {
 
 /// A new client.
 #[derive(Debug, Object)]
-pub struct NewClient {
+pub(crate) struct NewClient {
     /// Name (1 to 200 characters).
     pub name: String,
     /// IANA time zone, e.g. `America/Sao_Paulo`.
@@ -52,18 +53,22 @@ pub struct NewClient {
 
 /// Changes to a client; absent fields stay as they are.
 #[derive(Debug, Object)]
-pub struct ClientPatch {
+pub(crate) struct ClientPatch {
     /// New name.
     pub name: Option<String>,
     /// New IANA time zone.
     pub timezone: Option<String>,
 }
 
+/// What the handlers check of the request bodies, for the OpenAPI document.
+pub(crate) const CONSTRAINTS: &[Constraint] = &[
+    Constraint::length("NewClient", "name", 1, 200),
+    Constraint::length("ClientPatch", "name", 1, 200),
+];
+
 /// Loads a client the caller can see, or 404.
-pub async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Client> {
-    if !auth.0.sees_client(id) {
-        return Err(ApiError::not_found("client"));
-    }
+pub(crate) async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Client> {
+    crate::tenancy::check_client(auth, id)?;
     sqlx::query_as::<_, Client>(concat!(
         "SELECT ",
         columns!(),
@@ -76,12 +81,13 @@ pub async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult
 }
 
 /// Tenant management.
-pub struct ClientsApi;
+pub(crate) struct ClientsApi;
 
 #[OpenApi(prefix_path = "/clients", tag = "ApiTags::Clients")]
 impl ClientsApi {
     /// Create a client (admins).
     #[oai(path = "/", method = "post", operation_id = "createClient")]
+    #[tracing::instrument(skip_all)]
     async fn create(
         &self,
         state: Data<&AppState>,
@@ -107,6 +113,7 @@ impl ClientsApi {
 
     /// List clients, newest first. Operators and viewers see only their own.
     #[oai(path = "/", method = "get", operation_id = "listClients")]
+    #[tracing::instrument(skip_all)]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -119,35 +126,16 @@ impl ClientsApi {
         page_size: Query<Option<u32>>,
     ) -> ApiResult<Found<Page<Client>>> {
         let params = PageParams::new(page.0, page_size.0);
-        let scope = auth.0.tenant_scope();
-        macro_rules! filter {
-            () => {
-                "($1::uuid IS NULL OR id = $1)"
-            };
-        }
-        let total: i64 =
-            sqlx::query_scalar(concat!("SELECT count(*) FROM clients WHERE ", filter!()))
-                .bind(scope)
-                .fetch_one(&state.pg)
-                .await?;
-        let items = sqlx::query_as::<_, Client>(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM clients WHERE ",
-            filter!(),
-            "
-             ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
-        ))
-        .bind(scope)
-        .bind(params.limit())
-        .bind(params.offset())
-        .fetch_all(&state.pg)
-        .await?;
-        Ok(Found::Ok(Json(params.page(items, total))))
+        let page = Listing::new("clients", columns!(), "created_at DESC, id DESC")
+            .uuid("id", auth.0.tenant_scope())
+            .page::<Client, _>(&state.pg, params)
+            .await?;
+        Ok(Found::Ok(Json(page)))
     }
 
     /// Get a client.
     #[oai(path = "/:id", method = "get", operation_id = "getClient")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
         state: Data<&AppState>,
@@ -159,6 +147,7 @@ impl ClientsApi {
 
     /// Change a client (admins).
     #[oai(path = "/:id", method = "patch", operation_id = "updateClient")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn update(
         &self,
         state: Data<&AppState>,
@@ -195,6 +184,7 @@ impl ClientsApi {
 
     /// Delete a client (admins). Refused with 409 while it still has sensors or users.
     #[oai(path = "/:id", method = "delete", operation_id = "deleteClient")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn delete(
         &self,
         state: Data<&AppState>,

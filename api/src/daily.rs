@@ -31,6 +31,7 @@ use sqlx::PgPool;
 use termopar_core::{
     ids::SensorId,
     store::{BucketChange, DayStat, BUCKETS_CHANNEL, BUCKET_MINUTES, LATE_AFTER},
+    tasks::Stop,
     tz::local_day_start,
 };
 use uuid::Uuid;
@@ -44,7 +45,7 @@ use crate::{
 };
 
 /// Longest range of one request, in days.
-pub const MAX_DAYS: i64 = 1000;
+pub(crate) const MAX_DAYS: i64 = 1000;
 /// Days returned when `from` is not given: the last 30 up to `to`.
 const DEFAULT_DAYS: i64 = 30;
 
@@ -115,8 +116,15 @@ impl DailyCache {
         });
     }
 
-    /// Listens to bucket changes until the process ends, reconnecting as needed.
-    pub async fn listen(self, pg: PgPool) {
+    /// Listens to bucket changes until stopped, reconnecting as needed.
+    pub(crate) async fn listen(self, pg: PgPool, mut stop: Stop) {
+        tokio::select! {
+            () = self.follow(pg) => {}
+            () = stop.requested() => {}
+        }
+    }
+
+    async fn follow(&self, pg: PgPool) {
         let mut backoff = Duration::from_millis(200);
         loop {
             let listener = async {
@@ -188,8 +196,9 @@ impl DailyCache {
 }
 
 /// Per-sensor statistics of the days `from..=to`, from the cache where possible.
-pub async fn sensor_days(
+async fn sensor_days(
     state: &AppState,
+    cache: &DailyCache,
     sensors: &[SensorId],
     tz: Tz,
     from: NaiveDate,
@@ -198,7 +207,7 @@ pub async fn sensor_days(
     let now = Utc::now();
     let late = chrono::Duration::from_std(LATE_AFTER).expect("small");
     let finished = |d: NaiveDate| local_day_start(tz, d + chrono::Days::new(1)) + late <= now;
-    let use_cache = state.daily.is_live();
+    let use_cache = cache.is_live();
     let mut out: BTreeMap<NaiveDate, Vec<DayStat>> = BTreeMap::new();
     // The first day anything must be read for; everything after it is queried at once.
     let mut query_from: Option<NaiveDate> = None;
@@ -210,7 +219,7 @@ pub async fn sensor_days(
         }
         let mut hits = Vec::with_capacity(sensors.len());
         for s in sensors {
-            match state.daily.days.get(&(*s, tz, day)) {
+            match cache.days.get(&(*s, tz, day)) {
                 Some(stat) => hits.push(stat),
                 None => {
                     query_from = Some(day);
@@ -229,7 +238,7 @@ pub async fn sensor_days(
         return Ok(out);
     };
     metrics::counter!("daily_cache_misses_total").increment(1);
-    let generation = state.daily.generation.load(Ordering::Acquire);
+    let generation = cache.generation.load(Ordering::Acquire);
     let fetched = state.store.daily(sensors, tz, query_from, to).await?;
     let mut to_cache = Vec::new();
     let mut day = query_from;
@@ -246,13 +255,13 @@ pub async fn sensor_days(
         }
         day = day + chrono::Days::new(1);
     }
-    state.daily.offer(generation, to_cache);
+    cache.offer(generation, to_cache);
     Ok(out)
 }
 
 /// Averages of one local day.
 #[derive(Debug, Object)]
-pub struct DailyAverage {
+pub(crate) struct DailyAverage {
     /// The local date (`YYYY-MM-DD`).
     pub date: NaiveDate,
     /// Mean temperature, °C.
@@ -267,7 +276,7 @@ pub struct DailyAverage {
 
 /// Daily averages, oldest day first; days without readings are omitted.
 #[derive(Debug, Object)]
-pub struct DailyAverages {
+pub(crate) struct DailyAverages {
     /// The time zone the days are in.
     pub tz: String,
     /// One item per local day with data.
@@ -324,12 +333,13 @@ async fn client_tz(state: &AppState, client: Uuid) -> ApiResult<Tz> {
 
 async fn respond(
     state: &AppState,
+    cache: &DailyCache,
     sensors: &[SensorId],
     tz: Tz,
     from: NaiveDate,
     to: NaiveDate,
 ) -> ApiResult<Found<DailyAverages>> {
-    let days = sensor_days(state, sensors, tz, from, to).await?;
+    let days = sensor_days(state, cache, sensors, tz, from, to).await?;
     let items = days
         .into_iter()
         .filter_map(|(date, stats)| {
@@ -350,7 +360,7 @@ async fn respond(
 }
 
 /// Daily averages.
-pub struct DailyApi;
+pub(crate) struct DailyApi;
 
 #[OpenApi(tag = "ApiTags::Readings")]
 impl DailyApi {
@@ -366,9 +376,13 @@ impl DailyApi {
         method = "get",
         operation_id = "sensorDailyAverages"
     )]
+    #[tracing::instrument(skip_all, fields(sensor = %id.0))]
+    // Each query parameter is its own documented argument.
+    #[allow(clippy::too_many_arguments)]
     async fn sensor(
         &self,
         state: Data<&AppState>,
+        cache: Data<&DailyCache>,
         auth: BearerAuth,
         id: Path<Uuid>,
         /// First local day (inclusive).
@@ -378,13 +392,13 @@ impl DailyApi {
         /// IANA time zone, e.g. `America/Sao_Paulo`.
         tz: Query<Option<String>>,
     ) -> ApiResult<Found<DailyAverages>> {
-        let sensor = crate::readings::visible_sensor(&state, &auth, id.0).await?;
+        let sensor = crate::tenancy::visible_sensor(&state, &auth, id.0).await?;
         let tz = match parse_tz(tz.0.as_deref())? {
             Some(tz) => tz,
             None => client_tz(&state, sensor.client_id.0).await?,
         };
         let (from, to) = range(from.0, to.0, tz)?;
-        respond(&state, &[SensorId(id.0)], tz, from, to).await
+        respond(&state, &cache, &[SensorId(id.0)], tz, from, to).await
     }
 
     /// Daily averages over all sensors of a client.
@@ -395,9 +409,13 @@ impl DailyApi {
         method = "get",
         operation_id = "clientDailyAverages"
     )]
+    #[tracing::instrument(skip_all, fields(client = %id.0))]
+    // Each query parameter is its own documented argument.
+    #[allow(clippy::too_many_arguments)]
     async fn client(
         &self,
         state: Data<&AppState>,
+        cache: Data<&DailyCache>,
         auth: BearerAuth,
         id: Path<Uuid>,
         /// First local day (inclusive).
@@ -407,9 +425,7 @@ impl DailyApi {
         /// IANA time zone, e.g. `America/Sao_Paulo`.
         tz: Query<Option<String>>,
     ) -> ApiResult<Found<DailyAverages>> {
-        if !auth.0.sees_client(id.0) {
-            return Err(ApiError::not_found("client"));
-        }
+        crate::tenancy::check_client(&auth, id.0)?;
         let client_zone = client_tz(&state, id.0).await?;
         let tz = parse_tz(tz.0.as_deref())?.unwrap_or(client_zone);
         let (from, to) = range(from.0, to.0, tz)?;
@@ -423,7 +439,7 @@ impl DailyApi {
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
-        respond(&state, &sensors, tz, from, to).await
+        respond(&state, &cache, &sensors, tz, from, to).await
     }
 }
 

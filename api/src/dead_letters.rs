@@ -25,7 +25,7 @@ use crate::{
 
 /// A refused message or reading.
 #[derive(Debug, Object)]
-pub struct DeadLetterOut {
+pub(crate) struct DeadLetterOut {
     /// Id.
     pub id: Uuid,
     /// When it was received.
@@ -86,7 +86,7 @@ impl From<StoredDeadLetter> for DeadLetterOut {
 
 /// A page of dead letters, newest first (no total: counting would cost a scan).
 #[derive(Debug, Object)]
-pub struct DeadLetterPage {
+pub(crate) struct DeadLetterPage {
     /// The dead letters.
     pub items: Vec<DeadLetterOut>,
     /// Page number.
@@ -96,7 +96,7 @@ pub struct DeadLetterPage {
 }
 
 /// Refused ingest.
-pub struct DeadLettersApi;
+pub(crate) struct DeadLettersApi;
 
 #[OpenApi(prefix_path = "/dead-letters", tag = "ApiTags::Readings")]
 impl DeadLettersApi {
@@ -105,6 +105,7 @@ impl DeadLettersApi {
     /// Operators and viewers see those of their client's sensors; admins also those of
     /// unknown sensors and unreadable topics.
     #[oai(path = "/", method = "get", operation_id = "listDeadLetters")]
+    #[tracing::instrument(skip_all)]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -140,6 +141,7 @@ impl DeadLettersApi {
 
     /// A dead letter, with its payload.
     #[oai(path = "/:id", method = "get", operation_id = "getDeadLetter")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
         state: Data<&AppState>,

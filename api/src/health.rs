@@ -12,7 +12,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /health`: the process is alive.
 #[handler]
-pub async fn health() -> Response {
+pub(crate) async fn health() -> Response {
     poem::web::Json(json!({ "status": "ok" })).into_response()
 }
 
@@ -20,7 +20,7 @@ pub async fn health() -> Response {
 /// broker accepts connections when one is configured. 503 otherwise, with which check
 /// failed.
 #[handler]
-pub async fn ready(state: Data<&AppState>) -> Response {
+pub(crate) async fn ready(state: Data<&AppState>) -> Response {
     let pg = async {
         sqlx::query("SELECT 1")
             .execute(&state.pg)
@@ -73,7 +73,7 @@ async fn with_timeout(
 
 /// `GET /metrics`: Prometheus text exposition.
 #[handler]
-pub async fn metrics() -> Response {
+pub(crate) async fn metrics() -> Response {
     Response::builder()
         .content_type("text/plain; version=0.0.4")
         .body(termopar_core::metrics::prometheus().render())

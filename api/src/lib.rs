@@ -1,36 +1,42 @@
-//! termopar's REST API: authentication, tenants, users, sensors, and (in later parts)
-//! readings, tracking, webhooks and leads.
+//! termopar's REST API: the shell that composes the products. It owns authentication
+//! (log in, tokens), users, clients, sensors, readings and daily averages, health and
+//! metrics; each other product is its own crate with its routes, store and background
+//! tasks (the chat webhook: `termopar-chat`), composed in [`startup`]. What every
+//! product's routes share (errors, the caller's identity, pages, request ids) is
+//! `termopar-web`'s.
 //!
 //! [`Application::build`] turns [`Settings`] into a bound server; `main.rs` only adds
 //! telemetry and signals.
 
-pub mod auth;
+// Items are `pub(crate)` unless another crate uses them.
+#![warn(unreachable_pub)]
+
+mod auth;
 mod bootstrap;
-pub mod clients;
-pub mod conversations;
-pub mod daily;
-pub mod dead_letters;
-pub mod error;
+mod clients;
+mod daily;
+mod dead_letters;
 mod health;
-mod http;
-pub mod pagination;
-pub mod readings;
-pub mod responses;
-pub mod sensors;
+mod readings;
+mod sensors;
 pub mod settings;
 mod startup;
-pub mod state;
-mod ui;
-pub mod users;
+mod state;
+mod tenancy;
+mod users;
 mod validate;
-pub mod webhook;
 
+// The shared HTTP toolkit under the names the modules use.
+use termopar_web::{error, pagination, responses};
+
+pub use daily::DailyCache;
 pub use settings::Settings;
-pub use startup::{openapi_json, routes, Application, API_PREFIX};
+pub use startup::{openapi_json, Application, Handles, API_PREFIX};
+pub use state::AppState;
 
-/// Groups of operations in the OpenAPI document.
+/// Groups of the API's own operations in the OpenAPI document.
 #[derive(poem_openapi::Tags)]
-pub enum ApiTags {
+enum ApiTags {
     /// Log in, refresh and revoke tokens.
     Auth,
     /// User accounts (admins).
@@ -41,8 +47,6 @@ pub enum ApiTags {
     Sensors,
     /// Readings: history, latest, daily averages, HTTP ingest.
     Readings,
-    /// Chat webhook events and conversations.
-    Conversations,
 }
 
 /// The allocator of every process that serves the API. The webhook's hot path allocates

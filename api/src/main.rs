@@ -40,9 +40,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             settings.addr = "127.0.0.1:0".parse()?;
             let app = Application::build(settings).await?;
-            let events = termopar_api::webhook::seed(app.state(), conversations, messages)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let seeded = termopar_chat::seed(&app.handles().chat, conversations, messages).await;
+            app.stop().await;
+            let events = seeded.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             println!(
                 "seeded {conversations} conversations with {messages} messages each ({} events)",
                 events.len()

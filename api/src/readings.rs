@@ -12,7 +12,6 @@ use poem_openapi::{
 };
 use serde_json::{Map, Value};
 use termopar_core::{
-    directory::SensorEntry,
     ids::SensorId,
     intake::{Address, Incoming},
     reading::{Celsius, Reading, RESERVED_FIELDS},
@@ -32,7 +31,7 @@ use crate::{
 /// A reading as the API shows it: `{"id","sensor_id","client_id","ts","temperature",
 /// "received_at"}` plus the extra fields it arrived with.
 #[derive(Debug, Clone)]
-pub struct ReadingOut(pub Reading);
+pub(crate) struct ReadingOut(pub Reading);
 
 impl Type for ReadingOut {
     const IS_REQUIRED: bool = true;
@@ -142,7 +141,7 @@ impl ParseFromJSON for ReadingOut {
 
 /// A page of readings, newest first.
 #[derive(Debug, Object)]
-pub struct ReadingPage {
+pub(crate) struct ReadingPage {
     /// The readings.
     pub items: Vec<ReadingOut>,
     /// Page number (1 when paging by cursor).
@@ -161,21 +160,21 @@ pub struct ReadingPage {
 
 /// Latest readings of several sensors.
 #[derive(Debug, Object)]
-pub struct ReadingList {
+pub(crate) struct ReadingList {
     /// One reading per sensor that has any.
     pub items: Vec<ReadingOut>,
 }
 
 /// A correction of a reading.
 #[derive(Debug, Object)]
-pub struct ReadingPatch {
+pub(crate) struct ReadingPatch {
     /// The corrected temperature, °C (-273.15 to 1000).
     pub temperature: f64,
 }
 
 /// A refused reading of an ingest request.
 #[derive(Debug, Object, serde::Serialize)]
-pub struct RejectedReading {
+pub(crate) struct RejectedReading {
     /// Index in the array (absent when the whole body was refused).
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,7 +187,7 @@ pub struct RejectedReading {
 
 /// What an ingest request did.
 #[derive(Debug, Object)]
-pub struct IngestReport {
+pub(crate) struct IngestReport {
     /// Readings stored now.
     pub accepted: usize,
     /// Readings that were already stored (a replay).
@@ -220,29 +219,15 @@ enum IngestBody {
 /// The sensor's device secret (what it uses as MQTT password).
 #[derive(SecurityScheme)]
 #[oai(ty = "api_key", key_name = "X-Device-Secret", key_in = "header")]
-pub struct DeviceSecret(ApiKey);
+pub(crate) struct DeviceSecret(ApiKey);
 
 /// A device secret, or a JWT of an admin or of an operator of the sensor's client.
 #[derive(SecurityScheme)]
-pub enum IngestAuth {
+pub(crate) enum IngestAuth {
     /// An operator's or admin's token.
     Bearer(BearerAuth),
     /// The sensor's own secret.
     Device(DeviceSecret),
-}
-
-/// The sensor if the caller may see it (404 otherwise, also for other tenants').
-pub async fn visible_sensor(
-    state: &AppState,
-    auth: &BearerAuth,
-    id: Uuid,
-) -> ApiResult<SensorEntry> {
-    state
-        .directory
-        .get(SensorId(id))
-        .await?
-        .filter(|e| auth.0.sees_client(e.client_id.0))
-        .ok_or_else(|| ApiError::not_found("sensor"))
 }
 
 /// `ts_millis.reading_id`: the position after the last item of a page.
@@ -263,7 +248,7 @@ fn decode_cursor(cursor: &str) -> ApiResult<(DateTime<Utc>, Uuid)> {
 }
 
 /// Readings, history, ingest and corrections.
-pub struct ReadingsApi;
+pub(crate) struct ReadingsApi;
 
 #[OpenApi(tag = "ApiTags::Readings")]
 impl ReadingsApi {
@@ -279,6 +264,7 @@ impl ReadingsApi {
         operation_id = "listReadings"
     )]
     #[allow(clippy::too_many_arguments)]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -300,7 +286,7 @@ impl ReadingsApi {
         #[oai(default)]
         latest: Query<bool>,
     ) -> ApiResult<Found<ReadingPage>> {
-        visible_sensor(&state, &auth, id.0).await?;
+        crate::tenancy::visible_sensor(&state, &auth, id.0).await?;
         let page_size = page_size
             .0
             .unwrap_or(crate::pagination::DEFAULT_PAGE_SIZE)
@@ -362,13 +348,14 @@ impl ReadingsApi {
         method = "get",
         operation_id = "getLatestReading"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn latest(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<Uuid>,
     ) -> ApiResult<Found<ReadingOut>> {
-        visible_sensor(&state, &auth, id.0).await?;
+        crate::tenancy::visible_sensor(&state, &auth, id.0).await?;
         let latest = state
             .store
             .latest(SensorId(id.0))
@@ -383,6 +370,7 @@ impl ReadingsApi {
         method = "get",
         operation_id = "listClientLatestReadings"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn client_latest(
         &self,
         state: Data<&AppState>,
@@ -421,6 +409,7 @@ impl ReadingsApi {
         method = "post",
         operation_id = "ingestReadings"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn ingest(
         &self,
         state: Data<&AppState>,
@@ -477,6 +466,7 @@ impl ReadingsApi {
 
     /// A reading.
     #[oai(path = "/readings/:id", method = "get", operation_id = "getReading")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
         state: Data<&AppState>,
@@ -501,6 +491,7 @@ impl ReadingsApi {
         method = "patch",
         operation_id = "correctReading"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn correct(
         &self,
         state: Data<&AppState>,
@@ -525,6 +516,7 @@ impl ReadingsApi {
         method = "delete",
         operation_id = "deleteReading"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn delete(
         &self,
         state: Data<&AppState>,
@@ -548,8 +540,7 @@ fn rejected(details: Vec<RejectedReading>) -> ApiError {
         .collect::<Vec<_>>()
         .join(", ");
     ApiError::new(
-        poem::http::StatusCode::UNPROCESSABLE_ENTITY,
-        "rejected",
+        termopar_web::ErrorCode::Rejected,
         format!("no reading accepted: {summary}"),
     )
     .with_details(serde_json::to_value(details).expect("serializable"))

@@ -10,12 +10,13 @@ use poem_openapi::{
 };
 use sqlx::FromRow;
 use termopar_core::ids::SensorId;
+use termopar_web::openapi::Constraint;
 use uuid::Uuid;
 
 use crate::{
     auth::{BearerAuth, Role},
     error::{ApiError, ApiResult},
-    pagination::{Page, PageParams},
+    pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
     state::AppState,
     validate, ApiTags,
@@ -26,7 +27,7 @@ const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// A sensor. Its device secret is shown only when created or rotated.
 #[derive(Debug, Clone, Object, FromRow)]
-pub struct Sensor {
+pub(crate) struct Sensor {
     /// Id; also the MQTT username of the device and part of its topic.
     pub id: Uuid,
     /// The client that owns it (fixed at creation).
@@ -55,7 +56,7 @@ macro_rules! columns {
 /// A sensor just created, with its device secret. Store the secret now: it is never
 /// shown again (rotate it to get a new one).
 #[derive(Debug, Object)]
-pub struct SensorWithSecret {
+pub(crate) struct SensorWithSecret {
     #[oai(flatten)]
     sensor: Sensor,
     /// The device's password for MQTT (username = sensor id) and HTTP ingest.
@@ -64,7 +65,7 @@ pub struct SensorWithSecret {
 
 /// A new device secret.
 #[derive(Debug, Object)]
-pub struct RotatedSecret {
+pub(crate) struct RotatedSecret {
     /// The sensor.
     sensor_id: Uuid,
     /// The new secret; the old one stops working at once.
@@ -73,7 +74,7 @@ pub struct RotatedSecret {
 
 /// A new sensor.
 #[derive(Debug, Object)]
-pub struct NewSensor {
+pub(crate) struct NewSensor {
     /// Owning client. Required for admins; operators may omit it (their own client).
     pub client_id: Option<Uuid>,
     /// Name (1 to 200 characters).
@@ -88,7 +89,7 @@ pub struct NewSensor {
 
 /// Changes to a sensor; absent fields stay as they are.
 #[derive(Debug, Object)]
-pub struct SensorPatch {
+pub(crate) struct SensorPatch {
     /// New name.
     pub name: Option<String>,
     /// New location; `null` clears it.
@@ -99,8 +100,18 @@ pub struct SensorPatch {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// What the handlers check of the request bodies, for the OpenAPI document.
+pub(crate) const CONSTRAINTS: &[Constraint] = &[
+    Constraint::length("NewSensor", "name", 1, 200),
+    Constraint::length("NewSensor", "unit", 1, 32),
+    Constraint::length("NewSensor", "location", 0, 500),
+    Constraint::length("SensorPatch", "name", 1, 200),
+    Constraint::length("SensorPatch", "unit", 1, 32),
+    Constraint::length("SensorPatch", "location", 0, 500),
+];
+
 /// Loads a sensor the caller can see (404 otherwise, also for other tenants' sensors).
-pub async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Sensor> {
+pub(crate) async fn visible(state: &AppState, auth: &BearerAuth, id: Uuid) -> ApiResult<Sensor> {
     let sensor = sqlx::query_as::<_, Sensor>(concat!(
         "SELECT ",
         columns!(),
@@ -131,7 +142,7 @@ fn metadata(value: Option<serde_json::Value>) -> ApiResult<Option<serde_json::Va
 }
 
 /// Sensor management.
-pub struct SensorsApi;
+pub(crate) struct SensorsApi;
 
 #[OpenApi(prefix_path = "/sensors", tag = "ApiTags::Sensors")]
 impl SensorsApi {
@@ -139,6 +150,7 @@ impl SensorsApi {
     ///
     /// The response holds the device secret, shown only this once.
     #[oai(path = "/", method = "post", operation_id = "createSensor")]
+    #[tracing::instrument(skip_all)]
     async fn create(
         &self,
         state: Data<&AppState>,
@@ -192,6 +204,7 @@ impl SensorsApi {
 
     /// List sensors, newest first. Operators and viewers see their client's only.
     #[oai(path = "/", method = "get", operation_id = "listSensors")]
+    #[tracing::instrument(skip_all)]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -206,42 +219,20 @@ impl SensorsApi {
         page_size: Query<Option<u32>>,
     ) -> ApiResult<Found<Page<Sensor>>> {
         let params = PageParams::new(page.0, page_size.0);
-        let scope = match (auth.0.tenant_scope(), client_id.0) {
+        let Ok(scope) = crate::tenancy::list_scope(&auth, client_id.0) else {
             // Filtering on another tenant finds nothing, exactly like an unknown id.
-            (Some(own), Some(asked)) if own != asked => {
-                return Ok(Found::Ok(Json(params.page(Vec::new(), 0))))
-            }
-            (Some(own), _) => Some(own),
-            (None, asked) => asked,
+            return Ok(Found::Ok(Json(params.page(Vec::new(), 0))));
         };
-        macro_rules! filter {
-            () => {
-                "($1::uuid IS NULL OR client_id = $1)"
-            };
-        }
-        let total: i64 =
-            sqlx::query_scalar(concat!("SELECT count(*) FROM sensors WHERE ", filter!()))
-                .bind(scope)
-                .fetch_one(&state.pg)
-                .await?;
-        let items = sqlx::query_as::<_, Sensor>(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM sensors WHERE ",
-            filter!(),
-            "
-             ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
-        ))
-        .bind(scope)
-        .bind(params.limit())
-        .bind(params.offset())
-        .fetch_all(&state.pg)
-        .await?;
-        Ok(Found::Ok(Json(params.page(items, total))))
+        let page = Listing::new("sensors", columns!(), "created_at DESC, id DESC")
+            .uuid("client_id", scope)
+            .page::<Sensor, _>(&state.pg, params)
+            .await?;
+        Ok(Found::Ok(Json(page)))
     }
 
     /// Get a sensor.
     #[oai(path = "/:id", method = "get", operation_id = "getSensor")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
         state: Data<&AppState>,
@@ -253,6 +244,7 @@ impl SensorsApi {
 
     /// Change a sensor (admins, and operators of its client).
     #[oai(path = "/:id", method = "patch", operation_id = "updateSensor")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn update(
         &self,
         state: Data<&AppState>,
@@ -300,6 +292,7 @@ impl SensorsApi {
 
     /// Delete a sensor (admins, and operators of its client).
     #[oai(path = "/:id", method = "delete", operation_id = "deleteSensor")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn delete(
         &self,
         state: Data<&AppState>,
@@ -329,6 +322,7 @@ impl SensorsApi {
         method = "post",
         operation_id = "rotateSensorSecret"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn rotate_secret(
         &self,
         state: Data<&AppState>,

@@ -1,6 +1,6 @@
 //! Building the application from settings and serving it.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use mongodb::Database;
@@ -13,23 +13,22 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
+use termopar_chat::{Chat, ChatApi};
+use termopar_core::tasks::Tasks;
+use termopar_web::{
+    error::{into_json_error, panic_response},
+    http::{limit_body, record_metrics, request_id},
+};
 
 use crate::{
-    auth::AuthApi,
-    clients::ClientsApi,
-    conversations::ConversationsApi,
-    daily::DailyApi,
-    dead_letters::DeadLettersApi,
-    error::{into_json_error, panic_response},
-    health,
-    http::{limit_body, record_metrics},
-    readings::ReadingsApi,
-    sensors::SensorsApi,
-    settings::Settings,
-    state::AppState,
-    ui,
-    users::UsersApi,
+    auth::AuthApi, clients::ClientsApi, daily::DailyApi, daily::DailyCache,
+    dead_letters::DeadLettersApi, health, readings::ReadingsApi, sensors::SensorsApi,
+    settings::Settings, state::AppState, users::UsersApi,
 };
+
+/// Longest the background tasks get at shutdown to drain what they hold, after the
+/// last request was answered.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// Path prefix of the versioned API.
 pub const API_PREFIX: &str = "/api/v1";
@@ -45,7 +44,7 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             ReadingsApi,
             DailyApi,
             DeadLettersApi,
-            ConversationsApi,
+            ChatApi,
         ),
         "termopar",
         env!("CARGO_PKG_VERSION"),
@@ -57,16 +56,40 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
     .server(API_PREFIX)
 }
 
-/// The OpenAPI document as JSON (what `/openapi.json` serves).
+/// The OpenAPI document as JSON (what `/openapi.json` serves): poem-openapi's, with
+/// optional properties nullable and the handlers' own checks as constraints.
 pub fn openapi_json() -> String {
-    openapi().spec()
+    let constraints = [
+        crate::clients::CONSTRAINTS,
+        crate::sensors::CONSTRAINTS,
+        crate::users::CONSTRAINTS,
+    ]
+    .concat();
+    termopar_web::openapi::refine(&openapi().spec(), &constraints)
+}
+
+/// What the routes serve: the API's own state and each product's.
+#[derive(Clone)]
+pub struct Handles {
+    /// The API's own resources.
+    pub state: AppState,
+    /// The chat webhook product.
+    pub chat: Chat,
+    /// Finished days of daily averages.
+    pub daily: DailyCache,
+    max_body_bytes: usize,
 }
 
 /// Every route of the API, with its middleware.
-pub fn routes(state: AppState) -> BoxEndpoint<'static> {
+fn routes(handles: Handles) -> BoxEndpoint<'static> {
     let spec = openapi();
-    let (spec_json, swagger, redoc) = (spec.spec_endpoint(), spec.swagger_ui(), spec.redoc());
+    let (swagger, redoc) = (spec.swagger_ui(), spec.redoc());
     let api = Arc::new(spec.boxed());
+    let document = openapi_json();
+    let spec_json = poem::endpoint::make_sync(move |_| {
+        poem::IntoResponse::with_content_type(document.clone(), "application/json; charset=utf-8")
+    });
+    let max_body = handles.max_body_bytes;
     Route::new()
         .at("/openapi.json", spec_json)
         .nest("/docs", swagger)
@@ -74,7 +97,7 @@ pub fn routes(state: AppState) -> BoxEndpoint<'static> {
         .at("/health", get(health::health))
         .at("/ready", get(health::ready))
         .at("/metrics", get(health::metrics))
-        .at("/ui/conversations", get(ui::conversations))
+        .at("/ui/conversations", get(termopar_chat::page()))
         // The chat system's own paths (seed 001): the same operations as under /api/v1.
         .at("/webhook", api.clone())
         .at("/conversations", api.clone())
@@ -82,11 +105,15 @@ pub fn routes(state: AppState) -> BoxEndpoint<'static> {
         .nest(API_PREFIX, api)
         // `/webhook/` and `/webhook` alike, everywhere.
         .with(NormalizePath::new(TrailingSlash::Trim))
-        .around(limit_body)
-        .with(AddData::new(state))
+        .around(move |next, req| limit_body(next, req, max_body))
+        .with(AddData::new(handles.state.auth.clone()))
+        .with(AddData::new(handles.state))
+        .with(AddData::new(handles.chat))
+        .with(AddData::new(handles.daily))
         .with(CatchPanic::new().with_handler(panic_response))
         .around(record_metrics)
         .catch_all_error(into_json_error)
+        .around(request_id)
         .boxed()
 }
 
@@ -94,7 +121,8 @@ pub fn routes(state: AppState) -> BoxEndpoint<'static> {
 pub struct Application {
     listener: std::net::TcpListener,
     addr: SocketAddr,
-    state: AppState,
+    handles: Handles,
+    tasks: Tasks,
 }
 
 impl Application {
@@ -114,7 +142,8 @@ impl Application {
             crate::bootstrap::ensure_admin(&pg, admin).await?;
         }
         let app = Self::with_stores(settings, pg, mongo)?;
-        app.state
+        app.handles
+            .state
             .store
             .prepare()
             .await
@@ -123,7 +152,7 @@ impl Application {
     }
 
     /// Binds the listener over stores the caller already holds (which may be down: the
-    /// API then answers 503 until they come back).
+    /// API then answers 503 until they come back), and starts the background tasks.
     pub fn with_stores(settings: &Settings, pg: PgPool, mongo: Database) -> anyhow::Result<Self> {
         // Install the recorder before the first request records anything.
         termopar_core::metrics::prometheus();
@@ -131,16 +160,30 @@ impl Application {
             .with_context(|| format!("failed to bind {}", settings.addr))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        if settings.uses_dev_jwt_secret() {
+        if settings.auth.uses_dev_jwt_secret() {
             tracing::warn!(
                 "JWT_SECRET is not set: tokens are signed with the public development \
                  secret. Anyone can forge them. Set JWT_SECRET before exposing this API."
             );
         }
+        let tasks = Tasks::new();
+        let daily = DailyCache::new();
+        let listening = (daily.clone(), pg.clone());
+        tasks.spawn("daily cache invalidation", move |stop| {
+            listening.0.listen(listening.1, stop)
+        });
+        let chat = Chat::start(&settings.webhook, pg.clone(), &mongo, &tasks);
+        let state = AppState::new(settings, pg, mongo, daily.hook());
         Ok(Self {
             listener,
             addr,
-            state: AppState::new(settings, pg, mongo),
+            handles: Handles {
+                state,
+                chat,
+                daily,
+                max_body_bytes: settings.max_body_bytes,
+            },
+            tasks,
         })
     }
 
@@ -149,20 +192,39 @@ impl Application {
         self.addr
     }
 
-    /// The shared state.
+    /// The API's own state.
     pub fn state(&self) -> &AppState {
-        &self.state
+        &self.handles.state
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// What the routes serve (for commands and tests that act as the routes do).
+    pub fn handles(&self) -> &Handles {
+        &self.handles
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests, and then stops
+    /// the background tasks, each draining what it holds: every delivery answered is
+    /// committed, and its raw record relayed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let acceptor = TcpAcceptor::from_std(self.listener)?;
-        let listener = tokio::spawn(self.state.daily.clone().listen(self.state.pg.clone()));
-        Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(routes(self.state), shutdown, None)
+        let Self {
+            listener,
+            handles,
+            tasks,
+            ..
+        } = self;
+        let acceptor = TcpAcceptor::from_std(listener)?;
+        let served = Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(routes(handles), shutdown, None)
             .await
-            .context("HTTP server failed")?;
-        listener.abort();
-        Ok(())
+            .context("HTTP server failed");
+        tasks.shutdown(DRAIN_GRACE).await;
+        served
+    }
+
+    /// Stops the background tasks without serving (after a one-off command).
+    pub async fn stop(self) {
+        let Self { handles, tasks, .. } = self;
+        drop(handles);
+        tasks.shutdown(DRAIN_GRACE).await;
     }
 }

@@ -1,6 +1,8 @@
-//! Shared state of the API: stores, keys and caches.
+//! Shared state of the API's own resources: stores and caches. Products keep their own
+//! state (the chat webhook's is `termopar_chat::Chat`); the caller's identity is the
+//! [`Authenticator`]'s.
 
-use std::{ops::Deref, sync::Arc};
+use std::{ops::Deref, sync::Arc, time::Duration};
 
 use moka::future::Cache;
 use mongodb::Database;
@@ -10,29 +12,13 @@ use termopar_core::{
     intake::Intake,
     reading::Limits,
     settings::MqttEndpoint,
-    store::{LatestCache, ReadingStore},
+    store::{ChangeHook, LatestCache, ReadingStore},
     topic::Topics,
 };
-
-use crate::{
-    daily::DailyCache,
-    webhook::{relay, store::EventWriter},
-};
+use termopar_web::Authenticator;
 use uuid::Uuid;
 
-use crate::{
-    auth::{Jwt, Principal, Role, TokenType},
-    error::{ApiError, ApiResult},
-    settings::Settings,
-};
-
-/// What a token check needs to know of a user, cached.
-#[derive(Debug, Clone)]
-pub struct AuthUser {
-    role: Role,
-    client_id: Option<Uuid>,
-    token_version: i32,
-}
+use crate::settings::Settings;
 
 /// Cheap to clone; attached to every request.
 #[derive(Clone)]
@@ -42,14 +28,10 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// PostgreSQL: users, clients, sensors, rollups.
     pub pg: PgPool,
-    /// The MongoDB-compatible store: raw readings and events.
+    /// The MongoDB-compatible store: raw readings.
     pub mongo: Database,
-    /// Token keys.
-    pub jwt: Jwt,
-    /// Users by id, as token checks see them. `None` caches "no such user".
-    auth_users: Cache<Uuid, Option<AuthUser>>,
-    /// Largest accepted request body.
-    pub max_body_bytes: usize,
+    /// Checks tokens; issues them (its keys) and forgets changed users.
+    pub auth: Authenticator,
     /// Sensors by id (shared with the broker and consumer in edge mode, so a rotated
     /// secret or a deleted sensor takes effect there at once).
     pub directory: SensorDirectory,
@@ -59,14 +41,8 @@ pub struct Inner {
     pub store: ReadingStore,
     /// HTTP ingest: the same checks, parsing and dead letters as MQTT's.
     pub intake: Intake,
-    /// Finished days of daily averages.
-    pub daily: DailyCache,
     /// Client time zones (the default `tz` of daily averages).
     pub client_tz: Cache<Uuid, String>,
-    /// The key webhook bodies must be signed with, if any.
-    pub webhook_secret: Option<String>,
-    /// Webhook deliveries, applied and recorded in groups.
-    pub webhook: EventWriter,
 }
 
 impl Deref for AppState {
@@ -77,90 +53,25 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    /// State over already-connected stores.
-    pub fn new(settings: &Settings, pg: PgPool, mongo: Database) -> Self {
+    /// State over already-connected stores; `on_change` hears of every change of the
+    /// rollups the store commits (the daily-average cache's invalidation).
+    pub fn new(settings: &Settings, pg: PgPool, mongo: Database, on_change: ChangeHook) -> Self {
         let directory = SensorDirectory::new(pg.clone());
-        let daily = DailyCache::new();
         let store = ReadingStore::with_tuning(pg.clone(), &mongo, settings.store.clone())
             .with_latest_cache(LatestCache::new(settings.latest_cache_ttl))
-            .with_change_hook(daily.hook());
-        let raw_events = mongo.collection(crate::webhook::EVENTS);
-        let relay_wake = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(relay::run(
-            pg.clone(),
-            raw_events.clone(),
-            relay_wake.clone(),
-        ));
-        let webhook = EventWriter::start(
-            pg.clone(),
-            settings.webhook.writers,
-            settings.webhook.gather,
-            relay_wake,
-            relay::RawLog::start(raw_events),
-        );
+            .with_change_hook(on_change);
         Self(Arc::new(Inner {
-            webhook,
+            auth: Authenticator::new(&settings.auth, pg.clone()),
             pg,
             mongo,
-            jwt: Jwt::new(&settings.auth),
-            auth_users: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(settings.auth.user_cache_ttl)
-                .build(),
-            max_body_bytes: settings.max_body_bytes,
             intake: Intake::new(directory.clone(), Topics::new(""), Limits::default()),
             directory,
             ready_broker: settings.ready_broker.clone(),
             store,
-            daily,
             client_tz: Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(std::time::Duration::from_secs(60))
+                .time_to_live(Duration::from_secs(60))
                 .build(),
-            webhook_secret: settings
-                .webhook
-                .secret
-                .as_ref()
-                .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned()),
         }))
-    }
-
-    /// Checks an access token and returns who it speaks for. The role and tenant come
-    /// from the user as stored now (through a short cache), so a demoted or deleted user
-    /// loses access without waiting for the token to expire.
-    pub async fn authenticate(&self, token: &str) -> ApiResult<Principal> {
-        let claims = self.jwt.verify(token, TokenType::Access)?;
-        let user = self
-            .auth_users
-            .try_get_with(claims.sub, self.load_auth_user(claims.sub))
-            .await
-            .map_err(|e| (*e).clone())?
-            .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
-        if user.token_version != claims.ver {
-            return Err(ApiError::unauthorized("token revoked"));
-        }
-        Ok(Principal {
-            user_id: claims.sub,
-            role: user.role,
-            client_id: user.client_id,
-        })
-    }
-
-    async fn load_auth_user(&self, id: Uuid) -> ApiResult<Option<AuthUser>> {
-        let row: Option<(String, Option<Uuid>, i32)> =
-            sqlx::query_as("SELECT role, client_id, token_version FROM users WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pg)
-                .await?;
-        Ok(row.map(|(role, client_id, token_version)| AuthUser {
-            role: Role::from_db(&role).expect("role is constrained in the schema"),
-            client_id,
-            token_version,
-        }))
-    }
-
-    /// Forgets the cached view of a user after it changed.
-    pub async fn forget_user(&self, id: Uuid) {
-        self.auth_users.invalidate(&id).await;
     }
 }

@@ -9,20 +9,21 @@ use poem_openapi::{
     Object, OpenApi,
 };
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
+use termopar_web::openapi::Constraint;
 use uuid::Uuid;
 
 use crate::{
     auth::{password, BearerAuth, Role},
     error::{ApiError, ApiResult},
-    pagination::{Page, PageParams},
+    pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
     state::AppState,
-    ApiTags,
+    validate, ApiTags,
 };
 
 /// A user account. The password hash never leaves the server.
 #[derive(Debug, Clone, Object)]
-pub struct User {
+pub(crate) struct User {
     /// Id.
     pub id: Uuid,
     /// E-mail, unique regardless of case.
@@ -69,7 +70,7 @@ macro_rules! columns {
 
 /// A new user.
 #[derive(Debug, Object)]
-pub struct NewUser {
+pub(crate) struct NewUser {
     /// E-mail (3 to 254 characters, with an `@`).
     pub email: String,
     /// Password (8 to 256 characters).
@@ -82,7 +83,7 @@ pub struct NewUser {
 
 /// Changes to a user; absent fields stay as they are.
 #[derive(Debug, Object)]
-pub struct UserPatch {
+pub(crate) struct UserPatch {
     /// New e-mail.
     pub email: Option<String>,
     /// New password: revokes every token of the user.
@@ -93,31 +94,14 @@ pub struct UserPatch {
     pub client_id: MaybeUndefined<Uuid>,
 }
 
-/// Checks an e-mail's shape (a full check is sending mail to it, which we do not).
-pub fn validate_email(email: &str) -> ApiResult<()> {
-    let ok = (3..=254).contains(&email.chars().count())
-        && !email.chars().any(char::is_whitespace)
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::validation("email", "not a valid e-mail address"))
-    }
-}
-
-/// Checks a password's length.
-pub fn validate_password(password: &str) -> ApiResult<()> {
-    if (8..=256).contains(&password.chars().count()) {
-        Ok(())
-    } else {
-        Err(ApiError::validation(
-            "password",
-            "password must be 8 to 256 characters",
-        ))
-    }
-}
+/// What the handlers check of the request bodies, for the OpenAPI document.
+pub(crate) const CONSTRAINTS: &[Constraint] = &[
+    Constraint::length("NewUser", "email", 3, 254),
+    Constraint::length("NewUser", "password", 8, 256),
+    Constraint::length("UserPatch", "email", 3, 254),
+    Constraint::length("UserPatch", "password", 8, 256),
+    Constraint::length("PasswordChange", "new_password", 8, 256),
+];
 
 fn validate_role_client(role: Role, client_id: Option<Uuid>) -> ApiResult<()> {
     match (role, client_id) {
@@ -168,7 +152,7 @@ async fn keep_an_admin(tx: &mut Transaction<'_, Postgres>, user_id: Uuid) -> Api
 }
 
 /// Loads a user by id.
-pub async fn fetch(pg: &PgPool, id: Uuid) -> ApiResult<Option<User>> {
+pub(crate) async fn fetch(pg: &PgPool, id: Uuid) -> ApiResult<Option<User>> {
     let row =
         sqlx::query_as::<_, UserRow>(concat!("SELECT ", columns!(), " FROM users WHERE id = $1"))
             .bind(id)
@@ -178,7 +162,7 @@ pub async fn fetch(pg: &PgPool, id: Uuid) -> ApiResult<Option<User>> {
 }
 
 /// Sets a new password hash and revokes every token of the user.
-pub async fn set_password(state: &AppState, user_id: Uuid, hash: &str) -> ApiResult<()> {
+pub(crate) async fn set_password(state: &AppState, user_id: Uuid, hash: &str) -> ApiResult<()> {
     let mut tx = state.pg.begin().await?;
     sqlx::query(
         "UPDATE users SET password_hash = $2, token_version = token_version + 1, updated_at = now()
@@ -190,12 +174,12 @@ pub async fn set_password(state: &AppState, user_id: Uuid, hash: &str) -> ApiRes
     .await?;
     crate::auth::revoke_all(&mut tx, user_id).await?;
     tx.commit().await?;
-    state.forget_user(user_id).await;
+    state.auth.forget(user_id).await;
     Ok(())
 }
 
 /// Inserts a user (also used by the admin bootstrap).
-pub async fn insert(
+pub(crate) async fn insert(
     tx: &mut Transaction<'_, Postgres>,
     email: &str,
     password_hash: &str,
@@ -219,12 +203,13 @@ pub async fn insert(
 }
 
 /// User management. Admins only.
-pub struct UsersApi;
+pub(crate) struct UsersApi;
 
 #[OpenApi(prefix_path = "/users", tag = "ApiTags::Users")]
 impl UsersApi {
     /// Create a user.
     #[oai(path = "/", method = "post", operation_id = "createUser")]
+    #[tracing::instrument(skip_all)]
     async fn create(
         &self,
         state: Data<&AppState>,
@@ -234,8 +219,8 @@ impl UsersApi {
         auth.0.require_admin()?;
         let body = body.0;
         let email = body.email.trim().to_owned();
-        validate_email(&email)?;
-        validate_password(&body.password)?;
+        validate::email(&email)?;
+        validate::password(&body.password)?;
         validate_role_client(body.role, body.client_id)?;
         let hash = password::hash(body.password).await;
         let mut tx = state.pg.begin().await?;
@@ -248,6 +233,7 @@ impl UsersApi {
 
     /// List users, newest first.
     #[oai(path = "/", method = "get", operation_id = "listUsers")]
+    #[tracing::instrument(skip_all)]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -265,39 +251,17 @@ impl UsersApi {
     ) -> ApiResult<Found<Page<User>>> {
         auth.0.require_admin()?;
         let params = PageParams::new(page.0, page_size.0);
-        let role = role.0.map(Role::as_str);
-        macro_rules! filter {
-            () => {
-                "($1::uuid IS NULL OR client_id = $1) AND ($2::text IS NULL OR role = $2)"
-            };
-        }
-        let total: i64 =
-            sqlx::query_scalar(concat!("SELECT count(*) FROM users WHERE ", filter!()))
-                .bind(client_id.0)
-                .bind(role)
-                .fetch_one(&state.pg)
-                .await?;
-        let rows = sqlx::query_as::<_, UserRow>(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM users WHERE ",
-            filter!(),
-            "
-             ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
-        ))
-        .bind(client_id.0)
-        .bind(role)
-        .bind(params.limit())
-        .bind(params.offset())
-        .fetch_all(&state.pg)
-        .await?;
-        Ok(Found::Ok(Json(
-            params.page(rows.into_iter().map(User::from).collect(), total),
-        )))
+        let page = Listing::new("users", columns!(), "created_at DESC, id DESC")
+            .uuid("client_id", client_id.0)
+            .text("role", role.0.map(Role::as_str))
+            .page::<UserRow, User>(&state.pg, params)
+            .await?;
+        Ok(Found::Ok(Json(page)))
     }
 
     /// Get a user.
     #[oai(path = "/:id", method = "get", operation_id = "getUser")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
         state: Data<&AppState>,
@@ -316,6 +280,7 @@ impl UsersApi {
     /// A new password, role or client revokes every token of the user. The last admin
     /// cannot be demoted.
     #[oai(path = "/:id", method = "patch", operation_id = "updateUser")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn update(
         &self,
         state: Data<&AppState>,
@@ -327,10 +292,10 @@ impl UsersApi {
         let patch = body.0;
         let email = patch.email.as_deref().map(str::trim).map(str::to_owned);
         if let Some(email) = &email {
-            validate_email(email)?;
+            validate::email(email)?;
         }
         if let Some(pw) = &patch.password {
-            validate_password(pw)?;
+            validate::password(pw)?;
         }
         let new_hash = match patch.password {
             Some(pw) => Some(password::hash(pw).await),
@@ -391,12 +356,13 @@ impl UsersApi {
             crate::auth::revoke_all(&mut tx, id.0).await?;
         }
         tx.commit().await?;
-        state.forget_user(id.0).await;
+        state.auth.forget(id.0).await;
         Ok(Found::Ok(Json(row.into())))
     }
 
     /// Delete a user. The last admin cannot be deleted.
     #[oai(path = "/:id", method = "delete", operation_id = "deleteUser")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn delete(
         &self,
         state: Data<&AppState>,
@@ -415,7 +381,7 @@ impl UsersApi {
             return Err(ApiError::not_found("user"));
         }
         tx.commit().await?;
-        state.forget_user(id.0).await;
+        state.auth.forget(id.0).await;
         Ok(Deleted::Deleted)
     }
 }

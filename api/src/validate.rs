@@ -3,7 +3,7 @@
 use crate::error::{ApiError, ApiResult};
 
 /// A required name: trimmed, 1 to `max` characters.
-pub fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
+pub(crate) fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         return Err(ApiError::validation(
@@ -15,7 +15,7 @@ pub fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
 }
 
 /// Free text of at most `max` characters, without control characters.
-pub fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
+pub(crate) fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
     if value.chars().count() > max {
         return Err(ApiError::validation(
             field,
@@ -35,7 +35,7 @@ pub fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
 }
 
 /// An IANA time-zone name.
-pub fn timezone(field: &str, value: &str) -> ApiResult<String> {
+pub(crate) fn timezone(field: &str, value: &str) -> ApiResult<String> {
     match termopar_core::tz::parse(value.trim()) {
         Some(tz) => Ok(tz.name().to_owned()),
         None => Err(ApiError::validation(
@@ -46,7 +46,7 @@ pub fn timezone(field: &str, value: &str) -> ApiResult<String> {
 }
 
 /// A JSON object of at most `max_bytes` once serialized.
-pub fn json_object(
+pub(crate) fn json_object(
     field: &str,
     value: serde_json::Value,
     max_bytes: usize,
@@ -64,6 +64,32 @@ pub fn json_object(
         ));
     }
     Ok(value)
+}
+
+/// Checks an e-mail's shape (a full check is sending mail to it, which we do not).
+pub(crate) fn email(email: &str) -> ApiResult<()> {
+    let ok = (3..=254).contains(&email.chars().count())
+        && !email.chars().any(char::is_whitespace)
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::validation("email", "not a valid e-mail address"))
+    }
+}
+
+/// Checks a password's length.
+pub(crate) fn password(password: &str) -> ApiResult<()> {
+    if (8..=256).contains(&password.chars().count()) {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            "password",
+            "password must be 8 to 256 characters",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -84,7 +110,7 @@ mod tests {
         ];
         for (what, value) in cases {
             let err = name("name", value, 200).unwrap_err();
-            assert_eq!(err.code(), "validation_failed", "{what}");
+            assert_eq!(err.code().as_str(), "validation_failed", "{what}");
         }
     }
 

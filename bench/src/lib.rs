@@ -207,13 +207,13 @@ pub fn wrk_with(
 pub async fn start_api(
     db: &test_support::TestDb,
     mongo: &test_support::TestMongo,
-) -> anyhow::Result<(String, termopar_api::state::AppState)> {
+) -> anyhow::Result<(String, termopar_api::Handles)> {
     use secrecy::SecretString;
     let settings = termopar_api::Settings {
         addr: "127.0.0.1:0".parse()?,
         database: db.settings(),
         mongo: mongo.settings.clone(),
-        auth: termopar_api::settings::AuthSettings {
+        auth: termopar_web::settings::AuthSettings {
             jwt_secret: SecretString::from("bench-secret-of-at-least-32-bytes-long"),
             access_ttl: Duration::from_secs(3600),
             refresh_ttl: Duration::from_secs(7200),
@@ -229,16 +229,16 @@ pub async fn start_api(
         store: termopar_core::store::Tuning::default(),
         // The webhook's tuning knobs (WEBHOOK_WRITERS, WEBHOOK_GATHER_US) can be tried
         // from the environment; no signature secret.
-        webhook: termopar_api::settings::WebhookSettings {
+        webhook: termopar_chat::ChatSettings {
             secret: None,
-            ..termopar_api::settings::WebhookSettings::from_env()?
+            ..termopar_chat::ChatSettings::from_env()?
         },
     };
     let app = termopar_api::Application::build(settings).await?;
-    let state = app.state().clone();
+    let handles = app.handles().clone();
     let base = format!("http://{}", app.addr());
     tokio::spawn(app.run_until(std::future::pending()));
-    Ok((base, state))
+    Ok((base, handles))
 }
 
 /// The API started by [`start_api`], with the bootstrap admin logged in.
@@ -250,7 +250,7 @@ pub struct AdminApi {
     /// An HTTP client.
     pub http: reqwest::Client,
     /// The API's state.
-    pub state: termopar_api::state::AppState,
+    pub state: termopar_api::AppState,
 }
 
 /// Starts the API (see [`start_api`]) and logs in as its admin.
@@ -258,7 +258,8 @@ pub async fn start_api_as_admin(
     db: &test_support::TestDb,
     mongo: &test_support::TestMongo,
 ) -> anyhow::Result<AdminApi> {
-    let (base, state) = start_api(db, mongo).await?;
+    let (base, handles) = start_api(db, mongo).await?;
+    let state = handles.state;
     let api = format!("{base}/api/v1");
     let http = reqwest::Client::new();
     let login: serde_json::Value = http

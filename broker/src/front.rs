@@ -216,6 +216,9 @@ pub(crate) struct Front {
     pub ping_every: Duration,
     pub live: Arc<LiveDevices>,
     pub stats: Arc<FrontStats>,
+    /// Turns true when the front closes: listeners stop accepting and every client
+    /// connection ends (what rumqttd took from them stays with it).
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// Counts an open connection for as long as it lives.
@@ -260,9 +263,14 @@ impl Front {
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
     ) {
+        let mut closing = self.closing.subscribe();
         runtime.spawn(async move {
             loop {
-                let (stream, peer) = match listener.accept().await {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = closing.wait_for(|c| *c) => return,
+                };
+                let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors, most likely: let some close.
@@ -274,21 +282,32 @@ impl Front {
                 let _ = stream.set_nodelay(true);
                 let front = self.clone();
                 let tls = tls.clone();
+                let mut closing = front.closing.subscribe();
                 tokio::spawn(async move {
-                    let served = match tls {
-                        None => front.connection(stream).await,
-                        Some(tls) => {
-                            match tokio::time::timeout(front.connect_timeout, tls.accept(stream))
+                    let served = async {
+                        match tls {
+                            None => front.connection(stream).await,
+                            Some(tls) => {
+                                match tokio::time::timeout(
+                                    front.connect_timeout,
+                                    tls.accept(stream),
+                                )
                                 .await
-                            {
-                                Ok(Ok(stream)) => front.connection(stream).await,
-                                Ok(Err(e)) => {
-                                    metrics::counter!("mqtt_front_tls_failures_total").increment(1);
-                                    Err(anyhow::Error::new(e).context("TLS handshake failed"))
+                                {
+                                    Ok(Ok(stream)) => front.connection(stream).await,
+                                    Ok(Err(e)) => {
+                                        metrics::counter!("mqtt_front_tls_failures_total")
+                                            .increment(1);
+                                        Err(anyhow::Error::new(e).context("TLS handshake failed"))
+                                    }
+                                    Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
                                 }
-                                Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
                             }
                         }
+                    };
+                    let served = tokio::select! {
+                        served = served => served,
+                        _ = closing.wait_for(|c| *c) => Ok(()),
                     };
                     if let Err(e) = served {
                         tracing::debug!(%peer, error = format!("{e:#}"), "MQTT connection ended");

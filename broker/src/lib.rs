@@ -76,8 +76,12 @@ pub struct TlsSettings {
     pub key: PathBuf,
 }
 
+/// Where the MQTT port listens unless `MQTT_ADDR` says otherwise.
+pub const DEFAULT_MQTT_ADDR: &str = "127.0.0.1:1883";
+
 impl BrokerSettings {
-    /// Reads the settings from the environment.
+    /// Reads the settings from the environment, over the defaults of [`Self::ephemeral`]
+    /// (but on [`DEFAULT_MQTT_ADDR`]).
     pub fn from_env() -> anyhow::Result<Self> {
         let auth = env_or("MQTT_AUTH", "off");
         let require_auth = match auth.as_str() {
@@ -99,8 +103,9 @@ impl BrokerSettings {
             }
             None => None,
         };
+        let d = Self::ephemeral();
         Ok(Self {
-            addr: env_or("MQTT_ADDR", "127.0.0.1:1883")
+            addr: env_or("MQTT_ADDR", DEFAULT_MQTT_ADDR)
                 .parse()
                 .context("invalid MQTT_ADDR")?,
             alias_addr: if alias == "off" {
@@ -112,11 +117,11 @@ impl BrokerSettings {
             require_auth,
             service: env_pair("MQTT_USERNAME", "MQTT_PASSWORD")?
                 .map(|(u, p)| (u, SecretString::from(p))),
-            topic_prefix: env_or("MQTT_TOPIC_PREFIX", ""),
-            recheck_every: env_secs("MQTT_AUTH_RECHECK_SECS", Duration::from_secs(60))?,
-            no_keepalive_ping: Duration::from_secs(30),
-            max_payload_bytes: env_parse("MQTT_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024)?,
-            max_connections: env_parse("MQTT_MAX_CONNECTIONS", 10_000)?,
+            topic_prefix: env_or("MQTT_TOPIC_PREFIX", &d.topic_prefix),
+            recheck_every: env_secs("MQTT_AUTH_RECHECK_SECS", d.recheck_every)?,
+            no_keepalive_ping: d.no_keepalive_ping,
+            max_payload_bytes: env_parse("MQTT_MAX_PAYLOAD_BYTES", d.max_payload_bytes)?,
+            max_connections: env_parse("MQTT_MAX_CONNECTIONS", d.max_connections)?,
         })
     }
 
@@ -149,9 +154,17 @@ pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
     direct: MqttEndpoint,
     stats: Arc<FrontStats>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningBroker {
+    /// Stops taking MQTT clients: the front's listeners close and its client connections
+    /// end, so nothing more is published (or acknowledged) through it. rumqttd keeps
+    /// running for in-process clients (the edge consumer drains what it holds).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// `mqtt://host:port` of the MQTT port, for clients.
     pub fn url(&self) -> String {
         format!("mqtt://{}", reachable(self.addr))
@@ -398,6 +411,7 @@ pub async fn start(
         ping_every: settings.no_keepalive_ping,
         live,
         stats: stats.clone(),
+        closing: tokio::sync::watch::channel(false).0,
     });
     // The front has a runtime of its own, as rumqttd has: it serves whatever the caller's
     // runtime is doing (tests that block it included).
@@ -435,6 +449,7 @@ pub async fn start(
         tls_addr,
         direct,
         stats,
+        closing: front.closing.clone(),
     })
 }
 

@@ -10,7 +10,14 @@ pub mod mqtt;
 pub mod pipeline;
 pub mod settings;
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use rumqttc::AsyncClient;
 use termopar_core::{directory::SensorDirectory, intake::Intake, topic::Topics};
@@ -25,6 +32,55 @@ pub struct Consumer<S> {
     directory: SensorDirectory,
     sink: S,
     subscribed: watch::Sender<bool>,
+    progress: Progress,
+}
+
+/// How far a consumer got: QoS 1 messages received from the broker, and how many of
+/// them it is done with (stored and acknowledged, or left for the broker to resend).
+/// Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    received: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+}
+
+impl Progress {
+    pub(crate) fn received(&self) {
+        self.received.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn done(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Resolves once every message received is done and none came for `quiet` (the
+    /// broker sends what it holds as soon as acknowledgements free room, so a broker
+    /// that stopped taking publishes is then empty for this consumer); false when that
+    /// did not happen within `limit`. Edge mode waits for this at shutdown, after the
+    /// embedded broker stopped accepting devices: what it acknowledged to them is then
+    /// stored before the process ends.
+    pub async fn drained(&self, quiet: Duration, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut idle_since: Option<(tokio::time::Instant, u64)> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            let received = self.received.load(Ordering::Acquire);
+            let all_done = self.done.load(Ordering::Acquire) >= received;
+            match idle_since {
+                Some((since, seen)) if all_done && seen == received => {
+                    if now >= since + quiet {
+                        return true;
+                    }
+                }
+                _ if all_done => idle_since = Some((now, received)),
+                _ => idle_since = None,
+            }
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl<S: Sink> Consumer<S> {
@@ -35,7 +91,13 @@ impl<S: Sink> Consumer<S> {
             directory,
             sink,
             subscribed: watch::channel(false).0,
+            progress: Progress::default(),
         }
+    }
+
+    /// How far the consumer got (see [`Progress::drained`]).
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     /// Turns true once the broker confirmed the subscription (and false while
@@ -52,6 +114,7 @@ impl<S: Sink> Consumer<S> {
             directory,
             sink,
             subscribed,
+            progress,
         } = self;
         settings.validate()?;
         let topics = Topics::new(&settings.topic_prefix);
@@ -83,6 +146,7 @@ impl<S: Sink> Consumer<S> {
             tx,
             epoch.clone(),
             subscribed,
+            progress.clone(),
         ));
         let intake = Intake::new(directory, topics, settings.limits.clone());
         let pipeline = pipeline::Pipeline {
@@ -91,6 +155,7 @@ impl<S: Sink> Consumer<S> {
             sink,
             client: client.clone(),
             epoch,
+            progress,
         };
         let worker = tokio::spawn(pipeline.run(rx, stop_rx));
 

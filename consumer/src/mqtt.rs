@@ -74,6 +74,7 @@ pub async fn drive(
     messages: mpsc::Sender<Message>,
     epoch: Epoch,
     subscribed: watch::Sender<bool>,
+    progress: crate::Progress,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -87,6 +88,9 @@ pub async fn drive(
                     epoch: epoch.current(),
                 };
                 metrics::counter!("consumer_messages_received_total").increment(1);
+                if message.ack.is_some() {
+                    progress.received();
+                }
                 if messages.send(message).await.is_err() {
                     return;
                 }

@@ -71,6 +71,7 @@ pub struct Pipeline<S> {
     pub(crate) sink: S,
     pub(crate) client: AsyncClient,
     pub(crate) epoch: Epoch,
+    pub(crate) progress: crate::Progress,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -192,6 +193,7 @@ impl<S: Sink> Pipeline<S> {
                         tracing::warn!(error = %e, "could not queue an acknowledgement");
                     }
                 }
+                self.progress.done(1);
             }
         }
     }
@@ -277,6 +279,7 @@ mod tests {
             sink: sink.clone(),
             client: AsyncClient::from_senders(requests),
             epoch: Epoch::default(),
+            progress: crate::Progress::default(),
         };
         let (messages, incoming) = mpsc::channel(8);
         let (stop, stopped) = watch::channel(false);

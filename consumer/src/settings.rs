@@ -51,20 +51,27 @@ impl ConsumerSettings {
     /// Reads the settings from the environment.
     pub fn from_env() -> anyhow::Result<Self> {
         let metrics = env_or("CONSUMER_METRICS_ADDR", "127.0.0.1:9101");
+        let d = Self::new(MqttEndpoint::from_env()?, "termopar-consumer");
         let settings = Self {
-            broker: MqttEndpoint::from_env()?,
-            client_id: env_or("MQTT_CLIENT_ID", "termopar-consumer"),
+            client_id: env_or("MQTT_CLIENT_ID", &d.client_id),
             share_group: env_var("CONSUMER_SHARE_GROUP"),
-            topic_prefix: env_or("MQTT_TOPIC_PREFIX", ""),
-            persistent_session: !env_parse("MQTT_CLEAN_SESSION", false)?,
-            batch_size: env_parse("CONSUMER_BATCH_SIZE", 5000)?,
-            batch_delay: Duration::from_millis(env_parse("CONSUMER_BATCH_DELAY_MS", 20)?),
-            max_unacked: env_parse("CONSUMER_MAX_UNACKED", 100)?,
-            pipeline: env_parse("CONSUMER_PIPELINE", 2)?,
+            topic_prefix: env_or("MQTT_TOPIC_PREFIX", &d.topic_prefix),
+            persistent_session: !env_parse("MQTT_CLEAN_SESSION", !d.persistent_session)?,
+            batch_size: env_parse("CONSUMER_BATCH_SIZE", d.batch_size)?,
+            batch_delay: Duration::from_millis(env_parse(
+                "CONSUMER_BATCH_DELAY_MS",
+                d.batch_delay.as_millis() as u64,
+            )?),
+            max_unacked: env_parse("CONSUMER_MAX_UNACKED", d.max_unacked)?,
+            pipeline: env_parse("CONSUMER_PIPELINE", d.pipeline)?,
             limits: Limits {
-                max_payload_bytes: env_parse("CONSUMER_MAX_PAYLOAD_BYTES", 256 * 1024)?,
-                ..Limits::default()
+                max_payload_bytes: env_parse(
+                    "CONSUMER_MAX_PAYLOAD_BYTES",
+                    d.limits.max_payload_bytes,
+                )?,
+                ..d.limits
             },
+            broker: d.broker,
             metrics_addr: if metrics == "off" {
                 None
             } else {

@@ -15,6 +15,7 @@ pub mod secrets;
 pub mod settings;
 pub mod shutdown;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod topic;
 pub mod tz;

@@ -29,6 +29,11 @@ pub fn env_pair(a: &str, b: &str) -> anyhow::Result<Option<(String, String)>> {
     }
 }
 
+/// Whether logs are JSON lines (`LOG_FORMAT=json`) rather than text.
+pub fn log_format_json() -> bool {
+    env_var("LOG_FORMAT").is_some_and(|f| f == "json")
+}
+
 /// The value of `name`, or `default` when it is unset or empty.
 pub fn env_or(name: &str, default: &str) -> String {
     env_var(name).unwrap_or_else(|| default.to_owned())

@@ -11,7 +11,7 @@ const QUIET_TARGETS: &str = "rumqttd::server::broker=off,rumqttd::router::routin
 pub fn init(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},{QUIET_TARGETS}")));
-    let json = crate::settings::env_var("LOG_FORMAT").is_some_and(|f| f == "json");
+    let json = crate::settings::log_format_json();
     let builder = fmt().with_env_filter(filter).with_target(true);
     // A second init (tests start several services in one process) is not an error.
     let _ = if json {

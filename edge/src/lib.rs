@@ -70,8 +70,14 @@ pub struct Edge {
     /// The embedded broker.
     pub broker: RunningBroker,
     consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+    consumed: termopar_consumer::Progress,
     stop_consumer: tokio::sync::oneshot::Sender<()>,
 }
+
+/// At shutdown, how long the consumer must have had nothing to do before the embedded
+/// broker counts as empty, and the longest the edge waits for that.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Edge {
     /// Connects the stores (creating the database and applying migrations), starts the
@@ -96,28 +102,36 @@ impl Edge {
         // readings, finished days, recent segments) follow what it commits at once.
         let store = app.state().store.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
-        let consumer = tokio::spawn(termopar_consumer::run(
-            settings.consumer,
-            directory,
-            store,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let consumer = termopar_consumer::Consumer::new(settings.consumer, directory, store);
+        let consumed = consumer.progress();
+        let consumer = tokio::spawn(consumer.run(async move {
+            let _ = stopped.await;
+        }));
         Ok(Self {
             app,
             broker,
             consumer,
+            consumed,
             stop_consumer,
         })
     }
 
-    /// Serves the API until `shutdown`, then stops the consumer (finishing its batch).
+    /// Serves the API until `shutdown` (finishing its requests and background tasks),
+    /// then closes the MQTT front door, lets the consumer store and acknowledge
+    /// everything the embedded broker took from devices (it lives in memory and ends
+    /// with the process), and stops the consumer.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let served = self.app.run_until(shutdown).await;
+        self.broker.close();
+        if !self.consumed.drained(DRAIN_QUIET, DRAIN_LIMIT).await {
+            tracing::warn!(
+                "the consumer did not finish what the embedded broker holds within {DRAIN_LIMIT:?}; \
+                 readings it acknowledged to devices and not yet stored are lost"
+            );
+        }
         let _ = self.stop_consumer.send(());
         self.consumer.await??;
         served

@@ -16,7 +16,7 @@ use crate::{
 
 /// Credentials for `POST /auth/login`.
 #[derive(Debug, Object)]
-pub struct LoginRequest {
+pub(super) struct LoginRequest {
     /// The user's e-mail (case-insensitive).
     #[oai(validator(max_length = 254))]
     pub email: String,
@@ -27,7 +27,7 @@ pub struct LoginRequest {
 
 /// An access token and the refresh token that renews it.
 #[derive(Debug, Object)]
-pub struct TokenPair {
+pub(super) struct TokenPair {
     /// Send as `Authorization: Bearer <access_token>`.
     pub access_token: String,
     /// Exchange at `POST /auth/refresh` for a new pair (single use).
@@ -40,7 +40,7 @@ pub struct TokenPair {
 
 /// A refresh token.
 #[derive(Debug, Object)]
-pub struct RefreshRequest {
+pub(super) struct RefreshRequest {
     /// The refresh token from login or a previous refresh.
     #[oai(validator(max_length = 4096))]
     pub refresh_token: String,
@@ -48,7 +48,7 @@ pub struct RefreshRequest {
 
 /// A logout.
 #[derive(Debug, Object)]
-pub struct LogoutRequest {
+pub(super) struct LogoutRequest {
     /// The refresh token to revoke.
     #[oai(validator(max_length = 4096))]
     pub refresh_token: String,
@@ -59,7 +59,7 @@ pub struct LogoutRequest {
 
 /// A password change.
 #[derive(Debug, Object)]
-pub struct PasswordChange {
+pub(super) struct PasswordChange {
     /// The password in use now.
     #[oai(validator(max_length = 256))]
     pub current_password: String,
@@ -75,7 +75,7 @@ enum NoContent {
 }
 
 /// Authentication operations.
-pub struct AuthApi;
+pub(crate) struct AuthApi;
 
 #[OpenApi(prefix_path = "/auth", tag = "ApiTags::Auth")]
 impl AuthApi {
@@ -83,6 +83,7 @@ impl AuthApi {
     ///
     /// Returns a short-lived access token and a single-use refresh token.
     #[oai(path = "/login", method = "post", operation_id = "login")]
+    #[tracing::instrument(skip_all)]
     async fn login(
         &self,
         state: poem::web::Data<&AppState>,
@@ -118,12 +119,16 @@ impl AuthApi {
     /// already-used refresh token revokes every session of the user, since it means the
     /// token was copied.
     #[oai(path = "/refresh", method = "post", operation_id = "refreshToken")]
+    #[tracing::instrument(skip_all)]
     async fn refresh(
         &self,
         state: poem::web::Data<&AppState>,
         body: Json<RefreshRequest>,
     ) -> ApiResult<Found<TokenPair>> {
-        let claims = state.jwt.verify(&body.refresh_token, TokenType::Refresh)?;
+        let claims = state
+            .auth
+            .jwt()
+            .verify(&body.refresh_token, TokenType::Refresh)?;
         let new_jti = Uuid::new_v4();
         let mut tx = state.pg.begin().await?;
         let rotated = sqlx::query(
@@ -171,12 +176,16 @@ impl AuthApi {
     /// stay valid until they expire (minutes); `all` after a password change is not
     /// needed, since a password change revokes everything itself.
     #[oai(path = "/logout", method = "post", operation_id = "logout")]
+    #[tracing::instrument(skip_all)]
     async fn logout(
         &self,
         state: poem::web::Data<&AppState>,
         body: Json<LogoutRequest>,
     ) -> ApiResult<NoContent> {
-        let claims = state.jwt.verify(&body.refresh_token, TokenType::Refresh)?;
+        let claims = state
+            .auth
+            .jwt()
+            .verify(&body.refresh_token, TokenType::Refresh)?;
         let mut conn = state.pg.acquire().await?;
         if body.all {
             revoke_all(&mut conn, claims.sub).await?;
@@ -193,6 +202,7 @@ impl AuthApi {
 
     /// The authenticated user.
     #[oai(path = "/me", method = "get", operation_id = "getMe")]
+    #[tracing::instrument(skip_all)]
     async fn me(
         &self,
         state: poem::web::Data<&AppState>,
@@ -208,13 +218,14 @@ impl AuthApi {
     ///
     /// Every token of the user, access and refresh, stops working: log in again.
     #[oai(path = "/password", method = "post", operation_id = "changePassword")]
+    #[tracing::instrument(skip_all)]
     async fn change_password(
         &self,
         state: poem::web::Data<&AppState>,
         auth: BearerAuth,
         body: Json<PasswordChange>,
     ) -> ApiResult<NoContent> {
-        users::validate_password(&body.new_password).map_err(|e| e.with_field("new_password"))?;
+        crate::validate::password(&body.new_password).map_err(|e| e.with_field("new_password"))?;
         let user_id = auth.0.user_id;
         let hash = sqlx::query_scalar::<_, String>("SELECT password_hash FROM users WHERE id = $1")
             .bind(user_id)
@@ -250,7 +261,7 @@ async fn issue_pair_with_jti(
     jti: Uuid,
 ) -> ApiResult<TokenPair> {
     let expires_at = Utc::now()
-        + ChronoDuration::from_std(state.jwt.refresh_ttl).expect("refresh ttl fits chrono");
+        + ChronoDuration::from_std(state.auth.jwt().refresh_ttl).expect("refresh ttl fits chrono");
     sqlx::query("INSERT INTO refresh_tokens (id, user_id, expires_at) VALUES ($1, $2, $3)")
         .bind(jti)
         .bind(user_id)
@@ -259,10 +270,14 @@ async fn issue_pair_with_jti(
         .await?;
     Ok(TokenPair {
         access_token: state
-            .jwt
+            .auth
+            .jwt()
             .issue(TokenType::Access, user_id, ver, Uuid::new_v4()),
-        refresh_token: state.jwt.issue(TokenType::Refresh, user_id, ver, jti),
+        refresh_token: state
+            .auth
+            .jwt()
+            .issue(TokenType::Refresh, user_id, ver, jti),
         token_type: "Bearer".into(),
-        expires_in: state.jwt.access_ttl.as_secs(),
+        expires_in: state.auth.jwt().access_ttl.as_secs(),
     })
 }

@@ -224,7 +224,7 @@ async fn a_late_reading_in_a_cached_finished_day_shows_on_the_next_request() {
         "the days cached",
         test_support::DEFAULT_DEADLINE,
         || async {
-            if app.state.daily.cached_days() == 3 {
+            if app.handles.daily.cached_days() == 3 {
                 return Some(());
             }
             app.get(&path, &app.admin).await;

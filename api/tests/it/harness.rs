@@ -43,7 +43,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
 
 /// The raw records in `db`, oldest first, once there are `n` of them.
 pub async fn raw_records(db: &mongodb::Database, n: usize) -> Vec<mongodb::bson::Document> {
-    let events = db.collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS);
+    let events = db.collection::<mongodb::bson::Document>(termopar_chat::EVENTS);
     test_support::eventually(
         &format!("{n} raw records in MongoDB"),
         test_support::DEFAULT_DEADLINE,
@@ -79,7 +79,8 @@ pub fn dead_postgres() -> termopar_core::settings::DatabaseSettings {
 
 /// A running API and the stores behind it.
 pub struct TestApp {
-    pub state: termopar_api::state::AppState,
+    pub state: termopar_api::AppState,
+    pub handles: termopar_api::Handles,
     pub base: String,
     pub http: reqwest::Client,
     pub db: TestDb,
@@ -103,9 +104,11 @@ impl TestApp {
             .await
             .expect("the API starts");
         let state = app.state().clone();
+        let handles = app.handles().clone();
         let base = serve(app);
         let mut test = Self {
             state,
+            handles,
             base,
             http: reqwest::Client::new(),
             db,
@@ -228,8 +231,10 @@ impl TestApp {
 
 /// Status and JSON body of a response. Every response of the API that has a body must
 /// be JSON: a body that is not fails the test.
+/// A 200 or 201 body must also be what `/openapi.json` says the operation answers.
 pub async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
+    let path = resp.url().path().to_owned();
     let text = resp.text().await.expect("a readable body");
     let body = if text.is_empty() {
         Value::Null
@@ -237,6 +242,9 @@ pub async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
         serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"))
     };
+    if status == StatusCode::OK || status == StatusCode::CREATED {
+        crate::contract::check(&path, status.as_u16(), &body);
+    }
     (status, body)
 }
 
@@ -275,7 +283,7 @@ impl TestApp {
         test_support::eventually(
             "the daily cache listening",
             test_support::DEFAULT_DEADLINE,
-            || async { self.state.daily.is_live().then_some(()) },
+            || async { self.handles.daily.is_live().then_some(()) },
         )
         .await;
     }

@@ -4,9 +4,11 @@
 mod auth;
 mod authorization;
 mod clients;
+mod contract;
 mod daily;
 mod errors;
 mod harness;
+mod lifecycle;
 mod operations;
 mod readings;
 mod sensors;

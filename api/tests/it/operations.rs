@@ -77,8 +77,8 @@ async fn storage_down_is_503_for_the_api_and_the_readiness_probe() {
     );
 
     // A well-signed token still needs the user's current state: 503, not 401 or 500.
-    let token = termopar_api::auth::Jwt::new(&settings.auth).issue(
-        termopar_api::auth::TokenType::Access,
+    let token = termopar_web::tokens::Jwt::new(&settings.auth).issue(
+        termopar_web::tokens::TokenType::Access,
         uuid::Uuid::new_v4(),
         0,
         uuid::Uuid::new_v4(),

@@ -251,11 +251,11 @@ async fn signatures_are_checked_when_a_secret_is_set() {
         "invalid_signature",
     );
     assert_error(
-        &post(Some(termopar_api::webhook::sign("other-secret", &body))).await,
+        &post(Some(termopar_chat::webhook::sign("other-secret", &body))).await,
         StatusCode::UNAUTHORIZED,
         "invalid_signature",
     );
-    let ok = post(Some(termopar_api::webhook::sign("webhook-secret", &body))).await;
+    let ok = post(Some(termopar_chat::webhook::sign("webhook-secret", &body))).await;
     assert_eq!(ok.0, StatusCode::OK, "{}", ok.1);
 }
 
@@ -324,7 +324,7 @@ async fn every_delivery_is_kept_raw_with_its_outcome() {
 
 #[tokio::test]
 async fn outbox_rows_larger_than_a_relay_step_all_reach_mongodb() {
-    use termopar_api::webhook::{relay, RawRecord, MAX_RAW_BYTES};
+    use termopar_chat::webhook::{relay, RawRecord, MAX_RAW_BYTES};
     let app = TestApp::spawn().await;
     // Three groups of 20 records of the largest body kept whole: ~5 MiB each, so a relay
     // step (at most 8 MiB of records) takes one row at a time.
@@ -361,7 +361,7 @@ async fn outbox_rows_larger_than_a_relay_step_all_reach_mongodb() {
 
 #[tokio::test]
 async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
-    use termopar_api::webhook::{relay, RawRecord};
+    use termopar_chat::webhook::{relay, RawRecord};
     let app = TestApp::spawn().await;
     let records: Vec<_> = [b"one".as_slice(), b"two"]
         .iter()
@@ -403,7 +403,7 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
         ._mongo
         .database()
         .await
-        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS)
+        .collection::<mongodb::bson::Document>(termopar_chat::EVENTS)
         .count_documents(mongodb::bson::doc! {})
         .await
         .unwrap();
@@ -562,7 +562,7 @@ async fn the_outbox_compresses_its_records_with_lz4() {
 #[tokio::test]
 async fn conversations_are_listed_by_state_and_their_messages_paginated() {
     let app = TestApp::spawn().await;
-    let events = termopar_api::webhook::seed(&app.state, 3, 7).await.unwrap();
+    let events = termopar_chat::seed(&app.handles.chat, 3, 7).await.unwrap();
     assert_eq!(events.len(), 3 + 21 + 1);
 
     let (status, all) = app.get("/conversations", &app.admin).await;

@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use termopar_api::webhook::{
-    store::{self, Delivery},
+use termopar_chat::webhook::{
+    writer::{self as store, Delivery},
     RawRecord,
 };
 
@@ -257,7 +257,7 @@ async fn a_batch_decides_what_applying_its_events_one_by_one_would() {
                     let body = ev.body();
                     Delivery::new(
                         &RawRecord::new(&Default::default(), &body),
-                        termopar_api::webhook::parse(&body),
+                        termopar_chat::webhook::parse(&body),
                     )
                 })
                 .collect();

@@ -199,8 +199,9 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     };
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let (base, state) = termopar_bench::start_api(&db, &mongo).await?;
-    let events = termopar_api::webhook::seed(&state, conversations, 0)
+    let (base, handles) = termopar_bench::start_api(&db, &mongo).await?;
+    let state = &handles.state;
+    let events = termopar_chat::seed(&handles.chat, conversations, 0)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let ids: Vec<String> = events
@@ -235,7 +236,7 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     let raw_copies = mongo
         .database()
         .await
-        .collection::<mongodb::bson::Document>(termopar_api::webhook::EVENTS)
+        .collection::<mongodb::bson::Document>(termopar_chat::EVENTS)
         .count_documents(mongodb::bson::doc! {})
         .await?
         - events.len() as u64;

@@ -163,6 +163,7 @@ impl ReadingStore {
     /// one batch: one listing, one insert of the new segments, one transaction swapping
     /// them in. Merging per bucket would cost a few round trips for every seven readings
     /// of a sensor sending one every ten seconds.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn compact(&self, now: DateTime<Utc>) -> Result<CompactReport, StoreError> {
         let closed_before = now
             - chrono::Duration::minutes(BUCKET_MINUTES)

@@ -111,6 +111,7 @@ pub struct DeadLetterQuery {
 
 impl ReadingStore {
     /// Stores dead letters (again after a failure: each is stored once).
+    #[tracing::instrument(level = "debug", skip_all, fields(letters = letters.len()))]
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         if letters.is_empty() {
             return Ok(());
@@ -184,6 +185,7 @@ impl ReadingStore {
     }
 
     /// Dead letters, newest first.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn dead_letters(
         &self,
         q: &DeadLetterQuery,
@@ -208,6 +210,7 @@ impl ReadingStore {
     }
 
     /// A dead letter with its payload.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn dead_letter_by_id(
         &self,
         id: Uuid,

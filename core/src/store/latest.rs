@@ -82,6 +82,7 @@ impl LatestCache {
 impl ReadingStore {
     /// The latest reading of `sensor` by measurement time (`None` before its first),
     /// through the cache.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn latest(&self, sensor: SensorId) -> Result<Option<Arc<Reading>>, StoreError> {
         self.latest
             .get(&self.pg, sensor)
@@ -90,6 +91,7 @@ impl ReadingStore {
     }
 
     /// The latest readings of `sensors` (those without readings are absent), uncached.
+    #[tracing::instrument(level = "debug", skip_all, fields(sensors = sensors.len()))]
     pub async fn latest_of(&self, sensors: &[SensorId]) -> Result<Vec<Reading>, StoreError> {
         Ok(load(&self.pg, sensors).await?)
     }

@@ -92,6 +92,7 @@ async fn notify(tx: &mut PgConnection, changes: &[BucketChange]) -> Result<(), s
 impl ReadingStore {
     /// Recomputes a sensor's bucket from its registered segments and replaces the
     /// bucket's and its hour's rollups: what ingestion added up must always equal this.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn recompute_bucket(
         &self,
         sensor: SensorId,

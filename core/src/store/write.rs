@@ -433,6 +433,7 @@ impl ReadingStore {
     /// (a crash, an outage, a lost race) and those merges, corrections and deleted
     /// sensors left behind. Returns how many expiry rows it finished. Safe to run in
     /// several processes at once.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn expire_due(&self) -> Result<usize, StoreError> {
         let mut finished = 0;
         loop {
@@ -473,6 +474,7 @@ impl ReadingStore {
     /// theirs and no pending write names one: their merged readings live in the main
     /// collection by then. One `drop` instead of a delete per fragment. Returns how many
     /// it dropped.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn drop_fragments(&self) -> Result<usize, StoreError> {
         let kept_until = Utc::now() - chrono::Duration::hours(super::FRAGMENT_HOURS_KEPT + 1);
         let mut dropped = 0;

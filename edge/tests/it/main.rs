@@ -279,3 +279,127 @@ async fn the_migrate_command_moves_readings_of_the_previous_shape() {
         .unwrap();
     assert_eq!(count, 25);
 }
+
+/// Publishes readings of `sensor` over QoS 1 through `broker`, one at a time, recording
+/// each reading whose PUBACK came; returns when the connection ends.
+async fn publish_until_closed(
+    broker: MqttEndpoint,
+    sensor: termopar_device_sim::SimSensor,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let mut options = MqttOptions::new(
+        format!("pub-{}", Uuid::new_v4().simple()),
+        &broker.host,
+        broker.port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(15))
+        .set_credentials("sim", "sim-password-1");
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let topic = Topics::new("").readings(sensor.client_id, sensor.sensor_id);
+    let start = chrono::Utc::now() - chrono::Duration::hours(1);
+    for k in 0.. {
+        let id = Uuid::new_v4();
+        let ts = start + chrono::Duration::milliseconds(k);
+        let payload = serde_json::json!({"id": id, "ts": ts.to_rfc3339(), "temperature": 4.5});
+        if client
+            .publish(&topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut pkid = None;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Publish(p))) => pkid = Some(p),
+                Ok(Event::Incoming(Packet::PubAck(ack))) if Some(ack.pkid) == pkid => {
+                    acked.lock().unwrap().push(id);
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => return, // the front door closed
+            }
+        }
+    }
+}
+
+/// SIGTERM's path under MQTT load: every reading the broker acknowledged to a device is
+/// stored, once, when the edge node has stopped, although the consumer was still behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
+    let db = TestDb::new().await;
+    let mongo = TestMongo::new();
+    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
+    let api = format!("http://{}", edge.app.addr());
+    let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(edge.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let sensors =
+        termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2, false)
+            .await
+            .unwrap();
+    // Once a first reading is stored, the consumer's subscription is in place.
+    let warmup = tokio::spawn(publish_until_closed(
+        broker.clone(),
+        sensors[0].clone(),
+        std::sync::Arc::default(),
+    ));
+    eventually(
+        "the edge consumer subscribed",
+        Duration::from_secs(20),
+        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
+    )
+    .await;
+    warmup.abort();
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let publishers: Vec<_> = sensors
+        .iter()
+        .map(|s| {
+            tokio::spawn(publish_until_closed(
+                broker.clone(),
+                s.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    eventually(
+        "readings acknowledged under load",
+        Duration::from_secs(30),
+        || async { (acked.lock().unwrap().len() >= 400).then_some(()) },
+    )
+    .await;
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+
+    let stored = test_support::stored_readings(&db.pool, &mongo.database().await).await;
+    let mut ids: Vec<Uuid> = stored.iter().map(|r| r.id).collect();
+    ids.sort();
+    let distinct = {
+        let mut d = ids.clone();
+        d.dedup();
+        d.len()
+    };
+    assert_eq!(distinct, ids.len(), "a reading stored twice");
+    let acked = acked.lock().unwrap().clone();
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|id| ids.binary_search(id).is_err())
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged readings lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let counted = test_support::stored_count(&db.pool).await;
+    assert_eq!(counted as usize, ids.len(), "counts match what is stored");
+}

@@ -30,12 +30,16 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use uuid::Uuid;
 
+use termopar_core::tasks::Tasks;
+use tracing::Instrument;
+
 use super::{
     conversation_not_found,
     relay::{self, RawLog},
     Event, Outcome, RawRecord,
 };
-use crate::error::ApiError;
+use crate::ChatSettings;
+use termopar_web::{ApiError, ErrorCode};
 
 /// Most deliveries one transaction takes.
 pub const MAX_BATCH: usize = 256;
@@ -67,38 +71,49 @@ type Job = (Delivery, oneshot::Sender<Answer>);
 
 /// The queue in front of the writers. Cheap to clone.
 #[derive(Clone)]
-pub struct EventWriter {
+pub(crate) struct EventWriter {
     tx: mpsc::Sender<Job>,
 }
 
 impl EventWriter {
-    /// Starts `writers` writers, each waiting up to `gather` for a group to fill (see
-    /// [`next_group`]). `relay` is woken after each commit; `direct` takes the raw records
-    /// of deliveries that could not be written to PostgreSQL.
-    pub fn start(
+    /// Starts `writers` writers on `tasks`, each waiting up to `gather` for a group to
+    /// fill (see [`next_group`]). `relay` is woken after each commit; `direct` takes the
+    /// raw records of deliveries that could not be written to PostgreSQL. A writer stops
+    /// once every handle is dropped and it has answered everything queued; `alive` is
+    /// held until then, so whoever holds its receiver knows when the last one is done.
+    pub(crate) fn start(
+        tasks: &Tasks,
         pg: PgPool,
-        writers: usize,
-        gather: Duration,
+        settings: &ChatSettings,
         relay: Arc<Notify>,
         direct: RawLog,
+        alive: mpsc::Sender<()>,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(16 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
-        let pg = writer_pool(&pg, writers);
-        for _ in 0..writers {
+        let pg = writer_pool(&pg, settings.writers);
+        let gather = settings.gather;
+        for _ in 0..settings.writers {
             let (rx, pg, relay, direct) = (rx.clone(), pg.clone(), relay.clone(), direct.clone());
-            tokio::spawn(async move {
+            let alive = alive.clone();
+            tasks.spawn("webhook writer", move |_stop| async move {
+                let _alive = alive;
                 let mut jobs = Vec::with_capacity(MAX_BATCH);
                 let mut expected = 1;
                 let mut conn = WriterConnection::new(pg);
                 loop {
                     if !next_group(&rx, &mut jobs, expected, gather).await {
-                        return; // every handle dropped
+                        return; // every handle dropped and the queue is empty
                     }
                     expected = jobs.len();
                     let (deliveries, waiters): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
                     metrics::histogram!("webhook_batch_size").record(deliveries.len() as f64);
-                    let answers = write(&mut conn, &deliveries, &direct).await;
+                    let answers = write(&mut conn, &deliveries, &direct)
+                        .instrument(tracing::debug_span!(
+                            "webhook_group",
+                            deliveries = deliveries.len()
+                        ))
+                        .await;
                     relay.notify_one();
                     for (waiter, answer) in waiters.into_iter().zip(answers) {
                         let _ = waiter.send(answer);
@@ -110,7 +125,7 @@ impl EventWriter {
     }
 
     /// Applies and records `delivery`; returns its answer once committed.
-    pub async fn submit(&self, delivery: Delivery) -> Answer {
+    pub(crate) async fn submit(&self, delivery: Delivery) -> Answer {
         let stopped = || ApiError::unavailable("the webhook writer");
         let (done, answer) = oneshot::channel();
         self.tx
@@ -222,8 +237,14 @@ async fn write(
         Err(e) => e,
     };
     let one_by_one = deliveries.len() > 1 && !termopar_core::db::is_unreachable(&err);
-    tracing::warn!(error = %err, one_by_one, "a webhook batch failed");
-    let batch_error = ApiError::from(err);
+    // Logged once: here when the deliveries are retried one by one, else where the
+    // error becomes their answer (`ApiError::from`: 503 unavailable, 500 internal).
+    let batch_error = if one_by_one {
+        tracing::warn!(error = %err, "a webhook batch failed; applying it one delivery at a time");
+        None
+    } else {
+        Some(ApiError::from(err))
+    };
     let mut answers = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         let error = if one_by_one {
@@ -235,10 +256,16 @@ async fn write(
                 Err(e) => ApiError::from(e),
             }
         } else {
-            batch_error.clone()
+            batch_error
+                .clone()
+                .expect("set when not retrying one by one")
         };
         let record = delivery.record.clone();
-        let mut record = relay::answered(record, error.status().as_u16().into(), error.code());
+        let mut record = relay::answered(
+            record,
+            error.status().as_u16().into(),
+            error.code().as_str(),
+        );
         record.append("_id", mongodb::bson::oid::ObjectId::new());
         direct.keep_detached(record);
         answers.push(Err(error));
@@ -251,7 +278,7 @@ pub fn recorded(answer: &Answer) -> (StatusCode, &str) {
     match answer {
         Ok(Outcome::Processed) => (StatusCode::OK, "processed"),
         Ok(Outcome::Duplicate) => (StatusCode::OK, "duplicate"),
-        Err(e) => (e.status(), e.code()),
+        Err(e) => (e.status(), e.code().as_str()),
     }
 }
 
@@ -565,8 +592,7 @@ async fn apply_messages(
             Some("conversation_not_found") => Err(conversation_not_found(conversations[k])),
             Some("conflict") => Err(conflict()),
             Some("conversation_closed") => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conversation_closed",
+                ErrorCode::ConversationClosed,
                 format!("conversation {} is closed", conversations[k]),
             )),
             _ => {

@@ -10,12 +10,12 @@
 //! conversation row.
 //!
 //! Every delivery is also kept raw with its answer: committed to `webhook_outbox` with
-//! the events it applies ([`store`]), then moved to MongoDB (`webhook_events`) by the
+//! the events it applies ([`writer`]), then moved to MongoDB (`webhook_events`) by the
 //! [`relay`].
 
 mod body;
 pub mod relay;
-pub mod store;
+pub mod writer;
 
 use std::sync::LazyLock;
 
@@ -25,17 +25,19 @@ use chrono::{
     DateTime, Datelike, Utc,
 };
 use hmac::{Hmac, Mac};
-use poem::http::{HeaderMap, StatusCode};
+use poem::http::HeaderMap;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::{error::ApiError, state::AppState};
+use termopar_web::{ApiError, ErrorCode};
+
+use crate::Chat;
 
 /// Collection of raw deliveries.
 pub const EVENTS: &str = "webhook_events";
 /// Longest message content accepted, in bytes.
-pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_CONTENT_BYTES: usize = 64 * 1024;
 /// Largest body kept raw.
 pub const MAX_RAW_BYTES: usize = 256 * 1024;
 
@@ -241,8 +243,7 @@ pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
             })
         }
         other => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_event_type",
+            ErrorCode::UnknownEventType,
             format!("unknown event type {other:?}: expected NEW_CONVERSATION, NEW_MESSAGE or CLOSE_CONVERSATION"),
         )
         .with_field("type")),
@@ -251,8 +252,7 @@ pub fn parse(body: &[u8]) -> Result<Event, ApiError> {
 
 fn conversation_not_found(id: Uuid) -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "conversation_not_found",
+        ErrorCode::ConversationNotFound,
         format!("conversation {id} does not exist (yet): retry after its NEW_CONVERSATION"),
     )
 }
@@ -330,25 +330,25 @@ impl RawRecord {
 }
 
 /// Handles one delivery end to end: signature, parsing, then applying and recording it
-/// raw (group-committed by [`store::EventWriter`]).
+/// raw (group-committed by [`writer::EventWriter`]).
+#[tracing::instrument(skip_all, fields(bytes = body.len()))]
 pub async fn deliver(
-    state: &AppState,
+    chat: &Chat,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<WebhookAck, ApiError> {
     let signature = headers.get("x-signature").and_then(|v| v.to_str().ok());
-    let event = match &state.webhook_secret {
+    let event = match &chat.0.secret {
         Some(secret) if !signature_ok(secret, signature, body) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_signature",
+            ErrorCode::InvalidSignature,
             "missing or wrong X-Signature (sha256=<hex HMAC-SHA256 of the body>)",
         )),
         _ => parse(body),
     };
     let about = event.as_ref().ok().map(|e| (e.kind(), e.id()));
-    let delivery = store::Delivery::new(&RawRecord::new(headers, body), event);
-    let answer = state.webhook.submit(delivery).await;
-    let (status, _) = store::recorded(&answer);
+    let delivery = writer::Delivery::new(&RawRecord::new(headers, body), event);
+    let answer = chat.0.writer.submit(delivery).await;
+    let (status, _) = writer::recorded(&answer);
     metrics::counter!("webhook_deliveries_total",
         "type" => about.map_or("invalid", |(kind, _)| kind), "status" => status.as_str().to_owned())
     .increment(1);
@@ -368,7 +368,7 @@ pub async fn deliver(
 /// other one then closed), posted through [`deliver`], the webhook's own path. Returns
 /// the events sent.
 pub async fn seed(
-    state: &AppState,
+    chat: &Chat,
     conversations: usize,
     messages: usize,
 ) -> Result<Vec<Event>, ApiError> {
@@ -413,10 +413,10 @@ pub async fn seed(
     for event in &events {
         let body = serde_json::to_vec(&event.to_json()).expect("serializable");
         let mut headers = headers.clone();
-        if let Some(secret) = &state.webhook_secret {
+        if let Some(secret) = &chat.0.secret {
             headers.insert("x-signature", sign(secret, &body).parse().expect("ASCII"));
         }
-        deliver(state, &headers, &body).await?;
+        deliver(chat, &headers, &body).await?;
     }
     Ok(events)
 }

@@ -10,19 +10,27 @@ use poem_openapi::{
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use crate::{
-    auth::BearerAuth,
-    error::{ApiError, ApiResult},
-    pagination::{Page, PageParams},
+use termopar_web::{
+    pagination::{Listing, Page, PageParams},
     responses::Found,
-    state::AppState,
-    webhook::{deliver, WebhookAck},
-    ApiTags,
+    ApiError, ApiResult, BearerAuth,
 };
+
+use crate::{
+    webhook::{deliver, WebhookAck},
+    Chat,
+};
+
+/// The chat product's group in the OpenAPI document.
+#[derive(poem_openapi::Tags)]
+enum ChatTags {
+    /// Chat webhook events and conversations.
+    Conversations,
+}
 
 /// A conversation's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-pub enum ConversationState {
+pub(crate) enum ConversationState {
     /// Accepting messages.
     #[oai(rename = "OPEN")]
     Open,
@@ -42,14 +50,14 @@ impl ConversationState {
 
 /// A conversation.
 #[derive(Debug, Clone, Object, FromRow)]
-pub struct Conversation {
+pub(crate) struct Conversation {
     /// Id (from NEW_CONVERSATION).
     pub id: Uuid,
     /// `OPEN` or `CLOSED`.
     pub state: String,
     /// When it was opened (the event's timestamp).
     pub created_at: DateTime<Utc>,
-    /// When it was closed (the event's timestamp).
+    /// When it was closed (the event's timestamp); `null` while open.
     pub closed_at: Option<DateTime<Utc>>,
     /// Messages in it.
     pub message_count: i64,
@@ -57,7 +65,7 @@ pub struct Conversation {
 
 /// A message.
 #[derive(Debug, Clone, Object, FromRow)]
-pub struct Message {
+pub(crate) struct Message {
     /// Id.
     pub id: Uuid,
     /// Its conversation.
@@ -74,7 +82,7 @@ pub struct Message {
 
 /// A conversation with a page of its messages, in chronological order.
 #[derive(Debug, Object)]
-pub struct ConversationDetail {
+pub(crate) struct ConversationDetail {
     #[oai(flatten)]
     conversation: Conversation,
     /// Messages, oldest first.
@@ -98,10 +106,10 @@ macro_rules! conversation_columns {
 }
 
 /// The webhook receiver and conversation reads.
-pub struct ConversationsApi;
+pub struct ChatApi;
 
-#[OpenApi(tag = "ApiTags::Conversations")]
-impl ConversationsApi {
+#[OpenApi(tag = "ChatTags::Conversations")]
+impl ChatApi {
     /// Receive a chat event (also at `POST /webhook/`).
     ///
     /// Errors say whether a retry can help: 404 `conversation_not_found` (a message
@@ -111,16 +119,15 @@ impl ConversationsApi {
     /// event gets 200 `duplicate`. With `WEBHOOK_SECRET` set, `X-Signature:
     /// sha256=<hex HMAC-SHA256 of the body>` is required (401).
     #[oai(path = "/webhook", method = "post", operation_id = "receiveWebhook")]
+    #[tracing::instrument(skip_all)]
     async fn receive(
         &self,
-        state: Data<&AppState>,
+        chat: Data<&Chat>,
         req: &poem::Request,
         body: WebhookBody,
     ) -> ApiResult<Found<WebhookAck>> {
         let WebhookBody::Json(Binary(body)) = body;
-        Ok(Found::Ok(Json(
-            deliver(&state, req.headers(), &body).await?,
-        )))
+        Ok(Found::Ok(Json(deliver(&chat, req.headers(), &body).await?)))
     }
 
     /// List conversations, newest first (admins; also at `GET /conversations`).
@@ -129,9 +136,10 @@ impl ConversationsApi {
         method = "get",
         operation_id = "listConversations"
     )]
+    #[tracing::instrument(skip_all, fields(state = ?filter.0))]
     async fn list(
         &self,
-        state: Data<&AppState>,
+        chat: Data<&Chat>,
         auth: BearerAuth,
         /// Only conversations in this state.
         #[oai(name = "state")]
@@ -145,25 +153,15 @@ impl ConversationsApi {
     ) -> ApiResult<Found<Page<Conversation>>> {
         auth.0.require_admin()?;
         let params = PageParams::new(page.0, page_size.0);
-        let wanted = filter.0.map(ConversationState::as_str);
-        let total: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM conversations WHERE ($1::text IS NULL OR state = $1)",
-        )
-        .bind(wanted)
-        .fetch_one(&state.pg)
-        .await?;
-        let items = sqlx::query_as::<_, Conversation>(concat!(
-            "SELECT ",
+        let page = Listing::new(
+            "conversations c",
             conversation_columns!(),
-            " FROM conversations c WHERE ($1::text IS NULL OR c.state = $1)
-             ORDER BY c.created_at DESC, c.id DESC LIMIT $2 OFFSET $3"
-        ))
-        .bind(wanted)
-        .bind(params.limit())
-        .bind(params.offset())
-        .fetch_all(&state.pg)
+            "c.created_at DESC, c.id DESC",
+        )
+        .text("c.state", filter.0.map(ConversationState::as_str))
+        .page::<Conversation, _>(chat.pg(), params)
         .await?;
-        Ok(Found::Ok(Json(params.page(items, total))))
+        Ok(Found::Ok(Json(page)))
     }
 
     /// A conversation: its state and a page of its messages, oldest first (admins;
@@ -173,9 +171,10 @@ impl ConversationsApi {
         method = "get",
         operation_id = "getConversation"
     )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn get(
         &self,
-        state: Data<&AppState>,
+        chat: Data<&Chat>,
         auth: BearerAuth,
         id: Path<Uuid>,
         /// Page of messages, from 1.
@@ -193,7 +192,7 @@ impl ConversationsApi {
             " FROM conversations c WHERE c.id = $1"
         ))
         .bind(id.0)
-        .fetch_optional(&state.pg)
+        .fetch_optional(chat.pg())
         .await?
         .ok_or_else(|| ApiError::not_found("conversation"))?;
         let items = sqlx::query_as::<_, Message>(
@@ -204,7 +203,7 @@ impl ConversationsApi {
         .bind(id.0)
         .bind(params.limit())
         .bind(params.offset())
-        .fetch_all(&state.pg)
+        .fetch_all(chat.pg())
         .await?;
         let total = conversation.message_count;
         Ok(Found::Ok(Json(ConversationDetail {

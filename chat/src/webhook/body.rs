@@ -10,7 +10,7 @@ use std::{borrow::Cow, fmt};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// A JSON value: a string (borrowed unless it has escapes), or anything else.
-pub enum Loose<'a> {
+pub(crate) enum Loose<'a> {
     /// A string.
     Str(Cow<'a, str>),
     /// A number, boolean, null, array or object.
@@ -18,7 +18,7 @@ pub enum Loose<'a> {
 }
 
 /// A JSON value that is an object with the fields of `T`, or anything else.
-pub enum Shaped<T> {
+pub(crate) enum Shaped<T> {
     /// An object.
     Object(T),
     /// Not an object.
@@ -27,26 +27,26 @@ pub enum Shaped<T> {
 
 /// The top level of a delivery.
 #[derive(Default)]
-pub struct Envelope<'a> {
+pub(crate) struct Envelope<'a> {
     /// `type`.
-    pub kind: Option<Loose<'a>>,
+    pub(crate) kind: Option<Loose<'a>>,
     /// `timestamp`.
-    pub timestamp: Option<Loose<'a>>,
+    pub(crate) timestamp: Option<Loose<'a>>,
     /// `data`.
-    pub data: Option<Shaped<Data<'a>>>,
+    pub(crate) data: Option<Shaped<Data<'a>>>,
 }
 
 /// `data`.
 #[derive(Default)]
-pub struct Data<'a> {
+pub(crate) struct Data<'a> {
     /// `data.id`.
-    pub id: Option<Loose<'a>>,
+    pub(crate) id: Option<Loose<'a>>,
     /// `data.direction`.
-    pub direction: Option<Loose<'a>>,
+    pub(crate) direction: Option<Loose<'a>>,
     /// `data.content`.
-    pub content: Option<Loose<'a>>,
+    pub(crate) content: Option<Loose<'a>>,
     /// `data.conversation_id`.
-    pub conversation_id: Option<Loose<'a>>,
+    pub(crate) conversation_id: Option<Loose<'a>>,
 }
 
 /// An object's fields, read from its entries.
@@ -181,7 +181,7 @@ impl<'de, T: Fields<'de>> Deserialize<'de> for Shaped<T> {
 }
 
 /// Reads a delivery's body: `Err` when it is not JSON.
-pub fn read(body: &[u8]) -> serde_json::Result<Shaped<Envelope<'_>>> {
+pub(crate) fn read(body: &[u8]) -> serde_json::Result<Shaped<Envelope<'_>>> {
     serde_json::from_slice(body)
 }
 

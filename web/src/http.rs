@@ -1,22 +1,53 @@
-//! Middleware for every request: body size limit and request metrics.
+//! Middleware for every request: request ids, body size limit and request metrics.
 
 use std::time::Instant;
 
 use poem::{
-    http::{header, Method},
+    http::{header, HeaderValue, Method},
     Body, Endpoint, IntoResponse, Request, Response, Result,
 };
 use poem_openapi::OperationId;
+use tracing::Instrument;
 
-use crate::{error::ApiError, state::AppState};
+use crate::error::ApiError;
 
-/// Refuses bodies over the configured limit with 413, whether or not the client sent a
+/// The header a request id travels in, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The request's id: the caller's `X-Request-Id` when it is a sensible one (1 to 128
+/// visible ASCII characters), else a new UUID v7.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Gives every request an id and a span carrying it, so that every log line written
+/// while serving it (internal errors included) names it; answers with the id in
+/// `X-Request-Id`. The id is also set on the request's headers for handlers that keep
+/// them (the chat webhook's raw log).
+pub async fn request_id<E: Endpoint>(next: E, mut req: Request) -> Result<Response> {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let value = HeaderValue::from_str(&id).expect("checked: visible ASCII");
+    req.headers_mut().insert(REQUEST_ID, value.clone());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    req.set_data(RequestId(id));
+    let mut resp = next.call(req).instrument(span).await?.into_response();
+    resp.headers_mut().insert(REQUEST_ID, value);
+    Ok(resp)
+}
+
+/// Refuses bodies over `max` bytes with 413, whether or not the client sent a
 /// `Content-Length` (chunked bodies are read up to the limit, never beyond).
-pub async fn limit_body<E: Endpoint>(next: E, mut req: Request) -> Result<Response> {
-    let max = req
-        .data::<AppState>()
-        .expect("AppState is attached to every route")
-        .max_body_bytes;
+pub async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> Result<Response> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -33,10 +33,105 @@ pub struct ErrorBody {
     pub details: Option<serde_json::Value>,
 }
 
+/// Every error code the API answers, with its status, stated once. The strings are the
+/// contract: clients match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 400: the request cannot be understood.
+    BadRequest,
+    /// 401: no valid credentials.
+    Unauthorized,
+    /// 401: a webhook body without a valid signature.
+    InvalidSignature,
+    /// 403: authenticated, but the role does not allow this.
+    Forbidden,
+    /// 404: no such resource, or not visible to the caller's tenant.
+    NotFound,
+    /// 404: a chat message or close before its conversation exists (retry later).
+    ConversationNotFound,
+    /// 405: the route exists, the method does not.
+    MethodNotAllowed,
+    /// 409: conflicts with what is stored.
+    Conflict,
+    /// 409: a message for a closed conversation.
+    ConversationClosed,
+    /// 411: a body without a length where one is required.
+    LengthRequired,
+    /// 413: the body is larger than the server accepts.
+    PayloadTooLarge,
+    /// 415: the body is not of an accepted media type.
+    UnsupportedMediaType,
+    /// 422: a field's value is not acceptable.
+    ValidationFailed,
+    /// 422: an HTTP ingest where no reading was accepted.
+    Rejected,
+    /// 422: a webhook event of a type this API does not know.
+    UnknownEventType,
+    /// 500: a bug; logged where it happens, never explained to the client.
+    Internal,
+    /// 503: a store cannot be reached; retrying later can help.
+    StorageUnavailable,
+    /// Any other status poem answers before a handler runs (its status is kept).
+    Other,
+}
+
+impl ErrorCode {
+    /// The code as clients see it.
+    pub fn as_str(self) -> &'static str {
+        self.describe().0
+    }
+
+    /// The status every error of this code is answered with.
+    pub fn status(self) -> StatusCode {
+        self.describe().1
+    }
+
+    fn describe(self) -> (&'static str, StatusCode) {
+        use ErrorCode::*;
+        match self {
+            BadRequest => ("bad_request", StatusCode::BAD_REQUEST),
+            Unauthorized => ("unauthorized", StatusCode::UNAUTHORIZED),
+            InvalidSignature => ("invalid_signature", StatusCode::UNAUTHORIZED),
+            Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            NotFound => ("not_found", StatusCode::NOT_FOUND),
+            ConversationNotFound => ("conversation_not_found", StatusCode::NOT_FOUND),
+            MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
+            Conflict => ("conflict", StatusCode::CONFLICT),
+            ConversationClosed => ("conversation_closed", StatusCode::CONFLICT),
+            LengthRequired => ("length_required", StatusCode::LENGTH_REQUIRED),
+            PayloadTooLarge => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            UnsupportedMediaType => ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ValidationFailed => ("validation_failed", StatusCode::UNPROCESSABLE_ENTITY),
+            Rejected => ("rejected", StatusCode::UNPROCESSABLE_ENTITY),
+            UnknownEventType => ("unknown_event_type", StatusCode::UNPROCESSABLE_ENTITY),
+            Internal => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
+            StorageUnavailable => ("storage_unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            Other => ("error", StatusCode::BAD_REQUEST),
+        }
+    }
+
+    /// The code poem's own refusals (before a handler runs) get, by status.
+    fn of_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => ErrorCode::BadRequest,
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::LENGTH_REQUIRED => ErrorCode::LengthRequired,
+            s if s.is_server_error() => ErrorCode::Internal,
+            _ => ErrorCode::Other,
+        }
+    }
+}
+
 /// An error answered to the client.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     status: StatusCode,
+    code: ErrorCode,
     // Boxed: results carrying it stay small on the happy path.
     body: Box<ErrorBody>,
 }
@@ -45,12 +140,17 @@ pub struct ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
-    /// An error with any status and code.
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    /// An error of `code`, answered with that code's status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::with_status(code, code.status(), message)
+    }
+
+    fn with_status(code: ErrorCode, status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
+            code,
             body: Box::new(ErrorBody {
-                code: code.to_owned(),
+                code: code.as_str().to_owned(),
                 message: message.into(),
                 field: None,
                 details: None,
@@ -72,48 +172,38 @@ impl ApiError {
 
     /// 400: the request cannot be understood.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
 
     /// 422: the request is well-formed but a field's value is not acceptable.
     pub fn validation(field: &str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            message,
-        )
-        .with_field(field)
+        Self::new(ErrorCode::ValidationFailed, message).with_field(field)
     }
 
     /// 401: no valid credentials.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Self::new(ErrorCode::Unauthorized, message)
     }
 
     /// 403: authenticated, but the role does not allow this.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(ErrorCode::Forbidden, message)
     }
 
     /// 404: the resource does not exist, or belongs to a tenant the caller cannot see.
     pub fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
     }
 
     /// 409: the request conflicts with what is stored.
     pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", message)
+        Self::new(ErrorCode::Conflict, message)
     }
 
     /// 413: the body is larger than the server accepts.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("request body larger than {limit} bytes"),
         )
     }
@@ -121,20 +211,16 @@ impl ApiError {
     /// 503: a store cannot be reached; retrying later can help.
     pub fn unavailable(what: &str) -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
+            ErrorCode::StorageUnavailable,
             format!("{what} is unavailable, retry later"),
         )
     }
 
-    /// 500: a bug. The cause is logged here and never shown to the client.
+    /// 500: a bug. The cause is logged here, once, inside the request's span (so the
+    /// line carries its request id), and never shown to the client.
     pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %ErrorChain(cause), "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal server error",
-        )
+        Self::new(ErrorCode::Internal, "internal server error")
     }
 
     /// The HTTP status.
@@ -143,8 +229,8 @@ impl ApiError {
     }
 
     /// The stable code.
-    pub fn code(&self) -> &str {
-        &self.body.code
+    pub fn code(&self) -> ErrorCode {
+        self.code
     }
 
     /// The human message.
@@ -184,8 +270,7 @@ impl From<sqlx::Error> for ApiError {
             Some("23505") => Self::conflict(unique_message(db::constraint(&err))),
             Some("23503") => Self::conflict("the resource is still referenced by others"),
             Some("23514") | Some("22001") => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
+                ErrorCode::ValidationFailed,
                 "a value is out of the accepted range",
             ),
             _ => Self::internal(&err),
@@ -310,28 +395,18 @@ pub async fn into_json_error(err: poem::Error) -> Response {
         .downcast_ref::<ParseParamError>()
         .map(|e| e.name)
         .or(path_error.as_ref().map(|_| "path"));
-    let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::LENGTH_REQUIRED => "length_required",
-        s if s.is_server_error() => {
-            tracing::error!(error = %err, status = %s, "unhandled error");
-            return ApiError::new(status, "internal", "internal server error").into_response();
-        }
-        _ => "error",
-    };
+    let code = ErrorCode::of_status(status);
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %err, status = %status, "unhandled error");
+        return ApiError::with_status(code, status, "internal server error").into_response();
+    }
     let message = match status {
         StatusCode::UNAUTHORIZED => "missing or invalid bearer token".to_owned(),
         StatusCode::NOT_FOUND if field.is_none() => "no such route".to_owned(),
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".to_owned(),
         _ => path_error.unwrap_or_else(|| err.to_string()),
     };
-    let mut api_err = ApiError::new(status, code, message);
+    let mut api_err = ApiError::with_status(code, status, message);
     if let Some(field) = field {
         api_err = api_err.with_field(field);
     }
@@ -341,10 +416,5 @@ pub async fn into_json_error(err: poem::Error) -> Response {
 /// A panic in a handler: logged, answered as an opaque 500 in the usual shape.
 pub fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("handler panicked");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal server error",
-    )
-    .into_response()
+    ApiError::new(ErrorCode::Internal, "internal server error").into_response()
 }

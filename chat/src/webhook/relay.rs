@@ -17,6 +17,7 @@ use mongodb::{
     Collection,
 };
 use sqlx::PgPool;
+use termopar_core::tasks::{Stop, Tasks};
 use tokio::sync::{mpsc, Notify};
 
 use super::RawRecord;
@@ -79,7 +80,7 @@ pub fn document(raw: &RawRecord) -> RawDocumentBuf {
 }
 
 /// `record` with the answer its delivery got: `status` (HTTP) and `code`.
-pub fn answered(mut record: RawDocumentBuf, status: i32, code: &str) -> RawDocumentBuf {
+pub(crate) fn answered(mut record: RawDocumentBuf, status: i32, code: &str) -> RawDocumentBuf {
     record.append_ref("status", status);
     record.append_ref("code", code);
     record
@@ -141,24 +142,65 @@ impl OutboxRow {
     }
 }
 
-/// Moves outbox rows to `collection` until the process ends. `wake` is notified after
-/// each commit of a new row. Between steps it waits [`RELAY_PAUSE`] so that, under load,
-/// each insert carries many records (the document store's cost per record falls with
-/// the size of the insert).
-pub async fn run(pg: PgPool, collection: Collection<RawDocumentBuf>, wake: Arc<Notify>) {
+/// Moves outbox rows to `collection` until stopped. `wake` is notified after each commit
+/// of a new row. Between steps it waits [`RELAY_PAUSE`] so that, under load, each insert
+/// carries many records (the document store's cost per record falls with the size of
+/// the insert). Asked to stop, it waits for the writers to finish (`writers` closes when
+/// the last one is done) and moves what they committed before returning; what it
+/// cannot move then (a store down) stays in the outbox for the next start.
+pub(crate) async fn run(
+    pg: PgPool,
+    collection: Collection<RawDocumentBuf>,
+    wake: Arc<Notify>,
+    mut stop: Stop,
+    mut writers: mpsc::Receiver<()>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if stop.is_requested() {
+            return drain(&pg, &collection, &mut writers).await;
+        }
         match step(&pg, &collection).await {
             Ok(true) => continue,
             Ok(false) => {
                 backoff = Duration::from_millis(100);
-                let _ = tokio::time::timeout(IDLE_CHECK, wake.notified()).await;
-                tokio::time::sleep(RELAY_PAUSE).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(IDLE_CHECK, wake.notified()) => {
+                        tokio::time::sleep(RELAY_PAUSE).await;
+                    }
+                    () = stop.requested() => {}
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "could not relay raw webhook deliveries");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.requested() => {}
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The relay's last steps at shutdown: after the writers are done, until the outbox is
+/// empty.
+async fn drain(
+    pg: &PgPool,
+    collection: &Collection<RawDocumentBuf>,
+    writers: &mut mpsc::Receiver<()>,
+) {
+    while writers.recv().await.is_some() {}
+    loop {
+        match step(pg, collection).await {
+            Ok(true) => continue,
+            Ok(false) => return tracing::info!("raw webhook deliveries relayed"),
+            Err(e) => {
+                return tracing::warn!(
+                    error = %e,
+                    "could not relay every raw webhook delivery before stopping; the rest \
+                     stays in webhook_outbox for the next start"
+                )
             }
         }
     }
@@ -166,6 +208,7 @@ pub async fn run(pg: PgPool, collection: Collection<RawDocumentBuf>, wake: Arc<N
 
 /// Moves the oldest unclaimed rows, up to [`RELAY_ROWS`] of them and [`RELAY_BYTES`] of
 /// records; returns whether it stopped at one of those limits (more may be waiting).
+#[tracing::instrument(skip_all)]
 async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::Result<bool> {
     let mut tx = pg.begin().await?;
     let claimed: Vec<(i64, i32)> = sqlx::query_as(
@@ -216,15 +259,16 @@ async fn step(pg: &PgPool, collection: &Collection<RawDocumentBuf>) -> anyhow::R
 /// Raw records written straight to MongoDB, for deliveries PostgreSQL could not take.
 /// Concurrent records are written together in one unordered `insert_many`.
 #[derive(Clone)]
-pub struct RawLog {
+pub(crate) struct RawLog {
     tx: mpsc::Sender<RawDocumentBuf>,
 }
 
 impl RawLog {
-    /// Starts the writer for `collection` (it stops when the last handle is dropped).
-    pub fn start(collection: Collection<RawDocumentBuf>) -> Self {
+    /// Starts the writer for `collection` on `tasks` (it stops when the last handle is
+    /// dropped, after writing what is queued).
+    pub(crate) fn start(tasks: &Tasks, collection: Collection<RawDocumentBuf>) -> Self {
         let (tx, mut rx) = mpsc::channel::<RawDocumentBuf>(10_000);
-        tokio::spawn(async move {
+        tasks.spawn("webhook raw log", |_stop| async move {
             let mut batch = Vec::with_capacity(512);
             while rx.recv_many(&mut batch, 512).await > 0 {
                 let docs = std::mem::take(&mut batch);
@@ -239,7 +283,7 @@ impl RawLog {
 
     /// Queues `doc` without waiting (best effort: this path serves deliveries that are
     /// answered 503, which their senders retry).
-    pub fn keep_detached(&self, doc: RawDocumentBuf) {
+    pub(crate) fn keep_detached(&self, doc: RawDocumentBuf) {
         if self.tx.try_send(doc).is_err() {
             tracing::warn!("raw webhook log is full: a record of a refused delivery is dropped");
         }
