@@ -2,12 +2,9 @@
 
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
+use termopar_web::Role;
 
-use crate::{
-    auth::{password, Role},
-    settings::BootstrapAdmin,
-    users,
-};
+use crate::{credentials::password, settings::BootstrapAdmin, users};
 
 /// Arbitrary key of the advisory lock that keeps two replicas starting together from
 /// both creating an admin.

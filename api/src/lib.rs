@@ -14,6 +14,7 @@
 mod auth;
 mod bootstrap;
 mod clients;
+mod credentials;
 mod daily;
 mod dead_letters;
 mod health;

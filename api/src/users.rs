@@ -9,11 +9,11 @@ use poem_openapi::{
     Object, OpenApi,
 };
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
-use termopar_web::openapi::Constraint;
+use termopar_web::{openapi::Constraint, BearerAuth, Role};
 use uuid::Uuid;
 
 use crate::{
-    auth::{password, BearerAuth, Role},
+    credentials::password,
     error::{ApiError, ApiResult},
     pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
@@ -172,7 +172,7 @@ pub(crate) async fn set_password(state: &AppState, user_id: Uuid, hash: &str) ->
     .bind(hash)
     .execute(&mut *tx)
     .await?;
-    crate::auth::revoke_all(&mut tx, user_id).await?;
+    crate::credentials::revoke_all(&mut tx, user_id).await?;
     tx.commit().await?;
     state.auth.forget(user_id).await;
     Ok(())
@@ -353,7 +353,7 @@ impl UsersApi {
         .fetch_one(&mut *tx)
         .await?;
         if revoke {
-            crate::auth::revoke_all(&mut tx, id.0).await?;
+            crate::credentials::revoke_all(&mut tx, id.0).await?;
         }
         tx.commit().await?;
         state.auth.forget(id.0).await;

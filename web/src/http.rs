@@ -21,8 +21,8 @@ pub struct RequestId(pub String);
 
 /// Gives every request an id and a span carrying it, so that every log line written
 /// while serving it (internal errors included) names it; answers with the id in
-/// `X-Request-Id`. The id is also set on the request's headers for handlers that keep
-/// them (the chat webhook's raw log).
+/// `X-Request-Id`. Handlers find it as request data ([`RequestId`]); the request's own
+/// headers stay as sent (the chat webhook's raw log keeps what the sender sent).
 pub async fn request_id<E: Endpoint>(next: E, mut req: Request) -> Result<Response> {
     let id = req
         .headers()
@@ -32,7 +32,6 @@ pub async fn request_id<E: Endpoint>(next: E, mut req: Request) -> Result<Respon
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let value = HeaderValue::from_str(&id).expect("checked: visible ASCII");
-    req.headers_mut().insert(REQUEST_ID, value.clone());
     let span = tracing::info_span!(
         "request",
         request_id = %id,

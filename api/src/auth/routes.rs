@@ -5,7 +5,8 @@ use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{password, revoke_all, BearerAuth, TokenType};
+use super::{BearerAuth, TokenType};
+use crate::credentials::{password, revoke_all};
 use crate::{
     error::{ApiError, ApiResult},
     responses::Found,
