@@ -67,6 +67,14 @@ pub async fn raw_records(db: &mongodb::Database, n: usize) -> Vec<mongodb::bson:
     .await
 }
 
+/// How many raw webhook records `db` holds now.
+pub async fn raw_count(db: &mongodb::Database) -> u64 {
+    db.collection::<mongodb::bson::Document>(termopar_chat::EVENTS)
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap()
+}
+
 /// Settings of a PostgreSQL nobody listens on, whose pool gives up after 500 ms.
 pub fn dead_postgres() -> termopar_core::settings::DatabaseSettings {
     let mut dead = termopar_core::settings::DatabaseSettings::with_url(format!(

@@ -176,13 +176,7 @@ async fn shutdown_under_webhook_load_keeps_every_answered_delivery() {
         .await
         .unwrap();
     assert_eq!(outbox, 0, "the relay drained the outbox before stopping");
-    let raw = mongo
-        .database()
-        .await
-        .collection::<mongodb::bson::Document>(termopar_chat::EVENTS)
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .unwrap();
+    let raw = raw_count(&mongo.database().await).await;
     assert_eq!(
         raw,
         answered.len() as u64,

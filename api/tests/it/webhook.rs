@@ -399,15 +399,7 @@ async fn a_group_relayed_again_after_a_lost_commit_is_stored_once() {
     assert!(docs
         .iter()
         .all(|d| recorded(d) == (400, "bad_request".into())));
-    let count = app
-        ._mongo
-        .database()
-        .await
-        .collection::<mongodb::bson::Document>(termopar_chat::EVENTS)
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .unwrap();
-    assert_eq!(count, 2);
+    assert_eq!(raw_count(&app._mongo.database().await).await, 2);
 }
 
 #[tokio::test]
