@@ -9,6 +9,10 @@ export ADMIN_EMAIL ADMIN_PASSWORD
 
 CARGO ?= cargo
 
+# The services' URLs as scripts/services.sh found them (PostgreSQL may be on another port
+# than 5432 when a cluster not ours holds it); a URL already in the environment wins.
+WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
+
 .PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook docker-build up down
 
 help: ## List the targets
@@ -24,13 +28,13 @@ services-status: ## Show which development services answer
 	@scripts/services.sh status
 
 run: services ## Run the platform (edge mode: broker + consumer + API) on the dev services
-	$(CARGO) run --release -p termopar --bin termopar
+	$(WITH_SERVICES) $(CARGO) run --release -p termopar --bin termopar
 
 simulate: ## Publish simulated readings of two demo clients to a running `make run`
 	$(CARGO) run --release -p termopar-device-sim -- $(ARGS)
 
 test: services ## Run every test against real services
-	$(CARGO) test --workspace --all-targets
+	$(WITH_SERVICES) $(CARGO) test --workspace --all-targets
 
 lint: ## Format check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
@@ -48,16 +52,16 @@ bench-build: services
 	$(CARGO) build --release -p termopar-bench -p termopar-consumer -p termopar-broker
 
 bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS; the MQTT front (plain, TLS) vs rumqttd; a device fleet (BENCH_INGEST_ONLY=ingest,front,fleet)
-	./target/release/bench-ingest
+	$(WITH_SERVICES) ./target/release/bench-ingest
 
 bench-api: bench-build ## Latest reading (JWT, caches) vs /health
-	./target/release/bench-api
+	$(WITH_SERVICES) ./target/release/bench-api
 
 bench-store: bench-build ## History at 10k vs 5M readings, ingest vs the store's ceiling, slow sensors' bytes, store size, daily averages
-	./target/release/bench-store
+	$(WITH_SERVICES) ./target/release/bench-store
 
 bench-webhook: bench-build ## Webhook events/s with 32 senders vs a Django REST Framework baseline
-	./target/release/bench-webhook
+	$(WITH_SERVICES) ./target/release/bench-webhook
 
 docker-build: ## Build the container image
 	docker build -t termopar:latest .

@@ -2,19 +2,21 @@
 # Development services for termopar, installed when missing and started when stopped:
 #   PostgreSQL  (Debian package)         127.0.0.1:5432, its own cluster `termopar` with
 #               trust for local TCP as `postgres` (another cluster on the port is used
-#               only if it already lets us in, and never changed or stopped)
+#               only if it already lets us in, and never changed or stopped; if it does
+#               not, ours takes the next free port: `env` tells which)
 #   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
 #   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
 #   test tools  paho-mqtt (PyPI) in $DEV_DIR/venv, openssl
 #
 # Usage: scripts/services.sh [up|down|status|env|bench-tools]
+#   env prints the services' URLs as shell assignments (DATABASE_URL, MONGODB_URI,
+#   MOSQUITTO_URL); the Makefile evaluates them before cargo.
 # Safe to run any number of times: every step checks first. `up` returns once each
 # service answers, or fails naming the one that did not.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEV_DIR=${TERMOPAR_DEV_DIR:-$HOME/.local/share/termopar-dev}
-PG_PORT=${PG_PORT:-5432}
 FERRETDB_VERSION=v1.24.2
 FERRETDB_ADDR=${FERRETDB_ADDR:-127.0.0.1:27017}
 # FerretDB's debug/metrics listener defaults to 127.0.0.1:8088, which other tools like;
@@ -75,47 +77,70 @@ apt_install() {
 # ---------------------------------------------------------------- PostgreSQL
 pg_version() { ls /usr/lib/postgresql | sort -V | tail -n 1; }
 
-# The cluster this script creates and may change. Any other cluster is someone
-# else's: it is used only if it already lets `postgres` in over local TCP, never
-# reconfigured, never stopped.
+# The cluster this script creates and may change: `termopar`, or an older cluster this
+# script configured before (its pg_hba.conf carries the `# termopar-dev` mark). Any other
+# cluster is someone else's: used only if it already lets `postgres` in over local TCP,
+# never reconfigured, started or stopped. When such a cluster holds the default port and
+# cannot be used, ours goes on the next free port and `env` (which the Makefile reads)
+# says where.
 PG_CLUSTER=termopar
+PG_DEFAULT_PORT=5432
 
-pg_cluster_on_port() { pg_lsclusters -h | awk -v p="$PG_PORT" '$3 == p { print $1 " " $2; exit }'; }
-pg_login_ok() { psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'select 1' -o /dev/null 2>/dev/null; }
+pg_clusters() { pg_lsclusters -h 2>/dev/null; }
+# "version name" of the cluster configured for port $1, if any.
+pg_cluster_on_port() { pg_clusters | awk -v p="$1" '$3 == p { print $1 " " $2; exit }'; }
+pg_cluster_port() { pg_clusters | awk -v v="$1" -v c="$2" '$1 == v && $2 == c { print $3; exit }'; }
+pg_online() { pg_clusters | awk -v v="$1" -v c="$2" '$1 == v && $2 == c' | grep -q online; }
+pg_marked() { grep -qs '# termopar-dev' "/etc/postgresql/$1/$2/pg_hba.conf"; }
+pg_login_ok() { psql -q -h 127.0.0.1 -p "$1" -U postgres -d postgres -c 'select 1' -o /dev/null 2>/dev/null; }
+
+# The cluster (and so the port) this script uses: prints "version name port mine|theirs".
+pg_choose() {
+    local port=${PG_PORT:-$PG_DEFAULT_PORT} on ver
+    on=$(pg_clusters | awk -v c="$PG_CLUSTER" '$2 == c { print $1 " " $2; exit }')
+    if [ -n "$on" ] && [ -z "${PG_PORT:-}" ]; then
+        echo "$on $(pg_cluster_port $on) mine"; return
+    fi
+    on=$(pg_cluster_on_port "$port")
+    if [ -n "$on" ]; then
+        if [ "${on#* }" = "$PG_CLUSTER" ] || pg_marked $on; then echo "$on $port mine"; return; fi
+        if pg_online $on && pg_login_ok "$port"; then echo "$on $port theirs"; return; fi
+        [ -z "${PG_PORT:-}" ] || die "PostgreSQL cluster $on (not created by this script) holds PG_PORT=$PG_PORT and does not let postgres in over local TCP; it is left alone. Pick another PG_PORT."
+        log "PostgreSQL cluster $on holds port $port and cannot be used as it is (not ours: left alone); termopar gets a cluster of its own on another port"
+        while [ -n "$(pg_cluster_on_port "$port")" ] || port_open "127.0.0.1:$port"; do port=$((port + 1)); done
+    fi
+    ver=$(pg_version)
+    echo "$ver $PG_CLUSTER $port mine"
+}
 
 pg_up() {
     local fresh=
     command -v pg_lsclusters >/dev/null 2>&1 || fresh=1
     apt_install postgresql postgresql-client
-    local ver cluster conf hba on_port
+    local ver cluster port owner hba on
     ver=$(pg_version)
-    on_port=$(pg_cluster_on_port)
     # Installing the package just now made Debian's default cluster on 5432: nobody's
     # data, made by this script's install. Make way for ours.
-    if [ -n "$fresh" ] && [ "${on_port#* }" = main ] && [ "${on_port% *}" = "$ver" ]; then
-        log "dropping the empty default cluster $on_port the package install just created"
+    on=$(pg_cluster_on_port $PG_DEFAULT_PORT)
+    if [ -n "$fresh" ] && [ "$on" = "$ver main" ]; then
+        log "dropping the empty default cluster $on the package install just created"
         as_root pg_dropcluster --stop "$ver" main
-        on_port=
     fi
-    if [ -n "$on_port" ] && [ "${on_port#* }" != "$PG_CLUSTER" ]; then
-        if pg_lsclusters -h | awk -v c="${on_port#* }" -v v="${on_port% *}" '$1 == v && $2 == c' | grep -q online \
-            && pg_login_ok; then
-            log "using PostgreSQL cluster $on_port on port $PG_PORT as it is (not ours: left untouched)"
-            return 0
-        fi
-        die "PostgreSQL cluster $on_port (not created by this script) holds port $PG_PORT and does not let postgres in over local TCP; it is left alone. Start it and allow that yourself, or run with PG_PORT=<free port> and DATABASE_URL=postgres://postgres@127.0.0.1:<port>/termopar"
+    local choice
+    choice=$(pg_choose) || exit 1
+    read -r ver cluster port owner <<<"$choice"
+    if [ "$owner" = theirs ]; then
+        log "using PostgreSQL cluster $ver $cluster on port $port as it is (not ours: left untouched)"
+        return 0
     fi
-    if ! pg_lsclusters -h | awk -v c="$PG_CLUSTER" '$2 == c' | grep -q .; then
-        log "creating PostgreSQL $ver cluster '$PG_CLUSTER' on port $PG_PORT"
-        as_root pg_createcluster "$ver" "$PG_CLUSTER" --port "$PG_PORT" >/dev/null
+    if [ -z "$(pg_cluster_port "$ver" "$cluster")" ]; then
+        log "creating PostgreSQL $ver cluster '$cluster' on port $port"
+        as_root pg_createcluster "$ver" "$cluster" --port "$port" >/dev/null
     fi
-    cluster=$PG_CLUSTER
-    ver=$(pg_lsclusters -h | awk -v c="$cluster" '$2 == c { print $1; exit }')
-    conf=/etc/postgresql/$ver/$cluster
-    hba=$conf/pg_hba.conf
+    hba=/etc/postgresql/$ver/$cluster/pg_hba.conf
     # Local TCP as `postgres` without a password, so DATABASE_URL's default
     # (postgres://postgres@127.0.0.1:5432/termopar) works. Development machines only.
-    if ! grep -q '# termopar-dev' "$hba"; then
+    if ! pg_marked "$ver" "$cluster"; then
         log "allowing local TCP for postgres in $hba"
         local tmp
         tmp=$(mktemp)
@@ -126,27 +151,39 @@ pg_up() {
         } >"$tmp"
         as_root cp "$tmp" "$hba"
         rm -f "$tmp"
-        if pg_lsclusters -h | awk -v c="$cluster" '$2 == c' | grep -q online; then
+        if pg_online "$ver" "$cluster"; then
             as_root pg_ctlcluster "$ver" "$cluster" reload
         fi
     fi
     # Tests create and drop many small databases; a larger pool of connections and no
     # synchronous commit for them is set per connection by the test harness instead of
     # weakening durability here.
-    if ! pg_lsclusters -h | awk -v c="$cluster" '$2 == c' | grep -q online; then
+    if ! pg_online "$ver" "$cluster"; then
         log "starting PostgreSQL $ver/$cluster"
         as_root pg_ctlcluster "$ver" "$cluster" start
     fi
-    wait_for "PostgreSQL" pg_isready -q -h 127.0.0.1 -p "$PG_PORT"
-    wait_for "PostgreSQL login" pg_login_ok
-    log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
+    wait_for "PostgreSQL" pg_isready -q -h 127.0.0.1 -p "$port"
+    wait_for "PostgreSQL login" pg_login_ok "$port"
+    log "PostgreSQL ready on 127.0.0.1:$port"
 }
 
-# Stops only the cluster this script created.
+# The port of the PostgreSQL this script uses (the default before anything exists).
+pg_port() {
+    local ver cluster port owner
+    command -v pg_lsclusters >/dev/null 2>&1 || { echo "${PG_PORT:-$PG_DEFAULT_PORT}"; return; }
+    local choice
+    choice=$(pg_choose 2>/dev/null) || choice="- - ${PG_PORT:-$PG_DEFAULT_PORT} -"
+    read -r ver cluster port owner <<<"$choice"
+    echo "$port"
+}
+
+# Stops only a cluster this script created.
 pg_down() {
-    local ver
-    ver=$(pg_lsclusters -h 2>/dev/null | awk -v c="$PG_CLUSTER" '$2 == c { print $1; exit }')
-    [ -n "$ver" ] && as_root pg_ctlcluster "$ver" "$PG_CLUSTER" stop 2>/dev/null || true
+    local choice ver cluster port owner
+    command -v pg_lsclusters >/dev/null 2>&1 || return 0
+    choice=$(pg_choose 2>/dev/null) || return 0
+    read -r ver cluster port owner <<<"$choice"
+    [ "$owner" = mine ] && as_root pg_ctlcluster "$ver" "$cluster" stop 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- FerretDB
@@ -291,7 +328,7 @@ mosquitto_down() {
 
 status() {
     local s
-    for s in "PostgreSQL 127.0.0.1:$PG_PORT" "FerretDB $FERRETDB_ADDR" "Mosquitto 127.0.0.1:$MOSQUITTO_PORT"; do
+    for s in "PostgreSQL 127.0.0.1:$(pg_port)" "FerretDB $FERRETDB_ADDR" "Mosquitto 127.0.0.1:$MOSQUITTO_PORT"; do
         if port_open "${s#* }"; then echo "up    $s"; else echo "down  $s"; fi
     done
 }
@@ -315,9 +352,10 @@ case "${1:-up}" in
         apt_install wrk
         ;;
     env)
-        echo "DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/termopar"
-        echo "MONGODB_URI=mongodb://$FERRETDB_ADDR"
-        echo "MOSQUITTO_URL=mqtt://127.0.0.1:$MOSQUITTO_PORT"
+        # Shell assignments (the Makefile evaluates them); a variable already set wins.
+        printf 'DATABASE_URL=%q\n' "${DATABASE_URL:-postgres://postgres@127.0.0.1:$(pg_port)/termopar}"
+        printf 'MONGODB_URI=%q\n' "${MONGODB_URI:-mongodb://$FERRETDB_ADDR}"
+        printf 'MOSQUITTO_URL=%q\n' "${MOSQUITTO_URL:-mqtt://127.0.0.1:$MOSQUITTO_PORT}"
         ;;
     *) die "usage: $0 [up|down|status|env|bench-tools]" ;;
 esac
