@@ -44,11 +44,6 @@ use crate::{
     ApiTags,
 };
 
-/// Longest range of one request, in days.
-pub(crate) const MAX_DAYS: i64 = 1000;
-/// Days returned when `from` is not given: the last 30 up to `to`.
-const DEFAULT_DAYS: i64 = 30;
-
 type Key = (SensorId, Tz, NaiveDate);
 
 /// Finished days by (sensor, zone, date); `None` caches "no data that day".
@@ -283,35 +278,6 @@ pub(crate) struct DailyAverages {
     pub items: Vec<DailyAverage>,
 }
 
-/// Resolves `from`, `to` and `tz` against the defaults and limits.
-fn range(
-    from: Option<NaiveDate>,
-    to: Option<NaiveDate>,
-    tz: Tz,
-) -> ApiResult<(NaiveDate, NaiveDate)> {
-    let to = to.unwrap_or_else(|| Utc::now().with_timezone(&tz).date_naive());
-    let from = from.unwrap_or(to - chrono::Days::new(DEFAULT_DAYS as u64 - 1));
-    if from > to {
-        return Err(ApiError::bad_request("`from` is after `to`").with_field("from"));
-    }
-    if (to - from).num_days() >= MAX_DAYS {
-        return Err(ApiError::bad_request(format!(
-            "at most {MAX_DAYS} days per request; narrow `from`..`to`"
-        ))
-        .with_field("to"));
-    }
-    Ok((from, to))
-}
-
-fn parse_tz(tz: Option<&str>) -> ApiResult<Option<Tz>> {
-    tz.map(|name| {
-        termopar_core::tz::parse(name).ok_or_else(|| {
-            ApiError::bad_request(format!("{name:?} is not an IANA time zone")).with_field("tz")
-        })
-    })
-    .transpose()
-}
-
 /// The client's time zone (cached).
 async fn client_tz(state: &AppState, client: Uuid) -> ApiResult<Tz> {
     let pg = state.pg.clone();
@@ -393,11 +359,11 @@ impl DailyApi {
         tz: Query<Option<String>>,
     ) -> ApiResult<Found<DailyAverages>> {
         let sensor = crate::tenancy::visible_sensor(&state, &auth, id.0).await?;
-        let tz = match parse_tz(tz.0.as_deref())? {
+        let tz = match termopar_web::days::timezone(tz.0.as_deref())? {
             Some(tz) => tz,
             None => client_tz(&state, sensor.client_id.0).await?,
         };
-        let (from, to) = range(from.0, to.0, tz)?;
+        let (from, to) = termopar_web::days::range(from.0, to.0, tz)?;
         respond(&state, &cache, &[SensorId(id.0)], tz, from, to).await
     }
 
@@ -427,8 +393,8 @@ impl DailyApi {
     ) -> ApiResult<Found<DailyAverages>> {
         crate::tenancy::check_client(&auth, id.0)?;
         let client_zone = client_tz(&state, id.0).await?;
-        let tz = parse_tz(tz.0.as_deref())?.unwrap_or(client_zone);
-        let (from, to) = range(from.0, to.0, tz)?;
+        let tz = termopar_web::days::timezone(tz.0.as_deref())?.unwrap_or(client_zone);
+        let (from, to) = termopar_web::days::range(from.0, to.0, tz)?;
         let sensors: Vec<SensorId> =
             sqlx::query_scalar::<_, Uuid>("SELECT id FROM sensors WHERE client_id = $1")
                 .bind(id.0)

@@ -25,10 +25,9 @@ mod startup;
 mod state;
 mod tenancy;
 mod users;
-mod validate;
 
 // The shared HTTP toolkit under the names the modules use.
-use termopar_web::{error, pagination, responses};
+use termopar_web::{error, pagination, responses, validate};
 
 pub use daily::DailyCache;
 pub use settings::Settings;

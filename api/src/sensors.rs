@@ -14,7 +14,7 @@ use termopar_web::openapi::Constraint;
 use uuid::Uuid;
 
 use crate::{
-    auth::{BearerAuth, Role},
+    auth::BearerAuth,
     error::{ApiError, ApiResult},
     pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
@@ -158,19 +158,7 @@ impl SensorsApi {
         body: Json<NewSensor>,
     ) -> ApiResult<Created<SensorWithSecret>> {
         let body = body.0;
-        let client_id = match (auth.0.role, body.client_id) {
-            (Role::Viewer, _) => return Err(ApiError::forbidden("viewers cannot create sensors")),
-            (Role::Admin, None) => {
-                return Err(ApiError::validation("client_id", "client_id is required"))
-            }
-            (Role::Admin, Some(id)) => id,
-            (Role::Operator, None) => auth.0.client_id.expect("operators have a client"),
-            // Another tenant's id is answered as if it did not exist.
-            (Role::Operator, Some(id)) if !auth.0.sees_client(id) => {
-                return Err(ApiError::validation("client_id", "no such client"))
-            }
-            (Role::Operator, Some(id)) => id,
-        };
+        let client_id = auth.0.client_for_new(body.client_id, "sensors")?;
         let name = validate::name("name", &body.name, 200)?;
         let location = location(body.location.as_deref())?;
         let unit = unit(body.unit.as_deref())?.unwrap_or_else(|| "celsius".into());
@@ -219,7 +207,7 @@ impl SensorsApi {
         page_size: Query<Option<u32>>,
     ) -> ApiResult<Found<Page<Sensor>>> {
         let params = PageParams::new(page.0, page_size.0);
-        let Ok(scope) = crate::tenancy::list_scope(&auth, client_id.0) else {
+        let Ok(scope) = auth.0.list_scope(client_id.0) else {
             // Filtering on another tenant finds nothing, exactly like an unknown id.
             return Ok(Found::Ok(Json(params.page(Vec::new(), 0))));
         };

@@ -8,6 +8,7 @@ pub use termopar_chat::ChatSettings;
 use termopar_core::settings::{
     env_or, env_pair, env_parse, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
 };
+pub use termopar_tracking::TrackingSettings;
 pub use termopar_web::settings::AuthSettings;
 
 /// Everything the API needs to start.
@@ -34,6 +35,8 @@ pub struct Settings {
     pub latest_cache_ttl: Duration,
     /// The chat webhook.
     pub webhook: ChatSettings,
+    /// Web tracking.
+    pub tracking: TrackingSettings,
     /// The reading store (`CONSUMER_RECOVER_AFTER_SECS`, `RAW_CACHE_READINGS`).
     pub store: termopar_core::store::Tuning,
 }
@@ -66,6 +69,7 @@ impl Settings {
             max_body_bytes: env_parse("API_MAX_BODY_BYTES", 1024 * 1024)?,
             latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
             webhook: ChatSettings::from_env()?,
+            tracking: TrackingSettings::from_env()?,
             store: termopar_core::settings::store_tuning()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
@@ -79,6 +83,7 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.auth.validate()?;
         self.webhook.validate()?;
+        self.tracking.validate()?;
         if self.max_body_bytes < 1024 {
             bail!("API_MAX_BODY_BYTES must be at least 1024");
         }

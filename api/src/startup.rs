@@ -15,6 +15,7 @@ use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 use termopar_chat::{Chat, ChatApi};
 use termopar_core::tasks::Tasks;
+use termopar_tracking::{AccessesApi, SitesApi, TrackApi, Tracking};
 use termopar_web::{
     error::{into_json_error, panic_response},
     http::{limit_body, record_metrics, request_id},
@@ -45,6 +46,9 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             DailyApi,
             DeadLettersApi,
             ChatApi,
+            SitesApi,
+            TrackApi,
+            AccessesApi,
         ),
         "termopar",
         env!("CARGO_PKG_VERSION"),
@@ -63,6 +67,7 @@ pub fn openapi_json() -> String {
         crate::clients::CONSTRAINTS,
         crate::sensors::CONSTRAINTS,
         crate::users::CONSTRAINTS,
+        termopar_tracking::CONSTRAINTS,
     ]
     .concat();
     termopar_web::openapi::refine(&openapi().spec(), &constraints)
@@ -75,6 +80,8 @@ pub struct Handles {
     pub state: AppState,
     /// The chat webhook product.
     pub chat: Chat,
+    /// The web tracking product.
+    pub tracking: Tracking,
     /// Finished days of daily averages.
     pub daily: DailyCache,
     max_body_bytes: usize,
@@ -98,6 +105,7 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .at("/ready", get(health::ready))
         .at("/metrics", get(health::metrics))
         .at("/ui/conversations", get(termopar_chat::page()))
+        .at("/t.js", get(termopar_tracking::script()))
         // The chat system's own paths (seed 001): the same operations as under /api/v1.
         .at("/webhook", api.clone())
         .at("/conversations", api.clone())
@@ -109,6 +117,7 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .with(AddData::new(handles.state.auth.clone()))
         .with(AddData::new(handles.state))
         .with(AddData::new(handles.chat))
+        .with(AddData::new(handles.tracking))
         .with(AddData::new(handles.daily))
         .with(CatchPanic::new().with_handler(panic_response))
         .around(record_metrics)
@@ -173,6 +182,7 @@ impl Application {
             listening.0.listen(listening.1, stop)
         });
         let chat = Chat::start(&settings.webhook, pg.clone(), &mongo, &tasks);
+        let tracking = Tracking::start(&settings.tracking, pg.clone(), &mongo, &tasks);
         let state = AppState::new(settings, pg, mongo, daily.hook());
         Ok(Self {
             listener,
@@ -180,6 +190,7 @@ impl Application {
             handles: Handles {
                 state,
                 chat,
+                tracking,
                 daily,
                 max_body_bytes: settings.max_body_bytes,
             },

@@ -19,17 +19,6 @@ pub(crate) fn check_client(auth: &BearerAuth, id: Uuid) -> ApiResult<()> {
     }
 }
 
-/// The client a list is limited to, given the caller and the client it asked for:
-/// `Ok(None)` for every client (admins asking for none), `Err(())` when the caller asked
-/// for a client it cannot see (the list is then empty, exactly as for an unknown id).
-pub(crate) fn list_scope(auth: &BearerAuth, asked: Option<Uuid>) -> Result<Option<Uuid>, ()> {
-    match (auth.0.tenant_scope(), asked) {
-        (Some(own), Some(asked)) if own != asked => Err(()),
-        (Some(own), _) => Ok(Some(own)),
-        (None, asked) => Ok(asked),
-    }
-}
-
 /// A sensor the caller may see, or 404.
 pub(crate) async fn visible_sensor(
     state: &AppState,

@@ -233,6 +233,8 @@ pub async fn start_api(
             secret: None,
             ..termopar_chat::ChatSettings::from_env()?
         },
+        // Tracking's knobs (TRACKING_*) from the environment too.
+        tracking: termopar_tracking::TrackingSettings::from_env()?,
     };
     let app = termopar_api::Application::build(settings).await?;
     let handles = app.handles().clone();

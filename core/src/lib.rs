@@ -10,6 +10,7 @@ pub mod ids;
 pub mod intake;
 pub mod metrics;
 pub mod mongo;
+pub mod outbox;
 pub mod reading;
 pub mod secrets;
 pub mod settings;

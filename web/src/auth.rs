@@ -97,6 +97,35 @@ impl Principal {
             self.client_id
         }
     }
+
+    /// The client a list is limited to, given the client it asked for: `Ok(None)` for
+    /// every client (admins asking for none), `Err(())` when the caller asked for a
+    /// client it cannot see (the list is then empty, exactly as for an unknown id).
+    #[allow(clippy::result_unit_err)]
+    pub fn list_scope(&self, asked: Option<Uuid>) -> Result<Option<Uuid>, ()> {
+        match (self.tenant_scope(), asked) {
+            (Some(own), Some(asked)) if own != asked => Err(()),
+            (Some(own), _) => Ok(Some(own)),
+            (None, asked) => Ok(asked),
+        }
+    }
+
+    /// The client a new resource (`what`, plural) belongs to, given the `client_id` the
+    /// request named: required from admins, the operator's own when omitted, 403 for
+    /// viewers, and 422 for a client the caller cannot see (as for an unknown one).
+    pub fn client_for_new(&self, asked: Option<Uuid>, what: &str) -> ApiResult<Uuid> {
+        match (self.role, asked) {
+            (Role::Viewer, _) => Err(ApiError::forbidden(format!("viewers cannot create {what}"))),
+            (Role::Admin, None) => Err(ApiError::validation("client_id", "client_id is required")),
+            (Role::Admin, Some(id)) => Ok(id),
+            (Role::Operator, None) => Ok(self.client_id.expect("operators have a client")),
+            // Another tenant's id is answered as if it did not exist.
+            (Role::Operator, Some(id)) if !self.sees_client(id) => {
+                Err(ApiError::validation("client_id", "no such client"))
+            }
+            (Role::Operator, Some(id)) => Ok(id),
+        }
+    }
 }
 
 /// Bearer JWT access token from `POST /auth/login`.

@@ -45,6 +45,8 @@ pub enum ErrorCode {
     InvalidSignature,
     /// 403: authenticated, but the role does not allow this.
     Forbidden,
+    /// 403: a tracking hit from a page whose origin its site does not allow.
+    OriginNotAllowed,
     /// 404: no such resource, or not visible to the caller's tenant.
     NotFound,
     /// 404: a chat message or close before its conversation exists (retry later).
@@ -67,6 +69,10 @@ pub enum ErrorCode {
     Rejected,
     /// 422: a webhook event of a type this API does not know.
     UnknownEventType,
+    /// 422: a tracking hit for a site that does not exist.
+    UnknownSite,
+    /// 429: too many requests for one key (a tracked site); retry later.
+    RateLimited,
     /// 500: a bug; logged where it happens, never explained to the client.
     Internal,
     /// 503: a store cannot be reached; retrying later can help.
@@ -93,6 +99,7 @@ impl ErrorCode {
             Unauthorized => ("unauthorized", StatusCode::UNAUTHORIZED),
             InvalidSignature => ("invalid_signature", StatusCode::UNAUTHORIZED),
             Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            OriginNotAllowed => ("origin_not_allowed", StatusCode::FORBIDDEN),
             NotFound => ("not_found", StatusCode::NOT_FOUND),
             ConversationNotFound => ("conversation_not_found", StatusCode::NOT_FOUND),
             MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
@@ -104,6 +111,8 @@ impl ErrorCode {
             ValidationFailed => ("validation_failed", StatusCode::UNPROCESSABLE_ENTITY),
             Rejected => ("rejected", StatusCode::UNPROCESSABLE_ENTITY),
             UnknownEventType => ("unknown_event_type", StatusCode::UNPROCESSABLE_ENTITY),
+            UnknownSite => ("unknown_site", StatusCode::UNPROCESSABLE_ENTITY),
+            RateLimited => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             Internal => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
             StorageUnavailable => ("storage_unavailable", StatusCode::SERVICE_UNAVAILABLE),
             Other => ("error", StatusCode::BAD_REQUEST),

@@ -4,6 +4,7 @@
 //! shapes ([`responses`]) and the middleware of every request ([`http`]).
 
 pub mod auth;
+pub mod days;
 pub mod error;
 pub mod http;
 pub mod openapi;
@@ -11,6 +12,7 @@ pub mod pagination;
 pub mod responses;
 pub mod settings;
 pub mod tokens;
+pub mod validate;
 
 pub use auth::{Authenticator, BearerAuth, Principal, Role};
 pub use error::{ApiError, ApiResult, ErrorCode};

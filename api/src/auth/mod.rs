@@ -4,4 +4,4 @@
 mod routes;
 
 pub(crate) use routes::AuthApi;
-pub(crate) use termopar_web::{tokens::TokenType, BearerAuth, Role};
+pub(crate) use termopar_web::{tokens::TokenType, BearerAuth};

@@ -1,5 +1,5 @@
-//! The published contract, checked on every successful answer the tests read: a 200 or
-//! 201 body must validate against a schema `/openapi.json` gives that path and status.
+//! The published contract, checked on every successful answer the tests read: a 200,
+//! 201 or 202 body must validate against a schema `/openapi.json` gives that path and status.
 
 use std::sync::LazyLock;
 

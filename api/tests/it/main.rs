@@ -12,6 +12,7 @@ mod lifecycle;
 mod operations;
 mod readings;
 mod sensors;
+mod tracking;
 mod users;
 mod webhook;
 mod webhook_model;

@@ -17,7 +17,10 @@ use mongodb::{
     Collection,
 };
 use sqlx::PgPool;
-use termopar_core::tasks::{Stop, Tasks};
+use termopar_core::{
+    outbox::{self, Pace},
+    tasks::{Stop, Tasks},
+};
 use tokio::sync::{mpsc, Notify};
 
 use super::RawRecord;
@@ -32,10 +35,10 @@ const RELAY_BYTES: i64 = 8 << 20;
 /// everyone's CPU per record: under `make bench-webhook` (about 1,000 records a step)
 /// 128 rows and 100 ms relayed ~9% more events/s than 64 rows and 50 ms, and 16 rows and
 /// 10 ms ~15% fewer. The price is that a record reaches MongoDB ~0.1 s later.
-const RELAY_PAUSE: Duration = Duration::from_millis(100);
-/// How often the relay looks at the outbox without being woken (records committed by
-/// other processes, or left behind by a failed step).
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+const PACE: Pace = Pace {
+    pause: Duration::from_millis(100),
+    idle_check: Duration::from_secs(1),
+};
 
 /// A delivery's raw record as MongoDB keeps it, without `_id` and answer (see
 /// [`answered`]): flat, and only what the body does not already say. Every field costs
@@ -142,68 +145,20 @@ impl OutboxRow {
     }
 }
 
-/// Moves outbox rows to `collection` until stopped. `wake` is notified after each commit
-/// of a new row. Between steps it waits [`RELAY_PAUSE`] so that, under load, each insert
-/// carries many records (the document store's cost per record falls with the size of
-/// the insert). Asked to stop, it waits for the writers to finish (`writers` closes when
-/// the last one is done) and moves what they committed before returning; what it
-/// cannot move then (a store down) stays in the outbox for the next start.
+/// Moves outbox rows to `collection` until stopped, then drains what the writers
+/// committed (see [`termopar_core::outbox::relay`]).
 pub(crate) async fn run(
     pg: PgPool,
     collection: Collection<RawDocumentBuf>,
     wake: Arc<Notify>,
-    mut stop: Stop,
-    mut writers: mpsc::Receiver<()>,
+    stop: Stop,
+    writers: mpsc::Receiver<()>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if stop.is_requested() {
-            return drain(&pg, &collection, &mut writers).await;
-        }
-        match step(&pg, &collection).await {
-            Ok(true) => continue,
-            Ok(false) => {
-                backoff = Duration::from_millis(100);
-                tokio::select! {
-                    _ = tokio::time::timeout(IDLE_CHECK, wake.notified()) => {
-                        tokio::time::sleep(RELAY_PAUSE).await;
-                    }
-                    () = stop.requested() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "could not relay raw webhook deliveries");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = stop.requested() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// The relay's last steps at shutdown: after the writers are done, until the outbox is
-/// empty.
-async fn drain(
-    pg: &PgPool,
-    collection: &Collection<RawDocumentBuf>,
-    writers: &mut mpsc::Receiver<()>,
-) {
-    while writers.recv().await.is_some() {}
-    loop {
-        match step(pg, collection).await {
-            Ok(true) => continue,
-            Ok(false) => return tracing::info!("raw webhook deliveries relayed"),
-            Err(e) => {
-                return tracing::warn!(
-                    error = %e,
-                    "could not relay every raw webhook delivery before stopping; the rest \
-                     stays in webhook_outbox for the next start"
-                )
-            }
-        }
-    }
+    let step = move || {
+        let (pg, collection) = (pg.clone(), collection.clone());
+        async move { step(&pg, &collection).await }
+    };
+    outbox::relay("raw webhook deliveries", step, PACE, wake, stop, writers).await
 }
 
 /// Moves the oldest unclaimed rows, up to [`RELAY_ROWS`] of them and [`RELAY_BYTES`] of

@@ -30,7 +30,7 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use uuid::Uuid;
 
-use termopar_core::tasks::Tasks;
+use termopar_core::{outbox::next_group, tasks::Tasks};
 use tracing::Instrument;
 
 use super::{
@@ -77,7 +77,7 @@ pub(crate) struct EventWriter {
 
 impl EventWriter {
     /// Starts `writers` writers on `tasks`, each waiting up to `gather` for a group to
-    /// fill (see [`next_group`]). `relay` is woken after each commit; `direct` takes the
+    /// fill (see [`termopar_core::outbox::next_group`]). `relay` is woken after each commit; `direct` takes the
     /// raw records of deliveries that could not be written to PostgreSQL. A writer stops
     /// once every handle is dropped and it has answered everything queued; `alive` is
     /// held until then, so whoever holds its receiver knows when the last one is done.
@@ -102,7 +102,7 @@ impl EventWriter {
                 let mut expected = 1;
                 let mut conn = WriterConnection::new(pg);
                 loop {
-                    if !next_group(&rx, &mut jobs, expected, gather).await {
+                    if !next_group(&rx, &mut jobs, expected, gather, MAX_BATCH).await {
                         return; // every handle dropped and the queue is empty
                     }
                     expected = jobs.len();
@@ -151,36 +151,6 @@ fn writer_pool(pg: &PgPool, writers: usize) -> PgPool {
         .max_connections(writers as u32)
         .acquire_timeout(pg.options().get_acquire_timeout())
         .connect_lazy_with(options)
-}
-
-/// Takes the next group of jobs: whatever is queued, and when that is fewer than half
-/// the last group, what arrives within `gather` until it is half as large. Senders
-/// waiting for answers send again as soon as they get them; without the wait the first
-/// of them would make a group of one and the others would wait a whole transaction
-/// behind it. Waiting for the whole last group instead lost ~10% of the events/s under
-/// `make bench-webhook`: its last few senders were often late, so most groups waited out
-/// `gather` with the cores idle. The last group's size tracks the load, so a lone sender
-/// never waits. False once every handle is dropped.
-async fn next_group(
-    rx: &Mutex<mpsc::Receiver<Job>>,
-    jobs: &mut Vec<Job>,
-    expected: usize,
-    gather: Duration,
-) -> bool {
-    let mut rx = rx.lock().await;
-    if rx.recv_many(jobs, MAX_BATCH).await == 0 {
-        return false;
-    }
-    let deadline = tokio::time::Instant::now() + gather;
-    let enough = (expected / 2).clamp(1, MAX_BATCH);
-    while jobs.len() < enough && !gather.is_zero() {
-        let room = MAX_BATCH - jobs.len();
-        match tokio::time::timeout_at(deadline, rx.recv_many(jobs, room)).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-    true
 }
 
 /// A writer's connection, kept from group to group. A pool checks a connection with a

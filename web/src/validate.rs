@@ -1,9 +1,10 @@
-//! Field checks shared by the resources. Each failure is a 422 naming the field.
+//! Field checks shared by the resources of every product. Each failure is a 422 naming
+//! the field.
 
-use crate::error::{ApiError, ApiResult};
+use crate::{ApiError, ApiResult};
 
 /// A required name: trimmed, 1 to `max` characters.
-pub(crate) fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
+pub fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         return Err(ApiError::validation(
@@ -15,7 +16,7 @@ pub(crate) fn name(field: &str, value: &str, max: usize) -> ApiResult<String> {
 }
 
 /// Free text of at most `max` characters, without control characters.
-pub(crate) fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
+pub fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
     if value.chars().count() > max {
         return Err(ApiError::validation(
             field,
@@ -35,7 +36,7 @@ pub(crate) fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {
 }
 
 /// An IANA time-zone name.
-pub(crate) fn timezone(field: &str, value: &str) -> ApiResult<String> {
+pub fn timezone(field: &str, value: &str) -> ApiResult<String> {
     match termopar_core::tz::parse(value.trim()) {
         Some(tz) => Ok(tz.name().to_owned()),
         None => Err(ApiError::validation(
@@ -46,7 +47,7 @@ pub(crate) fn timezone(field: &str, value: &str) -> ApiResult<String> {
 }
 
 /// A JSON object of at most `max_bytes` once serialized.
-pub(crate) fn json_object(
+pub fn json_object(
     field: &str,
     value: serde_json::Value,
     max_bytes: usize,
@@ -67,7 +68,7 @@ pub(crate) fn json_object(
 }
 
 /// Checks an e-mail's shape (a full check is sending mail to it, which we do not).
-pub(crate) fn email(email: &str) -> ApiResult<()> {
+pub fn email(email: &str) -> ApiResult<()> {
     let ok = (3..=254).contains(&email.chars().count())
         && !email.chars().any(char::is_whitespace)
         && email
@@ -81,7 +82,7 @@ pub(crate) fn email(email: &str) -> ApiResult<()> {
 }
 
 /// Checks a password's length.
-pub(crate) fn password(password: &str) -> ApiResult<()> {
+pub fn password(password: &str) -> ApiResult<()> {
     if (8..=256).contains(&password.chars().count()) {
         Ok(())
     } else {
