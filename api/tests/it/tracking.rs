@@ -815,3 +815,156 @@ async fn questions_across_days_zones_and_sites_equal_a_brute_force_count() {
         assert_eq!(got, expected);
     }
 }
+
+/// The API as its own process (`termopar-api`) over the test's stores, killed by the
+/// test when it is dropped.
+struct ApiProcess(std::process::Child, String);
+
+impl ApiProcess {
+    async fn start(db: &test_support::TestDb, mongo: &test_support::TestMongo) -> Self {
+        let addr = format!("127.0.0.1:{}", test_support::free_port());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_termopar-api"))
+            .env("API_ADDR", &addr)
+            .env("DATABASE_URL", &db.url)
+            .env("MONGODB_URI", &mongo.settings.uri)
+            .env("MONGODB_DB", &mongo.settings.database)
+            .env("JWT_SECRET", crate::harness::JWT_SECRET)
+            .env("ADMIN_EMAIL", crate::harness::ADMIN_EMAIL)
+            .env("ADMIN_PASSWORD", crate::harness::ADMIN_PASSWORD)
+            .env("TRACKING_RATE_PER_SITE", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start termopar-api");
+        let base = format!("http://{addr}");
+        let http = reqwest::Client::new();
+        eventually("the API process answering", DEFAULT_DEADLINE, || async {
+            let up = http.get(format!("{base}/health")).send().await;
+            up.is_ok_and(|r| r.status().is_success()).then_some(())
+        })
+        .await;
+        Self(child, base)
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_kill_9_loses_no_answered_hit_and_stores_none_twice() {
+    let db = test_support::TestDb::new().await;
+    let mongo = test_support::TestMongo::new();
+    let mut api = ApiProcess::start(&db, &mongo).await;
+    let http = reqwest::Client::new();
+    let base = api.1.clone();
+    let login: Value = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": crate::harness::ADMIN_EMAIL, "password": crate::harness::ADMIN_PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let client: Value = http
+        .post(format!("{base}/api/v1/clients"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Crash", "timezone": "UTC"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let site: Value = http
+        .post(format!("{base}/api/v1/sites"))
+        .bearer_auth(&token)
+        .json(&json!({"client_id": client["id"], "name": "s", "origins": ["*"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // Senders post hits with unique URLs until the process dies, noting each 202.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut senders = Vec::new();
+    for s in 0..16 {
+        let (http, base, site, answered) = (
+            http.clone(),
+            base.clone(),
+            id(&site).to_owned(),
+            answered.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            for n in 0.. {
+                let url = format!("https://crash.example/{s}/{n}");
+                let hit = json!({"site_id": site, "url": url, "context": ["c"], "user": {"id": format!("u{s}")}});
+                match http.post(format!("{base}/api/v1/track")).json(&hit).send().await {
+                    Ok(r) if r.status() == StatusCode::ACCEPTED => answered.lock().unwrap().push(url),
+                    Ok(r) => panic!("a hit was answered {}", r.status()),
+                    Err(_) => return, // the process is gone
+                }
+            }
+        }));
+    }
+    eventually("hits answered under load", DEFAULT_DEADLINE, || async {
+        (answered.lock().unwrap().len() >= 1000).then_some(())
+    })
+    .await;
+    api.0.kill().expect("SIGKILL the API");
+    api.0.wait().unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let answered: BTreeSet<String> = answered.lock().unwrap().iter().cloned().collect();
+
+    // A new process moves what the dead one committed.
+    let _api = ApiProcess::start(&db, &mongo).await;
+    eventually("the outbox drained", DEFAULT_DEADLINE, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tracking_outbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT url, sum(hits)::int8 FROM tracking_url_counts GROUP BY url")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let stored: BTreeMap<String, i64> = counts.into_iter().collect();
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "counted more than once: {twice:?}");
+    let lost: Vec<_> = answered
+        .iter()
+        .filter(|u| !stored.contains_key(*u))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered hits lost: {:?}",
+        lost.len(),
+        answered.len(),
+        &lost[..lost.len().min(5)]
+    );
+    // Hits stored but never answered were in flight at the kill; nothing else is.
+    assert!(stored
+        .keys()
+        .all(|u| u.starts_with("https://crash.example/")));
+    let paged: i64 = sqlx::query_scalar("SELECT coalesce(sum(hits), 0)::int8 FROM tracking_pages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        paged,
+        stored.len() as i64,
+        "every stored hit is in one raw page"
+    );
+}
