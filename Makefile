@@ -13,7 +13,7 @@ CARGO ?= cargo
 # than 5432 when a cluster not ours holds it); a URL already in the environment wins.
 WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
 
-.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook docker-build up down
+.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking docker-build up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -45,11 +45,11 @@ fmt: ## Format the code
 
 ci: lint test ## What CI runs: lint, then the tests
 
-bench: bench-ingest bench-api bench-store bench-webhook ## Every benchmark, each printed as a table with ratios to baselines
+bench: bench-ingest bench-api bench-store bench-webhook bench-tracking ## Every benchmark, each printed as a table with ratios to baselines
 
 bench-build: services
 	@scripts/services.sh bench-tools
-	$(CARGO) build --release -p termopar-bench -p termopar-consumer -p termopar-broker
+	$(CARGO) build --release -p termopar-bench -p termopar-consumer -p termopar-broker -p termopar-api
 
 bench-ingest: bench-build ## Ingest throughput, latency, pipeline alone, broker vs Mosquitto, RSS; the MQTT front (plain, TLS) vs rumqttd; a device fleet (BENCH_INGEST_ONLY=ingest,front,fleet)
 	$(WITH_SERVICES) ./target/release/bench-ingest
@@ -62,6 +62,9 @@ bench-store: bench-build ## History at 10k vs 5M readings, ingest vs the store's
 
 bench-webhook: bench-build ## Webhook events/s with 32 senders vs a Django REST Framework baseline
 	$(WITH_SERVICES) ./target/release/bench-webhook
+
+bench-tracking: bench-build ## Tracking hits/s accepted and sustained (64 senders, single hits and 20-hit batches) vs DRF; kill -9 mid-load
+	$(WITH_SERVICES) ./target/release/bench-tracking
 
 docker-build: ## Build the container image
 	docker build -t termopar:latest .

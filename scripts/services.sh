@@ -6,7 +6,8 @@
 #               not, ours takes the next free port: `env` tells which)
 #   FerretDB    v1.24.2 (Go module proxy) 127.0.0.1:27017, SQLite backend, telemetry off
 #   Mosquitto   (Debian package)          127.0.0.1:1884 (our own broker keeps 1883)
-#   test tools  paho-mqtt (PyPI) in $DEV_DIR/venv, openssl
+#   test tools  paho-mqtt (PyPI) in $DEV_DIR/venv, openssl, Chromium (Debian) and
+#               playwright-core (npm) in $DEV_DIR/node
 #
 # Usage: scripts/services.sh [up|down|status|env|bench-tools]
 #   env prints the services' URLs as shell assignments (DATABASE_URL, MONGODB_URI,
@@ -275,14 +276,28 @@ ferretdb_down() {
 # (Python, from PyPI) in a virtualenv of our own; openssl makes test certificates.
 PAHO_VERSION=2.1.0
 test_tools_up() {
-    apt_install python3-venv openssl
+    apt_install python3-venv openssl chromium
     local venv=$DEV_DIR/venv
-    if "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+    if ! "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+        log "installing paho-mqtt $PAHO_VERSION into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "paho-mqtt==$PAHO_VERSION"
+    fi
+    browser_tools_up
+}
+
+# playwright-core drives Debian's Chromium in the browser tests; the version whose
+# Chromium matches Debian's (it never downloads a browser of its own).
+PLAYWRIGHT_VERSION=1.64.1
+browser_tools_up() {
+    local dir=$DEV_DIR/node
+    if [ "$(node -p "require('$dir/node_modules/playwright-core/package.json').version" 2>/dev/null)" = "$PLAYWRIGHT_VERSION" ]; then
         return 0
     fi
-    log "installing paho-mqtt $PAHO_VERSION into $venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q "paho-mqtt==$PAHO_VERSION"
+    command -v npm >/dev/null || apt_install nodejs npm
+    log "installing playwright-core $PLAYWRIGHT_VERSION into $dir"
+    mkdir -p "$dir"
+    npm install --silent --no-audit --no-fund --prefix "$dir" "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
 }
 
 # ---------------------------------------------------------------- Mosquitto

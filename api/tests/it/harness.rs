@@ -107,11 +107,16 @@ pub fn serve(app: Application) -> String {
 impl TestApp {
     /// Starts the API with a bootstrap admin and logs that admin in.
     pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// [`TestApp::spawn`] with settings changed by `change`.
+    pub async fn spawn_with(change: impl FnOnce(&mut Settings)) -> Self {
         let db = TestDb::new().await;
         let mongo = TestMongo::new();
-        let app = Application::build(settings(&db, &mongo))
-            .await
-            .expect("the API starts");
+        let mut settings = settings(&db, &mongo);
+        change(&mut settings);
+        let app = Application::build(settings).await.expect("the API starts");
         let state = app.state().clone();
         let handles = app.handles().clone();
         let base = serve(app);

@@ -347,61 +347,107 @@ async fn browsers_may_send_text_plain_and_preflights_answer_only_known_origins()
 
 #[tokio::test]
 async fn a_site_sending_faster_than_its_rate_is_refused_with_429() {
-    let db = test_support::TestDb::new().await;
-    let mongo = test_support::TestMongo::new();
-    let mut settings = crate::harness::settings(&db, &mongo);
-    settings.tracking.rate_per_site = 5;
-    let app = termopar_api::Application::build(settings).await.unwrap();
-    let base = crate::harness::serve(app);
-    let http = reqwest::Client::new();
-    let admin: Value = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({"email": crate::harness::ADMIN_EMAIL, "password": crate::harness::ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = admin["access_token"].as_str().unwrap();
-    let client: Value = http
-        .post(format!("{base}/api/v1/clients"))
-        .bearer_auth(token)
-        .json(&json!({"name": "Limited", "timezone": "UTC"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let site: Value = http
-        .post(format!("{base}/api/v1/sites"))
-        .bearer_auth(token)
-        .json(&json!({"client_id": client["id"], "name": "s", "origins": ["*"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let app = TestApp::spawn_with(|s| s.tracking.rate_per_site = 5).await;
+    let client = app.create_client("Limited").await;
+    let site = app.create_site(id(&client), "s", &["*"]).await;
     // A burst of twice the rate passes; the next batch does not.
-    let batch = Value::Array(vec![seed_hit(id(&site)); 10]);
-    let first = http
-        .post(format!("{base}/api/v1/track"))
-        .json(&batch)
-        .send()
+    let batch = Value::Array(vec![seed_hit(id(&site)); 10]).to_string();
+    let (status, ack, _) = app.track(batch.clone(), "application/json", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ack}");
+    let (status, err, _) = app.track(batch, "application/json", None).await;
+    assert_error(
+        &(status, err),
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+    );
+}
+
+/// The test site: two pages that include the tracker from the API at `api`.
+fn test_site(api: &str, site: &str) -> poem::Route {
+    use poem::{endpoint::make_sync, web::Html};
+    let tracker = format!(r#"<script async src="{api}/t.js" data-site="{site}"></script>"#);
+    let a = format!(
+        r#"<!doctype html><html><head><title>A</title>{tracker}</head>
+        <body data-context="noticia, culinaria"><a id="next" href="/b.html">next</a></body></html>"#
+    );
+    let b = format!(
+        r#"<!doctype html><html><head><title>B</title>
+        <script>window.termoparContext = ["vegano"];</script>{tracker}</head>
+        <body><p>b</p></body></html>"#
+    );
+    poem::Route::new()
+        .at("/a.html", make_sync(move |_| Html(a.clone())))
+        .at("/b.html", make_sync(move |_| Html(b.clone())))
+}
+
+#[tokio::test]
+async fn a_real_browser_on_a_client_site_sends_each_page_view_with_its_contexts() {
+    // Headless Chromium's user agent is a bot's: the filter is off for this test.
+    let app = TestApp::spawn_with(|s| s.tracking.bot_filter = false).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let pages = format!("http://{}", listener.local_addr().unwrap());
+    let client = app.create_client("Browsed").await;
+    let site = app.create_site(id(&client), "Site", &[&pages]).await;
+    let server =
+        poem::Server::new_with_acceptor(poem::listener::TcpAcceptor::from_std(listener).unwrap());
+    tokio::spawn(server.run(test_site(&app.base, id(&site))));
+
+    let dev_dir = std::env::var("TERMOPAR_DEV_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.local/share/termopar-dev",
+            std::env::var("HOME").unwrap()
+        )
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/track.cjs");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(&pages)
+        .env("NODE_PATH", format!("{dev_dir}/node/node_modules"))
+        .output()
         .await
-        .unwrap();
-    assert_eq!(first.status(), StatusCode::ACCEPTED);
-    let second = read(
-        http.post(format!("{base}/api/v1/track"))
-            .json(&batch)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_error(&second, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        .expect("node runs (scripts/services.sh installs playwright-core and chromium)");
+    assert!(
+        out.status.success(),
+        "the browser script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let page = app.accesses_once(id(&site), 3).await;
+    let mut seen: Vec<(String, Vec<String>)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let context = i["context"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_owned())
+                .collect();
+            (i["url"].as_str().unwrap().to_owned(), context)
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                format!("{pages}/a.html"),
+                vec!["noticia".to_owned(), "culinaria".to_owned()]
+            ),
+            (format!("{pages}/b.html"), vec!["vegano".to_owned()]),
+            (format!("{pages}/b.html#reviews"), vec!["spa".to_owned()]),
+        ]
+    );
+    let users: BTreeSet<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users.len(), 1, "one browser is one tracked user: {users:?}");
+    assert_eq!(page["items"][0]["device"], "Google Chrome");
 }
 
 #[tokio::test]
