@@ -288,3 +288,82 @@ pub async fn start_api_as_admin(
 pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
+
+/// The Django REST Framework baselines (`bench/drf`) served by gunicorn on a free port
+/// over `db` (`run.sh` migrates it); the server is killed when this is dropped.
+pub struct Drf {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// gunicorn's sync workers, as run.sh started them.
+    pub workers: u32,
+    pid: i32,
+}
+
+impl Drf {
+    /// Starts gunicorn and waits until it accepts connections.
+    pub async fn start(db: &test_support::TestDb) -> anyhow::Result<Self> {
+        let port = test_support::free_port();
+        let out = std::process::Command::new(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("drf/run.sh"),
+        )
+        .arg(port.to_string())
+        .env("DRF_DATABASE_URL", &db.url)
+        .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "DRF setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (pid, workers) = stdout
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("run.sh printed {stdout:?}, not a pid and workers"))?;
+        let drf = Self {
+            base: format!("http://127.0.0.1:{port}"),
+            workers: workers.parse()?,
+            pid: pid.parse()?,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "gunicorn did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(drf)
+    }
+}
+
+impl Drop for Drf {
+    /// Kills gunicorn's process group (run.sh started it with setsid), then the master.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("--")
+            .arg(format!("-{}", self.pid))
+            .status();
+        let _ = std::process::Command::new("kill")
+            .arg(self.pid.to_string())
+            .status();
+    }
+}
+
+/// Waits until a product's relay has emptied its outbox `table`; returns how long it
+/// took.
+pub async fn drain_outbox(pg: &sqlx::PgPool, table: &str) -> anyhow::Result<Duration> {
+    let started = std::time::Instant::now();
+    let count = format!("SELECT count(*) FROM {table}");
+    loop {
+        let pending: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count.clone()))
+            .fetch_one(pg)
+            .await?;
+        if pending == 0 {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{pending} rows still in {table} after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

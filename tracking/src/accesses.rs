@@ -15,6 +15,7 @@ use poem_openapi::{
     payload::Json,
     Object, OpenApi,
 };
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use termopar_core::tz::local_day_start;
@@ -248,7 +249,7 @@ impl Tracking {
     /// Index pages of `site` that may hold hits of `from..to`, newest first, from
     /// `start` on (the page at `start` included or not).
     async fn index_chunk(
-        &self,
+        db: &mut PgConnection,
         site: Uuid,
         (from, to): (DateTime<Utc>, DateTime<Utc>),
         start: Option<(Key, bool)>,
@@ -277,7 +278,7 @@ impl Tracking {
         .bind(key.row)
         .bind(key.part)
         .bind(INDEX_CHUNK)
-        .fetch_all(self.pg())
+        .fetch_all(db)
         .await?)
     }
 
@@ -334,6 +335,7 @@ impl Tracking {
     /// Accesses in the window.
     async fn window_total(
         &self,
+        db: &mut PgConnection,
         site: Uuid,
         (from, to): (DateTime<Utc>, DateTime<Utc>),
     ) -> ApiResult<i64> {
@@ -344,7 +346,7 @@ impl Tracking {
         .bind(site)
         .bind(from)
         .bind(to)
-        .fetch_one(self.pg())
+        .fetch_one(&mut *db)
         .await?;
         // Pages across either end of the window (few: a page spans a moment).
         let edges = sqlx::query_as::<_, PageRow>(
@@ -357,7 +359,7 @@ impl Tracking {
         .bind(from)
         .bind(to)
         .bind(PAGE_SPAN)
-        .fetch_all(self.pg())
+        .fetch_all(&mut *db)
         .await?;
         let mut total = inside;
         for page in &edges {
@@ -457,10 +459,16 @@ impl AccessesApi {
             None => params.offset() as usize,
         };
         let mut start = cursor.as_ref().map(|c| (c.key, true));
+        // Every read of the index sees one snapshot, so that the items and the total
+        // agree while the relay adds pages.
+        let mut db = tracking.pg().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *db)
+            .await?;
         if cursor.is_some() {
             // `skip` counts hits of the cursor's page only; if that page is gone
             // (deleted with its site meanwhile) the walk starts at the next one whole.
-            let first = tracking.index_chunk(site.id, window, start).await?;
+            let first = Tracking::index_chunk(&mut db, site.id, window, start).await?;
             if first.first().map(PageRow::key) != cursor.as_ref().map(|c| c.key) {
                 skip = 0;
             }
@@ -468,7 +476,7 @@ impl AccessesApi {
         let mut items: Vec<Access> = Vec::with_capacity(size);
         let mut next_cursor = None;
         'walk: loop {
-            let chunk = tracking.index_chunk(site.id, window, start).await?;
+            let chunk = Tracking::index_chunk(&mut db, site.id, window, start).await?;
             for (k, page) in chunk.iter().enumerate() {
                 let n = tracking.hits_in_window(site.id, page, window).await?;
                 if skip >= n {
@@ -490,11 +498,15 @@ impl AccessesApi {
                         // The next page, if any: in this chunk or the next query's.
                         let next = match chunk.get(k + 1) {
                             Some(next) => Some(next.key()),
-                            None => tracking
-                                .index_chunk(site.id, window, Some((page.key(), false)))
-                                .await?
-                                .first()
-                                .map(PageRow::key),
+                            None => Tracking::index_chunk(
+                                &mut db,
+                                site.id,
+                                window,
+                                Some((page.key(), false)),
+                            )
+                            .await?
+                            .first()
+                            .map(PageRow::key),
                         };
                         next.map(|key| Cursor { key, skip: 0 })
                     };
@@ -508,7 +520,8 @@ impl AccessesApi {
                 _ => break,
             }
         }
-        let total = tracking.window_total(site.id, window).await?;
+        let total = tracking.window_total(&mut db, site.id, window).await?;
+        db.commit().await?;
         Ok(Found::Ok(Json(AccessPage {
             items,
             page: params.page,

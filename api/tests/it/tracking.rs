@@ -907,36 +907,32 @@ async fn a_kill_9_loses_no_answered_hit_and_stores_none_twice() {
     let mut api = ApiProcess::start(&db, &mongo).await;
     let http = reqwest::Client::new();
     let base = api.1.clone();
-    let login: Value = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({"email": crate::harness::ADMIN_EMAIL, "password": crate::harness::ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let post = |path: &str, token: Option<&str>, body: Value| {
+        let mut req = http.post(format!("{base}/api/v1{path}")).json(&body);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let login = post(
+        "/auth/login",
+        None,
+        json!({"email": crate::harness::ADMIN_EMAIL, "password": crate::harness::ADMIN_PASSWORD}),
+    )
+    .await;
     let token = login["access_token"].as_str().unwrap().to_owned();
-    let client: Value = http
-        .post(format!("{base}/api/v1/clients"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Crash", "timezone": "UTC"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let site: Value = http
-        .post(format!("{base}/api/v1/sites"))
-        .bearer_auth(&token)
-        .json(&json!({"client_id": client["id"], "name": "s", "origins": ["*"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let client = post(
+        "/clients",
+        Some(&token),
+        json!({"name": "Crash", "timezone": "UTC"}),
+    )
+    .await;
+    let site = post(
+        "/sites",
+        Some(&token),
+        json!({"client_id": client["id"], "name": "s", "origins": ["*"]}),
+    )
+    .await;
 
     // Senders post hits with unique URLs until the process dies, noting each 202.
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));

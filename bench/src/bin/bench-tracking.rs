@@ -129,20 +129,7 @@ async fn create_site(base: &str) -> anyhow::Result<String> {
 
 /// Waits until the relay has emptied the outbox; returns how long it took.
 async fn drain(pg: &sqlx::PgPool) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM tracking_outbox")
-            .fetch_one(pg)
-            .await?;
-        if pending == 0 {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "{pending} outbox rows left after 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    termopar_bench::drain_outbox(pg, "tracking_outbox").await
 }
 
 /// Hits counted in the rollups.
@@ -156,64 +143,28 @@ async fn counted(pg: &sqlx::PgPool) -> anyhow::Result<i64> {
 
 /// The DRF baseline on a fresh database, with one site.
 struct Drf {
-    base: String,
+    // Stopped before its database goes.
+    server: termopar_bench::Drf,
     site: String,
     db: TestDb,
-    workers: u32,
-    pid: i32,
 }
 
 impl Drf {
     async fn start() -> anyhow::Result<Self> {
         let db = TestDb::new().await;
-        let port = free_port();
-        let out = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("drf/run.sh"))
-            .arg(port.to_string())
-            .env("DRF_DATABASE_URL", &db.url)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "DRF setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let (pid, workers) = stdout
-            .split_once(' ')
-            .ok_or_else(|| anyhow::anyhow!("run.sh printed {stdout:?}"))?;
+        let server = termopar_bench::Drf::start(&db).await?;
         let site = uuid::Uuid::new_v4().to_string();
         sqlx::query("INSERT INTO tracking_site (id) VALUES ($1::uuid)")
             .bind(&site)
             .execute(&db.pool)
             .await?;
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "gunicorn did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self {
-            base,
-            site,
-            db,
-            workers: workers.parse()?,
-            pid: pid.parse()?,
-        })
+        Ok(Self { server, site, db })
     }
 
     async fn stored(&self) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM tracking_access")
             .fetch_one(&self.db.pool)
             .await?)
-    }
-}
-
-impl Drop for Drf {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("--")
-            .arg(format!("-{}", self.pid))
-            .status();
-        let _ = Command::new("kill").arg(self.pid.to_string()).status();
     }
 }
 
@@ -303,7 +254,7 @@ async fn bench() -> anyhow::Result<()> {
         for round in 1..=rounds {
             if let Some(drf) = &drf {
                 let (load, _) = run_load(
-                    &format!("{}/track/", drf.base),
+                    &format!("{}/track/", drf.server.base),
                     "/track/",
                     &drf.site,
                     hits,
@@ -345,7 +296,7 @@ async fn bench() -> anyhow::Result<()> {
             (Some(r), Some(d)) => format!(
                 "{} DRF + gunicorn ({} sync workers), same PostgreSQL",
                 per_sec(r),
-                d.workers
+                d.server.workers
             ),
             _ => "DRF baseline could not be set up here".into(),
         };

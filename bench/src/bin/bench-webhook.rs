@@ -2,16 +2,11 @@
 //! concurrent senders (wrk), against a Django REST Framework implementation of the same
 //! seed (bench/drf) on the same machine, the same PostgreSQL and the same load.
 
-use std::{
-    net::TcpStream,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use termopar_bench::{ms, per_sec, print_table, wrk_with, Load, Row};
 use termopar_core::settings::env_parse;
-use test_support::{free_port, TestDb, TestMongo};
+use test_support::{TestDb, TestMongo};
 use uuid::Uuid;
 
 const CONNECTIONS: u32 = 32;
@@ -39,46 +34,22 @@ fn run_load(base: &str, conversations: &[String], seconds: u32) -> anyhow::Resul
 
 /// The DRF baseline, serving on a fresh database with `conversations` conversations.
 struct Drf {
-    base: String,
-    conversations: Vec<String>,
-    /// gunicorn's sync workers, as run.sh started them.
-    workers: u32,
     // Stopped before its database goes.
-    _server: Gunicorn,
+    server: termopar_bench::Drf,
+    conversations: Vec<String>,
     db: TestDb,
 }
 
 impl Drf {
     async fn start(conversations: usize) -> anyhow::Result<Self> {
         let db = TestDb::new().await;
-        let port = free_port();
-        let out = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("drf/run.sh"))
-            .arg(port.to_string())
-            .env("DRF_DATABASE_URL", &db.url)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "DRF setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let (pid, workers) = stdout
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| anyhow::anyhow!("run.sh printed {stdout:?}, not a pid and workers"))?;
-        let server = Gunicorn(pid.parse()?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "gunicorn did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let base = format!("http://127.0.0.1:{port}");
+        let server = termopar_bench::Drf::start(&db).await?;
         let http = reqwest::Client::new();
         let mut ids = Vec::new();
         for _ in 0..conversations {
             let id = Uuid::new_v4();
             let resp = http
-                .post(format!("{base}/webhook/"))
+                .post(format!("{}/webhook/", server.base))
                 .json(&serde_json::json!({"type": "NEW_CONVERSATION", "timestamp": "2026-01-01T09:00:00", "data": {"id": id}}))
                 .send()
                 .await?;
@@ -90,10 +61,8 @@ impl Drf {
             ids.push(id.to_string());
         }
         Ok(Self {
-            base,
+            server,
             conversations: ids,
-            workers: workers.parse()?,
-            _server: server,
             db,
         })
     }
@@ -111,36 +80,6 @@ impl Drf {
 async fn checkpoint(pg: &sqlx::PgPool) -> anyhow::Result<()> {
     sqlx::query("CHECKPOINT").execute(pg).await?;
     Ok(())
-}
-
-/// Waits until the relay has moved every raw record to MongoDB; returns how long it took.
-async fn drain(pg: &sqlx::PgPool) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
-            .fetch_one(pg)
-            .await?;
-        if pending == 0 {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(300),
-            "{pending} raw records still in the outbox after 5 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Kills the gunicorn process group when dropped.
-struct Gunicorn(i32);
-impl Drop for Gunicorn {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("--")
-            .arg(format!("-{}", self.0))
-            .status();
-        let _ = Command::new("kill").arg(self.0.to_string()).status();
-    }
 }
 
 /// What one side's rounds add up to.
@@ -216,11 +155,11 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     for round in 1..=rounds {
         if let Some(drf) = &drf {
             checkpoint(&state.pg).await?;
-            theirs.add(run_load(&drf.base, &drf.conversations, seconds)?);
+            theirs.add(run_load(&drf.server.base, &drf.conversations, seconds)?);
         }
         checkpoint(&state.pg).await?;
         ours.add(run_load(&base, &ids, seconds)?);
-        drained += drain(&state.pg).await?;
+        drained += termopar_bench::drain_outbox(&state.pg, "webhook_outbox").await?;
         eprintln!(
             "round {round}: termopar {:.0}/s, DRF {}",
             ours.rates.last().unwrap(),
@@ -243,7 +182,7 @@ async fn bench(api_threads: usize) -> anyhow::Result<()> {
     let loaded = f64::from(seconds * rounds);
     let with_raw = raw_copies as f64 / (loaded + drained.as_secs_f64());
     let baseline = match &drf {
-        Some(drf) => Some((theirs.rps(), drf.stored().await?, drf.workers)),
+        Some(drf) => Some((theirs.rps(), drf.stored().await?, drf.server.workers)),
         None => None,
     };
     let ratio = |rate: f64| baseline.map(|(drf, _, _)| rate / drf);
