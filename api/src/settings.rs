@@ -8,6 +8,7 @@ pub use termopar_chat::ChatSettings;
 use termopar_core::settings::{
     env_or, env_pair, env_parse, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
 };
+pub use termopar_leads::LeadsSettings;
 pub use termopar_tracking::TrackingSettings;
 pub use termopar_web::settings::AuthSettings;
 
@@ -37,6 +38,8 @@ pub struct Settings {
     pub webhook: ChatSettings,
     /// Web tracking.
     pub tracking: TrackingSettings,
+    /// The lead pipeline and its job workers.
+    pub leads: LeadsSettings,
     /// The reading store (`CONSUMER_RECOVER_AFTER_SECS`, `RAW_CACHE_READINGS`).
     pub store: termopar_core::store::Tuning,
 }
@@ -70,6 +73,7 @@ impl Settings {
             latest_cache_ttl: Duration::from_millis(env_parse("LATEST_CACHE_TTL_MS", 1000)?),
             webhook: ChatSettings::from_env()?,
             tracking: TrackingSettings::from_env()?,
+            leads: LeadsSettings::from_env()?,
             store: termopar_core::settings::store_tuning()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
@@ -84,6 +88,7 @@ impl Settings {
         self.auth.validate()?;
         self.webhook.validate()?;
         self.tracking.validate()?;
+        self.leads.validate()?;
         if self.max_body_bytes < 1024 {
             bail!("API_MAX_BODY_BYTES must be at least 1024");
         }

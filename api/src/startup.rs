@@ -15,6 +15,10 @@ use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 use termopar_chat::{Chat, ChatApi};
 use termopar_core::tasks::Tasks;
+use termopar_leads::{
+    CrmCustomersApi, CrmLeadsApi, JobsApi, Leads, MarketingLeadsApi, WebsiteCustomersApi,
+    WebsiteLeadsApi,
+};
 use termopar_tracking::{AccessesApi, SitesApi, TrackApi, Tracking};
 use termopar_web::{
     error::{into_json_error, panic_response},
@@ -49,6 +53,14 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             SitesApi,
             TrackApi,
             AccessesApi,
+            (
+                WebsiteLeadsApi,
+                WebsiteCustomersApi,
+                MarketingLeadsApi,
+                CrmLeadsApi,
+                CrmCustomersApi,
+                JobsApi,
+            ),
         ),
         "termopar",
         env!("CARGO_PKG_VERSION"),
@@ -82,6 +94,8 @@ pub struct Handles {
     pub chat: Chat,
     /// The web tracking product.
     pub tracking: Tracking,
+    /// The lead pipeline.
+    pub leads: Leads,
     /// Finished days of daily averages.
     pub daily: DailyCache,
     max_body_bytes: usize,
@@ -105,12 +119,36 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .at("/ready", get(health::ready))
         .at("/metrics", get(health::metrics))
         .at("/ui/conversations", get(termopar_chat::page()))
+        .at("/ui/jobs", get(termopar_leads::page()))
         .at("/t.js", get(termopar_tracking::script()))
         // The chat system's own paths (seed 001): the same operations as under /api/v1.
         .at("/webhook", api.clone())
         .at("/conversations", api.clone())
         .at("/conversations/:id", api.clone())
-        .nest(API_PREFIX, api)
+        // The pipeline's systems at the seed's paths (seed 003), `costumers` included.
+        .at("/leads", api.clone())
+        .at("/leads/:id", api.clone())
+        .at("/customers", api.clone())
+        .at("/customers/:id", api.clone())
+        .at("/costumers", costumers(api.clone()))
+        .at("/costumers/:id", costumers(api.clone()))
+        .at("/marketing/leads", api.clone())
+        .at("/marketing/leads/:id", api.clone())
+        .at("/crm/leads", api.clone())
+        .at("/crm/leads/:id", api.clone())
+        .at("/crm/customers", api.clone())
+        .at("/crm/customers/:id", api.clone())
+        .at("/crm/costumers", costumers(api.clone()))
+        .at("/crm/costumers/:id", costumers(api.clone()))
+        .nest(
+            API_PREFIX,
+            Route::new()
+                .at("/costumers", costumers(api.clone()))
+                .at("/costumers/:id", costumers(api.clone()))
+                .at("/crm/costumers", costumers(api.clone()))
+                .at("/crm/costumers/:id", costumers(api.clone()))
+                .nest("/", api),
+        )
         // `/webhook/` and `/webhook` alike, everywhere.
         .with(NormalizePath::new(TrailingSlash::Trim))
         .around(move |next, req| limit_body(next, req, max_body))
@@ -118,12 +156,32 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .with(AddData::new(handles.state))
         .with(AddData::new(handles.chat))
         .with(AddData::new(handles.tracking))
+        .with(AddData::new(handles.leads))
         .with(AddData::new(handles.daily))
         .with(CatchPanic::new().with_handler(panic_response))
         .around(record_metrics)
         .catch_all_error(into_json_error)
         .around(request_id)
         .boxed()
+}
+
+/// The seed's `costumers` paths: the same operations as `customers`.
+fn costumers(api: Arc<BoxEndpoint<'static>>) -> impl poem::Endpoint {
+    poem::endpoint::make(move |mut req: poem::Request| {
+        let api = api.clone();
+        async move {
+            let path = req.uri().path().replacen("costumers", "customers", 1);
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            if let Ok(uri) = format!("{path}{query}").parse() {
+                *req.uri_mut() = uri;
+            }
+            api.call(req).await
+        }
+    })
 }
 
 /// A built API, bound to its address but not yet serving.
@@ -150,6 +208,9 @@ impl Application {
         if let Some(admin) = &settings.bootstrap_admin {
             crate::bootstrap::ensure_admin(&pg, admin).await?;
         }
+        termopar_leads::migrate(&pg)
+            .await
+            .context("failed to create the job queue's tables")?;
         let app = Self::with_stores(settings, pg, mongo)?;
         app.handles
             .state
@@ -183,7 +244,15 @@ impl Application {
         });
         let chat = Chat::start(&settings.webhook, pg.clone(), &mongo, &tasks);
         let tracking = Tracking::start(&settings.tracking, pg.clone(), &mongo, &tasks);
-        let state = AppState::new(settings, pg, mongo, daily.hook());
+        let state = AppState::new(settings, pg.clone(), mongo, daily.hook());
+        let leads = Leads::start(
+            &settings.leads,
+            pg,
+            tracking.clone(),
+            state.auth.jwt().clone(),
+            &format!("http://{addr}"),
+            &tasks,
+        )?;
         Ok(Self {
             listener,
             addr,
@@ -191,6 +260,7 @@ impl Application {
                 state,
                 chat,
                 tracking,
+                leads,
                 daily,
                 max_body_bytes: settings.max_body_bytes,
             },

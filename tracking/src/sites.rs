@@ -17,7 +17,7 @@ use termopar_web::{
     openapi::Constraint,
     pagination::{Listing, Page, PageParams},
     responses::{Created, Deleted, Found},
-    validate, ApiError, ApiResult, BearerAuth,
+    validate, ApiError, ApiResult, BearerAuth, ErrorCode,
 };
 
 use crate::{routes::TrackingTags, Tracking};
@@ -77,6 +77,7 @@ pub const CONSTRAINTS: &[Constraint] = &[
 /// A site as the tracking endpoint needs it.
 #[derive(Debug)]
 pub(crate) struct SiteInfo {
+    client_id: Uuid,
     origins: Vec<String>,
 }
 
@@ -152,15 +153,40 @@ pub(crate) async fn lookup(tracking: &Tracking, id: Uuid) -> ApiResult<Option<Ar
         .0
         .sites
         .try_get_with(id, async move {
-            let origins: Option<Vec<String>> =
-                sqlx::query_scalar("SELECT origins FROM sites WHERE id = $1")
+            let site: Option<(Uuid, Vec<String>)> =
+                sqlx::query_as("SELECT client_id, origins FROM sites WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&pg)
                     .await?;
-            Ok::<_, sqlx::Error>(origins.map(|origins| Arc::new(SiteInfo { origins })))
+            Ok::<_, sqlx::Error>(
+                site.map(|(client_id, origins)| Arc::new(SiteInfo { client_id, origins })),
+            )
         })
         .await
         .map_err(|e| ApiError::from(termopar_core::db::shared_error(&e)))
+}
+
+impl Tracking {
+    /// The client of `site`, for a form or hit posted from a page of `origin` (the
+    /// request's `Origin`, when it has one): 422 `unknown_site` when there is no such
+    /// site, 403 `origin_not_allowed` when the site does not allow that origin.
+    pub async fn site_client(&self, site: Uuid, origin: Option<&str>) -> ApiResult<Uuid> {
+        let info = lookup(self, site).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::UnknownSite, format!("no site {site}")).with_field("site_id")
+        })?;
+        match origin {
+            Some(origin) if !info.allows(origin) => Err(ApiError::new(
+                ErrorCode::OriginNotAllowed,
+                format!("site {site} does not allow pages of {origin}"),
+            )),
+            _ => Ok(info.client_id),
+        }
+    }
+
+    /// Whether some site allows pages of `origin` (for CORS preflights).
+    pub async fn allows_origin(&self, origin: &str) -> ApiResult<bool> {
+        self.origin_known(origin).await
+    }
 }
 
 /// Site management.

@@ -39,6 +39,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
         store: termopar_core::store::Tuning::default(),
         webhook: Default::default(),
         tracking: Default::default(),
+        leads: Default::default(),
     }
 }
 

@@ -8,6 +8,7 @@ mod contract;
 mod daily;
 mod errors;
 mod harness;
+mod leads;
 mod lifecycle;
 mod operations;
 mod readings;

@@ -26,7 +26,7 @@ fn seed_hit(site: &str) -> Value {
 
 impl TestApp {
     /// Creates a site of `client` as admin.
-    async fn create_site(&self, client: &str, name: &str, origins: &[&str]) -> Value {
+    pub(crate) async fn create_site(&self, client: &str, name: &str, origins: &[&str]) -> Value {
         let (status, site) = self
             .post(
                 "/sites",
