@@ -31,7 +31,7 @@ use termopar_web::{error, pagination, responses, validate};
 
 pub use daily::DailyCache;
 pub use settings::Settings;
-pub use startup::{openapi_json, Application, Handles, API_PREFIX};
+pub use startup::{openapi_json, run_workers, Application, Handles, API_PREFIX};
 pub use state::AppState;
 
 /// Groups of the API's own operations in the OpenAPI document.

@@ -13,6 +13,9 @@ struct Cli {
 enum Command {
     /// Serve the API (the default).
     Serve,
+    /// Run the lead pipeline's job workers only (cloud mode; the API processes then run
+    /// with `JOBS_WORKERS=false`). Marketing and the CRM default to `http://<API_ADDR>`.
+    Workers,
     /// Fill demo conversations through the webhook's own code path.
     Seed {
         /// Conversations to create.
@@ -33,6 +36,9 @@ async fn main() -> anyhow::Result<()> {
             let app = Application::build(settings).await?;
             tracing::info!(addr = %app.addr(), "API listening (docs at /docs)");
             app.run_until(termopar_core::shutdown::signal()).await
+        }
+        Command::Workers => {
+            termopar_api::run_workers(settings, termopar_core::shutdown::signal()).await
         }
         Command::Seed {
             conversations,

@@ -165,6 +165,26 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .boxed()
 }
 
+/// Runs the lead pipeline's job workers alone until `shutdown`, then lets them finish
+/// the jobs they hold (up to the drain grace; a job cut short runs again elsewhere).
+pub async fn run_workers(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let pg = termopar_core::db::connect_and_migrate(&settings.database).await?;
+    termopar_leads::migrate(&pg)
+        .await
+        .context("failed to create the job queue's tables")?;
+    let tasks = Tasks::new();
+    let jwt = termopar_web::tokens::Jwt::new(&settings.auth);
+    let api_url = format!("http://{}", settings.addr);
+    termopar_leads::run_workers(&settings.leads, &pg, jwt, &api_url, &tasks)?;
+    tracing::info!("job workers running");
+    shutdown.await;
+    tasks.shutdown(DRAIN_GRACE).await;
+    Ok(())
+}
+
 /// The seed's `costumers` paths: the same operations as `customers`.
 fn costumers(api: Arc<BoxEndpoint<'static>>) -> impl poem::Endpoint {
     poem::endpoint::make(move |mut req: poem::Request| {

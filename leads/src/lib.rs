@@ -52,6 +52,25 @@ struct Inner {
     limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
 }
 
+/// Starts one job worker per queue on `tasks` (what `Leads::start` does when
+/// `JOBS_WORKERS` is on, and what `termopar-api workers` runs alone). `api_url` is the
+/// default base URL of marketing and the CRM; `jwt` signs the workers' tokens for them.
+pub fn run_workers(
+    settings: &LeadsSettings,
+    pg: &PgPool,
+    jwt: Jwt,
+    api_url: &str,
+    tasks: &Tasks,
+) -> anyhow::Result<()> {
+    let downstream = downstream::Downstream::new(pg.clone(), settings, jwt, api_url)?;
+    let worker = jobs::Worker {
+        downstream: Arc::new(downstream),
+        max_attempts: settings.max_attempts,
+    };
+    jobs::start_workers(tasks, pg, settings, worker);
+    Ok(())
+}
+
 impl Leads {
     /// Starts the job workers on `tasks` when `settings.workers` is on. `api_url` is
     /// where this API answers (the default of marketing's and the CRM's base URLs);
@@ -65,12 +84,7 @@ impl Leads {
         tasks: &Tasks,
     ) -> anyhow::Result<Self> {
         if settings.workers {
-            let downstream = downstream::Downstream::new(pg.clone(), settings, jwt, api_url)?;
-            let worker = jobs::Worker {
-                downstream: Arc::new(downstream),
-                max_attempts: settings.max_attempts,
-            };
-            jobs::start_workers(tasks, &pg, settings, worker);
+            run_workers(settings, &pg, jwt, api_url, tasks)?;
         }
         let limiter = NonZeroU32::new(settings.rate_per_site).map(|rate| {
             let burst = rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0"));

@@ -276,7 +276,8 @@ async fn the_seeds_flow_reaches_marketing_the_crm_and_the_leads_inbox() {
     .await;
     assert_eq!(website["total"], 1, "{website}");
 
-    // The dashboard counts what happened, per queue.
+    // The dashboard counts what happened, per queue (once the last job's result is in).
+    app.jobs_once("customer_to_crm", "done", 1).await;
     let (_, queues) = app.get("/jobs/queues", &app.admin).await;
     let done = |q: &str| {
         queues
@@ -538,4 +539,108 @@ async fn forms_name_a_site_and_every_other_route_keeps_tenants_apart() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, left) = app.get("/leads", &app.admin).await;
     assert_eq!(left["total"], 0);
+}
+
+/// `termopar-api workers` as its own process over the test's database, killed (SIGKILL)
+/// when dropped.
+struct WorkersProcess(std::process::Child);
+
+impl WorkersProcess {
+    fn start(app: &TestApp, marketing_url: &str) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_termopar-api"))
+            .arg("workers")
+            .env("DATABASE_URL", &app.db.url)
+            .env("JWT_SECRET", crate::harness::JWT_SECRET)
+            .env("MARKETING_URL", marketing_url)
+            .env("CRM_URL", &app.base)
+            .env("JOBS_ORPHAN_SECS", "2")
+            .env("PIPELINE_HTTP_TIMEOUT_SECS", "300")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start termopar-api workers");
+        Self(child)
+    }
+}
+
+impl Drop for WorkersProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A proxy to `to` that passes requests on but never passes an answer back: the
+/// downstream system has done the work, the job never learns it. Counts the answers
+/// it withheld.
+async fn withholding_proxy(to: String) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let withheld = Arc::new(AtomicUsize::new(0));
+    let count = withheld.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let (to, count) = (to.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(outbound) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut in_read, _in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+                });
+                let mut first = [0u8; 1];
+                if out_read.read(&mut first).await.is_ok_and(|n| n > 0) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                // Hold the connection open, answering nothing.
+                let _ = tokio::io::copy(&mut out_read, &mut tokio::io::sink()).await;
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    (port, withheld)
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_leaves_the_job_to_another_and_the_lead_exists_once() {
+    use std::sync::atomic::Ordering;
+    let app = TestApp::spawn_with(|s| s.leads.workers = false).await;
+    let client = app.create_client("Shop").await;
+    let site = app.create_site(id(&client), "Shop", &[ORIGIN]).await;
+    let upstream = app.base.trim_start_matches("http://").to_owned();
+    let (proxy, withheld) = withholding_proxy(upstream).await;
+
+    let first = WorkersProcess::start(&app, &format!("http://127.0.0.1:{proxy}"));
+    let (status, _, _) = app.form("/leads", Some(ORIGIN), lead(id(&site))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Marketing stored the lead and answered; the answer never reaches the worker.
+    eventually("marketing's answer withheld", DEFAULT_DEADLINE, || async {
+        (withheld.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    app.list_once("/marketing/leads", &app.admin, 1).await;
+    let running = app.jobs_once("lead_to_marketing", "running", 1).await;
+    drop(first); // SIGKILL, mid-job.
+
+    // Another worker process takes the orphaned job once its heartbeats stop, runs it
+    // again, and marketing finds the lead the first try created.
+    let _second = WorkersProcess::start(&app, &app.base);
+    let done = app.jobs_once("lead_to_marketing", "done", 1).await;
+    assert_eq!(done[0]["id"], running[0]["id"]);
+    assert!(done[0]["attempts"].as_i64().unwrap() >= 1, "{}", done[0]);
+    assert_ne!(
+        done[0]["lock_by"], running[0]["lock_by"],
+        "run by another worker"
+    );
+    let (_, marketing) = app.get("/marketing/leads", &app.admin).await;
+    assert_eq!(
+        marketing["total"], 1,
+        "exactly once downstream: {marketing}"
+    );
+    let crm = app.list_once("/crm/leads", &app.admin, 1).await;
+    assert_eq!(crm["items"][0]["email"], "ana@example.com");
 }
