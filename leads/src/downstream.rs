@@ -114,6 +114,7 @@ impl Downstream {
                 .await
             }
             Queue::QualifiedEmail => self.email(&record, job.qualified_at).await,
+            Queue::Noop => Ok(()),
         }
     }
 

@@ -21,17 +21,18 @@ use termopar_core::tasks::Tasks;
 
 use crate::{downstream::Downstream, settings::LeadsSettings};
 
-/// The queues, in the order of the seed's flow.
-pub const QUEUES: [&str; 4] = [
+/// The queues: the seed's flow, in order, and the no-op queue.
+pub const QUEUES: [&str; 5] = [
     Queue::LeadToMarketing.name(),
     Queue::LeadToCrm.name(),
     Queue::QualifiedEmail.name(),
     Queue::CustomerToCrm.name(),
+    Queue::Noop.name(),
 ];
 
-/// One arrow of the flow.
+/// One arrow of the flow, or the no-op queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queue {
+pub enum Queue {
     /// 1.1: a website lead posted to marketing.
     LeadToMarketing,
     /// 1.2: a website lead posted to the CRM.
@@ -40,15 +41,20 @@ pub(crate) enum Queue {
     QualifiedEmail,
     /// 3.1: a website customer posted to the CRM.
     CustomerToCrm,
+    /// Jobs that do nothing: the job system's own cost (`make bench-jobs`), and a probe
+    /// that workers are taking jobs.
+    Noop,
 }
 
 impl Queue {
-    pub(crate) const fn name(self) -> &'static str {
+    /// The queue's name (apalis's `job_type`).
+    pub const fn name(self) -> &'static str {
         match self {
             Self::LeadToMarketing => "lead_to_marketing",
             Self::LeadToCrm => "lead_to_crm",
             Self::QualifiedEmail => "qualified_lead_email",
             Self::CustomerToCrm => "customer_to_crm",
+            Self::Noop => "noop",
         }
     }
 }
@@ -68,7 +74,7 @@ pub struct Job {
 
 /// Enqueues `jobs` on `queue` within the caller's transaction: they exist exactly when
 /// what triggered them does.
-pub(crate) async fn enqueue(
+pub async fn enqueue(
     db: &mut PgConnection,
     queue: Queue,
     jobs: &[Job],
@@ -179,6 +185,14 @@ async fn customer_to_crm(
     run(job, worker, attempt, Queue::CustomerToCrm).await
 }
 
+async fn noop(job: Job, worker: Data<Worker>, attempt: Attempt) -> Result<(), BoxDynError> {
+    let max_attempts = worker.max_attempts;
+    observe(Queue::Noop, job, &attempt, max_attempts, |_| async {
+        Ok(())
+    })
+    .await
+}
+
 /// apalis's tables (schema `apalis`), with their own migrations table so that neither
 /// set of migrations sees the other's as missing.
 pub(crate) async fn migrate(pg: &PgPool) -> anyhow::Result<()> {
@@ -268,10 +282,11 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
         tasks,
         pg,
         settings,
-        worker,
+        worker.clone(),
         Queue::CustomerToCrm,
         customer_to_crm,
     );
+    spawn(tasks, pg, settings, worker, Queue::Noop, noop);
 }
 
 /// Decodes a job's payload as stored (for the dashboard).
