@@ -367,7 +367,10 @@ async fn a_job_whose_system_is_down_dies_with_its_error_and_a_dashboard_retry_de
     let marketing = app.list_once("/marketing/leads", &app.admin, 1).await;
     assert_eq!(marketing["items"][0]["email"], "ana@example.com");
 
-    // Only admins see the dashboard.
+    // The dashboard's page is served; only admins see its data.
+    let page = app.http.get(app.url("/ui/jobs")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("/jobs/queues"));
     let (_, operator) = app.user_with_token("operator", Some(id(&client))).await;
     let refused = app.get("/jobs/queues", &operator).await;
     assert_error(&refused, StatusCode::FORBIDDEN, "forbidden");
