@@ -40,7 +40,8 @@ pub struct LeadsSettings {
     /// Whether this process runs the job workers (`JOBS_WORKERS`, default true: edge
     /// mode runs them inside; cloud mode gives them a process of their own).
     pub workers: bool,
-    /// Jobs of one queue a worker runs at once (`JOBS_CONCURRENCY`, default 8).
+    /// Jobs of one queue a worker claims and runs at once (`JOBS_CONCURRENCY`, default
+    /// 64: apalis finishes ~370 no-op jobs/s with 8, ~2,700/s with 64, no more above).
     pub concurrency: usize,
     /// Tries of a job before it is dead (`JOBS_MAX_ATTEMPTS`, default 8).
     pub max_attempts: u32,
@@ -83,7 +84,7 @@ impl Default for LeadsSettings {
     fn default() -> Self {
         Self {
             workers: true,
-            concurrency: 8,
+            concurrency: 64,
             max_attempts: 8,
             backoff: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
