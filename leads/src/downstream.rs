@@ -12,7 +12,7 @@ use lettre::{
 use secrecy::ExposeSecret;
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use termopar_web::tokens::{Jwt, TokenType};
@@ -36,7 +36,8 @@ pub(crate) struct Downstream {
     crm_url: String,
     mailer: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
-    service: OnceCell<(Uuid, i32)>,
+    /// The service account's id and token version, until a 401 says they changed.
+    service: Mutex<Option<(Uuid, i32)>>,
 }
 
 impl Downstream {
@@ -79,7 +80,7 @@ impl Downstream {
             crm_url: base(&settings.crm_url),
             mailer: mailer.build(),
             from: smtp.from.parse()?,
-            service: OnceCell::new(),
+            service: Mutex::new(None),
         })
     }
 
@@ -129,24 +130,32 @@ impl Downstream {
         .await
     }
 
-    /// A fresh access token of the service account.
+    /// A fresh access token of the service account (created, or made an admin again,
+    /// when first needed and after a 401).
     async fn token(&self) -> Result<String, sqlx::Error> {
-        let (id, version) = *self
-            .service
-            .get_or_try_init(|| async {
+        let mut service = self.service.lock().await;
+        let (id, version) = match *service {
+            Some(known) => known,
+            None => {
                 let id = Uuid::new_v5(&Uuid::NAMESPACE_DNS, SERVICE_EMAIL.as_bytes());
-                sqlx::query_as::<_, (Uuid, i32)>(
+                let known = sqlx::query_as::<_, (Uuid, i32)>(
                     "INSERT INTO users (id, email, password_hash, role)
                      VALUES ($1, $2, '!', 'admin')
-                     ON CONFLICT (id) DO UPDATE SET role = 'admin'
+                     ON CONFLICT (id) DO UPDATE SET role = 'admin', client_id = NULL,
+                         -- Tokens cached with the changed role stop working.
+                         token_version = users.token_version
+                             + CASE WHEN users.role = 'admin' AND users.client_id IS NULL
+                                    THEN 0 ELSE 1 END
                      RETURNING id, token_version",
                 )
                 .bind(id)
                 .bind(SERVICE_EMAIL)
                 .fetch_one(&self.pg)
-                .await
-            })
-            .await?;
+                .await?;
+                *service = Some(known);
+                known
+            }
+        };
         Ok(self
             .jwt
             .issue(TokenType::Access, id, version, Uuid::new_v4()))
@@ -180,13 +189,19 @@ impl Downstream {
         if status.is_success() {
             return Ok(());
         }
+        if matches!(status.as_u16(), 401 | 403) {
+            // The service account was changed or deleted: look it up again next time.
+            *self.service.lock().await = None;
+        }
         let text = response.text().await.unwrap_or_default();
         let error = format!(
             "{path} answered {status}: {}",
             text.chars().take(500).collect::<String>()
         );
-        // A refusal that a retry cannot change ends the job now.
-        if status.is_client_error() && !matches!(status.as_u16(), 401 | 408 | 409 | 425 | 429) {
+        // A refusal that a retry cannot change ends the job now (401 and 403 can: the
+        // service account is looked up again).
+        if status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 425 | 429)
+        {
             return Err(AbortError::new(error).into());
         }
         Err(error.into())

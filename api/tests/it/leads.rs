@@ -647,3 +647,43 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_another_and_the_lead_exists_o
     let crm = app.list_once("/crm/leads", &app.admin, 1).await;
     assert_eq!(crm["items"][0]["email"], "ana@example.com");
 }
+
+#[tokio::test]
+async fn the_workers_restore_their_service_account_when_an_admin_deletes_it() {
+    let app = TestApp::spawn_with(|s| {
+        s.auth.user_cache_ttl = Duration::from_millis(200);
+        s.leads.backoff = Duration::from_millis(50);
+        s.leads.backoff_max = Duration::from_millis(200);
+    })
+    .await;
+    let client = app.create_client("Shop").await;
+    let site = app.create_site(id(&client), "Shop", &[ORIGIN]).await;
+    let (status, _, _) = app.form("/leads", Some(ORIGIN), lead(id(&site))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    app.list_once("/marketing/leads", &app.admin, 1).await;
+
+    let service = |users: &Value| {
+        users["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["email"] == "jobs@termopar.internal")
+            .cloned()
+    };
+    let (_, users) = app.get("/users?page_size=1000", &app.admin).await;
+    let account = service(&users).expect("the workers' account exists");
+    assert_eq!(account["role"], "admin");
+    let (status, _) = app
+        .delete(&format!("/users/{}", id(&account)), &app.admin)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let mut second = lead(id(&site));
+    second["email"] = json!("bruno@example.com");
+    let (status, _, _) = app.form("/leads", Some(ORIGIN), second).await;
+    assert_eq!(status, StatusCode::CREATED);
+    app.list_once("/marketing/leads", &app.admin, 2).await;
+    app.jobs_once("lead_to_marketing", "done", 2).await;
+    let (_, users) = app.get("/users?page_size=1000", &app.admin).await;
+    assert_eq!(service(&users).expect("restored")["role"], "admin");
+}
