@@ -275,6 +275,11 @@ async fn the_seeds_flow_reaches_marketing_the_crm_and_the_leads_inbox() {
     )
     .await;
     assert_eq!(website["total"], 1, "{website}");
+    for path in ["/costumers", "/customers", "/crm/costumers"] {
+        let (status, same) = app.get(path, &app.admin).await;
+        assert_eq!(status, StatusCode::OK, "/api/v1{path}: {same}");
+        assert_eq!(same["total"], 1, "/api/v1{path}: {same}");
+    }
 
     // The dashboard counts what happened, per queue (once the last job's result is in).
     app.jobs_once("customer_to_crm", "done", 1).await;
