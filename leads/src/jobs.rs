@@ -1,8 +1,8 @@
 //! The pipeline's background jobs, on apalis with its PostgreSQL storage: each arrow of
 //! the seed's flow is a queue; a job is enqueued in the transaction that saves what
 //! triggers it, run by a worker woken by `NOTIFY`, retried with exponential backoff
-//! and jitter, dead (`Killed`) after `JOBS_MAX_ATTEMPTS`, and run again elsewhere when
-//! its worker stops sending heartbeats.
+//! and jitter, dead after `JOBS_MAX_ATTEMPTS` (or at once when a retry cannot help),
+//! and run again elsewhere when its worker stops sending heartbeats.
 
 use std::{sync::Arc, time::Duration};
 
@@ -125,7 +125,8 @@ where
         Ok(()) => metrics::counter!("jobs_succeeded_total", "queue" => q).increment(1),
         Err(e) => {
             metrics::counter!("jobs_failed_total", "queue" => q).increment(1);
-            if attempt.current() >= max_attempts as usize {
+            let aborted = e.downcast_ref::<AbortError>().is_some();
+            if aborted || attempt.current() >= max_attempts as usize {
                 metrics::counter!("jobs_dead_total", "queue" => q).increment(1);
                 tracing::warn!(queue = q, error = %e, attempt = attempt.current(), "job dead");
             } else {

@@ -692,3 +692,27 @@ async fn the_workers_restore_their_service_account_when_an_admin_deletes_it() {
     let (_, users) = app.get("/users?page_size=1000", &app.admin).await;
     assert_eq!(service(&users).expect("restored")["role"], "admin");
 }
+
+#[tokio::test]
+async fn a_refusal_no_retry_can_change_kills_the_job_at_its_first_attempt() {
+    let port = free_port();
+    let app = TestApp::spawn_with(|s| {
+        // Marketing "moved": every post there is answered 404.
+        s.leads.marketing_url = Some(format!("http://127.0.0.1:{port}/moved"));
+        s.leads.backoff = Duration::from_millis(20);
+        s.leads.backoff_max = Duration::from_millis(100);
+    })
+    .await;
+    forward(port, app.base.trim_start_matches("http://").to_owned()).await;
+    let client = app.create_client("Shop").await;
+    let site = app.create_site(id(&client), "Shop", &[ORIGIN]).await;
+    let (status, _, _) = app.form("/leads", Some(ORIGIN), lead(id(&site))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let dead = app.jobs_once("lead_to_marketing", "dead", 1).await;
+    assert_eq!(dead[0]["attempts"], 1, "{}", dead[0]);
+    assert!(
+        dead[0]["last_result"].to_string().contains("404"),
+        "{}",
+        dead[0]
+    );
+}
