@@ -19,7 +19,7 @@ use termopar_web::tokens::{Jwt, TokenType};
 
 use crate::{
     jobs::{Job, Queue},
-    records::Record,
+    records::{self, Record},
     settings::{LeadsSettings, SmtpTls},
 };
 
@@ -86,7 +86,7 @@ impl Downstream {
 
     /// Does what a job of `queue` is for.
     pub(crate) async fn carry(&self, queue: Queue, job: &Job) -> Result<(), BoxDynError> {
-        let Some(record) = self.record(job.record_id).await? else {
+        let Some(record) = records::find(&self.pg, job.record_id).await? else {
             // Deleted since: nothing left to carry.
             tracing::info!(record = %job.record_id, queue = queue.name(), "record gone; job done");
             return Ok(());
@@ -117,17 +117,6 @@ impl Downstream {
             Queue::QualifiedEmail => self.email(&record, job.qualified_at).await,
             Queue::Noop => Ok(()),
         }
-    }
-
-    async fn record(&self, id: Uuid) -> Result<Option<Record>, sqlx::Error> {
-        sqlx::query_as::<_, Record>(
-            "SELECT id, client_id, site_id, name, email, phone, company, message, qualified,
-                    qualified_at, emailed_at, created_at, updated_at
-             FROM pipeline_records WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pg)
-        .await
     }
 
     /// A fresh access token of the service account (created, or made an admin again,

@@ -21,9 +21,8 @@ mod records;
 mod routes;
 mod settings;
 
-use std::{num::NonZeroU32, sync::Arc};
+use std::sync::Arc;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
 use termopar_core::tasks::Tasks;
 use termopar_tracking::Tracking;
@@ -49,7 +48,7 @@ struct Inner {
     pg: PgPool,
     settings: LeadsSettings,
     tracking: Tracking,
-    limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
+    limiter: termopar_web::rate::PerKey,
 }
 
 /// Starts one job worker per queue on `tasks` (what `Leads::start` does when
@@ -86,10 +85,7 @@ impl Leads {
         if settings.workers {
             run_workers(settings, &pg, jwt, api_url, tasks)?;
         }
-        let limiter = NonZeroU32::new(settings.rate_per_site).map(|rate| {
-            let burst = rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0"));
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+        let limiter = termopar_web::rate::PerKey::new(settings.rate_per_site);
         Ok(Self(Arc::new(Inner {
             pg,
             settings: settings.clone(),
@@ -111,9 +107,6 @@ impl Leads {
     }
 
     fn within_rate(&self, site: Uuid) -> bool {
-        self.0
-            .limiter
-            .as_ref()
-            .is_none_or(|l| l.check_key(&site).is_ok())
+        self.0.limiter.allows(site, 1)
     }
 }

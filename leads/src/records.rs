@@ -262,6 +262,18 @@ pub(crate) async fn insert(
     Ok((existing, false))
 }
 
+/// A record of any book, by id.
+pub(crate) async fn find(pg: &sqlx::PgPool, id: Uuid) -> Result<Option<Record>, sqlx::Error> {
+    sqlx::query_as::<_, Record>(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM pipeline_records WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pg)
+    .await
+}
+
 /// A record of `book` that `sees` allows (404 otherwise, also for other tenants').
 pub(crate) async fn visible(
     db: &mut PgConnection,

@@ -16,6 +16,8 @@ use termopar_web::{
     ApiError, ApiResult, BearerAuth, ErrorCode,
 };
 
+use termopar_tracking::Preflight;
+
 use crate::{
     jobs::{self, Job, Queue},
     records::{self, Book, Fields, Form, Person, Record},
@@ -43,20 +45,6 @@ pub(crate) enum FormPosted {
         /// The page's origin, when its site allows it.
         #[oai(header = "Access-Control-Allow-Origin")]
         Option<String>,
-        #[oai(header = "Vary")] String,
-    ),
-}
-
-/// The answer to a CORS preflight of a form post.
-#[derive(ApiResponse)]
-pub(crate) enum FormPreflight {
-    /// The methods and headers a page may use (the origin only when a site allows it).
-    #[oai(status = 204)]
-    Allowed(
-        #[oai(header = "Access-Control-Allow-Origin")] Option<String>,
-        #[oai(header = "Access-Control-Allow-Methods")] String,
-        #[oai(header = "Access-Control-Allow-Headers")] String,
-        #[oai(header = "Access-Control-Max-Age")] String,
         #[oai(header = "Vary")] String,
     ),
 }
@@ -126,20 +114,6 @@ async fn post_form(leads: &Leads, req: &Request, book: Book, form: &Form) -> Api
     Ok(FormPosted::Created(
         Json(record),
         origin.map(str::to_owned),
-        "Origin".into(),
-    ))
-}
-
-async fn preflight(leads: &Leads, origin: Option<String>) -> ApiResult<FormPreflight> {
-    let allowed = match origin {
-        Some(origin) if leads.tracking().allows_origin(&origin).await? => Some(origin),
-        _ => None,
-    };
-    Ok(FormPreflight::Allowed(
-        allowed,
-        "POST, OPTIONS".into(),
-        "Content-Type".into(),
-        "600".into(),
         "Origin".into(),
     ))
 }
@@ -341,8 +315,8 @@ book_api!(
             /// The page's origin.
             #[oai(name = "Origin")]
             origin: Header<Option<String>>,
-        ) -> ApiResult<FormPreflight> {
-            preflight(&leads, origin.0).await
+        ) -> ApiResult<Preflight> {
+            leads.tracking().preflight(origin.0).await
         }
     }
 );
@@ -380,8 +354,8 @@ book_api!(
             /// The page's origin.
             #[oai(name = "Origin")]
             origin: Header<Option<String>>,
-        ) -> ApiResult<FormPreflight> {
-            preflight(&leads, origin.0).await
+        ) -> ApiResult<Preflight> {
+            leads.tracking().preflight(origin.0).await
         }
     }
 );

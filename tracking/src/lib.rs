@@ -23,9 +23,8 @@ mod settings;
 mod sites;
 mod writer;
 
-use std::{num::NonZeroU32, sync::Arc};
+use std::sync::Arc;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use mongodb::{
     bson::{doc, Document},
@@ -39,7 +38,7 @@ use uuid::Uuid;
 
 pub use accesses::AccessesApi;
 pub use relay::HITS;
-pub use routes::{script, TrackApi, SCRIPT};
+pub use routes::{script, Preflight, TrackApi, SCRIPT};
 pub use settings::TrackingSettings;
 pub use sites::{SitesApi, CONSTRAINTS};
 
@@ -57,7 +56,7 @@ struct Inner {
     sites: Cache<Uuid, Option<Arc<sites::SiteInfo>>>,
     /// Whether any site allows an origin, for CORS preflights.
     origins: Cache<String, bool>,
-    limiter: Option<DefaultKeyedRateLimiter<Uuid>>,
+    limiter: termopar_web::rate::PerKey,
 }
 
 impl Tracking {
@@ -73,10 +72,7 @@ impl Tracking {
         tasks.spawn("tracking relay", move |stop| {
             relay::run(relay_pg, relay_hits, wake, stop, writers_gone)
         });
-        let limiter = NonZeroU32::new(settings.rate_per_site).map(|rate| {
-            let burst = rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0"));
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+        let limiter = termopar_web::rate::PerKey::new(settings.rate_per_site);
         Self(Arc::new(Inner {
             pg,
             hits,

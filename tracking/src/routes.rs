@@ -1,6 +1,6 @@
 //! `POST /track` (and its CORS preflight): hits from the tracker on client sites.
 
-use std::{collections::BTreeMap, num::NonZeroU32, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::Utc;
 use poem::{web::Data, Request};
@@ -139,9 +139,9 @@ pub(crate) enum Tracked {
     ),
 }
 
-/// The answer to a CORS preflight.
+/// The answer to a CORS preflight of a public endpoint of client sites.
 #[derive(ApiResponse)]
-pub(crate) enum Preflight {
+pub enum Preflight {
     /// Allowed when the origin is one a site allows (else without
     /// `Access-Control-Allow-Origin`, which the browser takes as a refusal).
     #[oai(status = 204)]
@@ -234,11 +234,7 @@ impl Tracking {
     }
 
     fn within_rate(&self, site: Uuid, hits: u32) -> bool {
-        let Some(limiter) = &self.0.limiter else {
-            return true;
-        };
-        let n = NonZeroU32::new(hits).expect("at least one hit");
-        matches!(limiter.check_key_n(&site, n), Ok(Ok(())))
+        self.0.limiter.allows(site, hits)
     }
 }
 
@@ -337,17 +333,7 @@ impl TrackApi {
         #[oai(name = "Origin")]
         origin: Header<Option<String>>,
     ) -> ApiResult<Preflight> {
-        let allowed = match origin.0 {
-            Some(origin) if tracking.origin_known(&origin).await? => Some(origin),
-            _ => None,
-        };
-        Ok(Preflight::Answered(
-            allowed,
-            "POST, OPTIONS".into(),
-            "Content-Type".into(),
-            86_400,
-            "Origin".into(),
-        ))
+        tracking.preflight(origin.0).await
     }
 }
 

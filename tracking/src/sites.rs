@@ -183,9 +183,20 @@ impl Tracking {
         }
     }
 
-    /// Whether some site allows pages of `origin` (for CORS preflights).
-    pub async fn allows_origin(&self, origin: &str) -> ApiResult<bool> {
-        self.origin_known(origin).await
+    /// The answer to a CORS preflight of a `POST` from pages of `origin`: allowed when
+    /// some site allows that origin.
+    pub async fn preflight(&self, origin: Option<String>) -> ApiResult<crate::routes::Preflight> {
+        let allowed = match origin {
+            Some(origin) if self.origin_known(&origin).await? => Some(origin),
+            _ => None,
+        };
+        Ok(crate::routes::Preflight::Answered(
+            allowed,
+            "POST, OPTIONS".into(),
+            "Content-Type".into(),
+            86_400,
+            "Origin".into(),
+        ))
     }
 }
 

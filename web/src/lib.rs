@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod openapi;
 pub mod pagination;
+pub mod rate;
 pub mod responses;
 pub mod settings;
 pub mod tokens;
