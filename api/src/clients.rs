@@ -118,6 +118,8 @@ impl ClientsApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
+        /// Only those whose name contains this text (case-insensitive).
+        q: Query<Option<String>>,
         /// Page number, from 1.
         #[oai(validator(minimum(value = "1")))]
         page: Query<Option<u32>>,
@@ -128,6 +130,7 @@ impl ClientsApi {
         let params = PageParams::new(page.0, page_size.0);
         let page = Listing::new("clients", columns!(), "created_at DESC, id DESC")
             .uuid("id", auth.0.tenant_scope())
+            .search(&["name"], q.0.as_deref())
             .page::<Client, _>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

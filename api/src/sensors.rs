@@ -199,6 +199,8 @@ impl SensorsApi {
         auth: BearerAuth,
         /// Only sensors of this client.
         client_id: Query<Option<Uuid>>,
+        /// Only those whose name or location contains this text (case-insensitive).
+        q: Query<Option<String>>,
         /// Page number, from 1.
         #[oai(validator(minimum(value = "1")))]
         page: Query<Option<u32>>,
@@ -213,6 +215,7 @@ impl SensorsApi {
         };
         let page = Listing::new("sensors", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", scope)
+            .search(&["name", "location"], q.0.as_deref())
             .page::<Sensor, _>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{bail, Context};
 use secrecy::{ExposeSecret, SecretString};
 pub use termopar_chat::ChatSettings;
+pub use termopar_console::ConsoleSettings;
 use termopar_core::settings::{
     env_or, env_pair, env_parse, env_var, DatabaseSettings, MongoSettings, MqttEndpoint,
 };
@@ -40,6 +41,8 @@ pub struct Settings {
     pub tracking: TrackingSettings,
     /// The lead pipeline and its job workers.
     pub leads: LeadsSettings,
+    /// The web console.
+    pub console: ConsoleSettings,
     /// The reading store (`CONSUMER_RECOVER_AFTER_SECS`, `RAW_CACHE_READINGS`).
     pub store: termopar_core::store::Tuning,
 }
@@ -74,6 +77,7 @@ impl Settings {
             webhook: ChatSettings::from_env()?,
             tracking: TrackingSettings::from_env()?,
             leads: LeadsSettings::from_env()?,
+            console: ConsoleSettings::from_env()?,
             store: termopar_core::settings::store_tuning()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))

@@ -14,6 +14,7 @@ use poem::{
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 use termopar_chat::{Chat, ChatApi};
+use termopar_console::Console;
 use termopar_core::tasks::Tasks;
 use termopar_leads::{
     CrmCustomersApi, CrmLeadsApi, JobsApi, Leads, MarketingLeadsApi, WebsiteCustomersApi,
@@ -98,6 +99,8 @@ pub struct Handles {
     pub leads: Leads,
     /// Finished days of daily averages.
     pub daily: DailyCache,
+    /// The web console.
+    pub console: Console,
     max_body_bytes: usize,
 }
 
@@ -111,7 +114,9 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         poem::IntoResponse::with_content_type(document.clone(), "application/json; charset=utf-8")
     });
     let max_body = handles.max_body_bytes;
-    Route::new()
+    let console = handles.console.clone();
+    let handles_console = handles.console.clone();
+    let app = Route::new()
         .at("/openapi.json", spec_json)
         .nest("/docs", swagger)
         .nest("/redoc", redoc)
@@ -120,6 +125,7 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .at("/metrics", get(health::metrics))
         .at("/ui/conversations", get(termopar_chat::page()))
         .at("/ui/jobs", get(termopar_leads::page()))
+        .nest("/ui", handles.console.routes())
         .at("/t.js", get(termopar_tracking::script()))
         // The chat system's own paths (seed 001): the same operations as under /api/v1.
         .at("/webhook", api.clone())
@@ -158,11 +164,19 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .with(AddData::new(handles.tracking))
         .with(AddData::new(handles.leads))
         .with(AddData::new(handles.daily))
+        .around(move |next, req| {
+            let console = console.clone();
+            async move { console.bridge(next, req).await }
+        })
         .with(CatchPanic::new().with_handler(panic_response))
         .around(record_metrics)
         .catch_all_error(into_json_error)
         .around(request_id)
-        .boxed()
+        .boxed();
+    // The console's page guards call the application in-process.
+    let app = Arc::new(app);
+    handles_console.attach(&app);
+    app.boxed()
 }
 
 /// Runs the lead pipeline's job workers alone until `shutdown`, then lets them finish
@@ -265,6 +279,11 @@ impl Application {
         let chat = Chat::start(&settings.webhook, pg.clone(), &mongo, &tasks);
         let tracking = Tracking::start(&settings.tracking, pg.clone(), &mongo, &tasks);
         let state = AppState::new(settings, pg.clone(), mongo, daily.hook());
+        let console = Console::new(
+            settings.console.clone(),
+            pg.clone(),
+            state.auth.jwt().clone(),
+        );
         let leads = Leads::start(
             &settings.leads,
             pg,
@@ -282,6 +301,7 @@ impl Application {
                 tracking,
                 leads,
                 daily,
+                console,
                 max_body_bytes: settings.max_body_bytes,
             },
             tasks,

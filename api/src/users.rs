@@ -234,6 +234,8 @@ impl UsersApi {
     /// List users, newest first.
     #[oai(path = "/", method = "get", operation_id = "listUsers")]
     #[tracing::instrument(skip_all)]
+    // Each query parameter is its own documented argument.
+    #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
         state: Data<&AppState>,
@@ -242,6 +244,8 @@ impl UsersApi {
         client_id: Query<Option<Uuid>>,
         /// Only users with this role.
         role: Query<Option<Role>>,
+        /// Only those whose e-mail contains this text (case-insensitive).
+        q: Query<Option<String>>,
         /// Page number, from 1.
         #[oai(validator(minimum(value = "1")))]
         page: Query<Option<u32>>,
@@ -254,6 +258,7 @@ impl UsersApi {
         let page = Listing::new("users", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", client_id.0)
             .text("role", role.0.map(Role::as_str))
+            .search(&["email"], q.0.as_deref())
             .page::<UserRow, User>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

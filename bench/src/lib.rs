@@ -236,6 +236,7 @@ pub async fn start_api(
         // Tracking's knobs (TRACKING_*) from the environment too.
         tracking: termopar_tracking::TrackingSettings::from_env()?,
         leads: termopar_api::settings::LeadsSettings::from_env()?,
+        console: termopar_api::settings::ConsoleSettings::from_env()?,
     };
     let app = termopar_api::Application::build(settings).await?;
     let handles = app.handles().clone();

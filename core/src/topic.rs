@@ -32,6 +32,15 @@ impl Topics {
         format!("{}clients/{client}/sensors/{sensor}/readings", self.prefix)
     }
 
+    /// The readings topic with `{client_id}` and `{sensor_id}` left as placeholders, for
+    /// people to fill in (the console's ready `mosquitto_pub` line).
+    pub fn readings_template(&self) -> String {
+        format!(
+            "{}clients/{{client_id}}/sensors/{{sensor_id}}/readings",
+            self.prefix
+        )
+    }
+
     /// `clients/{client_id}/sensors/{sensor_id}/`: the start of every topic of one
     /// sensor (its readings, and commands later).
     pub fn sensor_subtree(&self, client: ClientId, sensor: SensorId) -> String {

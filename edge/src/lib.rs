@@ -92,6 +92,10 @@ impl Edge {
             "mqtt://{}",
             reachable(settings.broker.addr)
         ))?);
+        // The console's ready `mosquitto_pub` line names the embedded broker.
+        settings.api.console.mqtt_port = settings.broker.addr.port();
+        settings.api.console.topics =
+            termopar_core::topic::Topics::new(&settings.broker.topic_prefix);
         let app = Application::prepare(&settings.api, pg, mongo).await?;
         let directory = app.state().directory.clone();
         let broker = termopar_broker::start(&settings.broker, Some(directory.clone())).await?;

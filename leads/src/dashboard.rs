@@ -385,8 +385,8 @@ async fn job(leads: &Leads, id: &str) -> ApiResult<JobView> {
     .ok_or_else(|| ApiError::not_found("job"))
 }
 
-/// `GET /ui/jobs`: the dashboard page (log in as an admin; the page calls the API with
-/// the token).
+/// `GET /ui/jobs`: the dashboard page, linked from the console (log in there as an admin;
+/// the page calls the API with the console's session).
 pub fn page() -> impl poem::Endpoint {
     poem::endpoint::make_sync(|_| Html(include_str!("../static/jobs.html")))
 }

@@ -245,6 +245,8 @@ impl SitesApi {
         auth: BearerAuth,
         /// Only sites of this client.
         client_id: Query<Option<Uuid>>,
+        /// Only those whose name contains this text (case-insensitive).
+        q: Query<Option<String>>,
         /// Page number, from 1.
         #[oai(validator(minimum(value = "1")))]
         page: Query<Option<u32>>,
@@ -258,6 +260,7 @@ impl SitesApi {
         };
         let page = Listing::new("sites", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", scope)
+            .search(&["name"], q.0.as_deref())
             .page::<Site, _>(tracking.pg(), params)
             .await?;
         Ok(Found::Ok(Json(page)))

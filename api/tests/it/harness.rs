@@ -40,6 +40,7 @@ pub fn settings(db: &TestDb, mongo: &TestMongo) -> Settings {
         webhook: Default::default(),
         tracking: Default::default(),
         leads: Default::default(),
+        console: Default::default(),
     }
 }
 

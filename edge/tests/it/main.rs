@@ -44,6 +44,7 @@ fn edge_settings(db: &TestDb, mongo: &TestMongo) -> EdgeSettings {
             webhook: Default::default(),
             tracking: Default::default(),
             leads: Default::default(),
+            console: Default::default(),
         },
         broker,
         consumer,
@@ -219,6 +220,7 @@ fn edge_mode_refuses_a_share_group_on_the_embedded_broker() {
             webhook: Default::default(),
             tracking: Default::default(),
             leads: Default::default(),
+            console: Default::default(),
         },
         broker: BrokerSettings::ephemeral(),
         consumer: ConsumerSettings::new(MqttEndpoint::parse("mqtt://127.0.0.1:1").unwrap(), "c"),
@@ -407,3 +409,5 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
     let counted = test_support::stored_count(&db.pool).await;
     assert_eq!(counted as usize, ids.len(), "counts match what is stored");
 }
+
+mod console;
