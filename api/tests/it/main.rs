@@ -4,6 +4,7 @@
 mod auth;
 mod authorization;
 mod clients;
+mod console;
 mod contract;
 mod daily;
 mod errors;
