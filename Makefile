@@ -13,7 +13,7 @@ CARGO ?= cargo
 # than 5432 when a cluster not ours holds it); a URL already in the environment wins.
 WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
 
-.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs docker-build up down
+.PHONY: help services services-down services-status run simulate test lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ fmt: ## Format the code
 
 ci: lint test ## What CI runs: lint, then the tests
 
-bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs ## Every benchmark, each printed as a table with ratios to baselines
+bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console ## Every benchmark, each printed as a table with ratios to baselines
 
 bench-build: services
 	@scripts/services.sh bench-tools
@@ -68,6 +68,9 @@ bench-tracking: bench-build ## Tracking hits/s accepted and sustained (64 sender
 
 bench-jobs: bench-build ## No-op jobs/s end to end and enqueue-to-start latency through the pipeline's job system vs a bare SKIP LOCKED queue
 	$(WITH_SERVICES) ./target/release/bench-jobs
+
+bench-console: bench-build ## Lighthouse scores (accessibility, performance, bytes) of the console's login, sensor list and sensor pages vs Swagger UI
+	$(WITH_SERVICES) ./target/release/bench-console
 
 docker-build: ## Build the container image
 	docker build -t termopar:latest .

@@ -300,6 +300,20 @@ browser_tools_up() {
     npm install --silent --no-audit --no-fund --prefix "$dir" "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
 }
 
+# Lighthouse scores the console's pages in `make bench` (driving the same Chromium); 12.x
+# is the last line that runs on Debian's Node 20 (13 wants Node 22).
+LIGHTHOUSE_VERSION=12.8.2
+lighthouse_up() {
+    local dir=$DEV_DIR/lighthouse
+    if [ "$(node -p "require('$dir/node_modules/lighthouse/package.json').version" 2>/dev/null)" = "$LIGHTHOUSE_VERSION" ]; then
+        return 0
+    fi
+    command -v npm >/dev/null || apt_install nodejs npm
+    log "installing lighthouse $LIGHTHOUSE_VERSION into $dir"
+    mkdir -p "$dir"
+    npm install --silent --no-audit --no-fund --prefix "$dir" "lighthouse@$LIGHTHOUSE_VERSION" >/dev/null
+}
+
 # ---------------------------------------------------------------- Mosquitto
 mosquitto_up() {
     apt_install mosquitto mosquitto-clients
@@ -363,8 +377,10 @@ case "${1:-up}" in
         ;;
     status) status ;;
     bench-tools)
-        # wrk: the HTTP load generator of `make bench`.
+        # wrk: the HTTP load generator of `make bench`; Lighthouse for the console's.
         apt_install wrk
+        browser_tools_up
+        lighthouse_up
         ;;
     env)
         # Shell assignments (the Makefile evaluates them); a variable already set wins.

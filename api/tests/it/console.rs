@@ -23,13 +23,20 @@ impl Browser {
             .unwrap();
         let resp = http
             .post(app.url("/ui/login"))
-            .form(&[("email", email), ("password", password), ("next", "/ui/sites")])
+            .form(&[
+                ("email", email),
+                ("password", password),
+                ("next", "/ui/sites"),
+            ])
             .send()
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
         assert_eq!(resp.headers()[header::LOCATION], "/ui/sites");
-        let set = resp.headers()[header::SET_COOKIE].to_str().unwrap().to_owned();
+        let set = resp.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert!(
             set.contains("HttpOnly") && set.contains("SameSite=Strict") && !set.contains("Secure"),
             "{set}"
@@ -49,7 +56,13 @@ impl Browser {
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
-        read(self.request(reqwest::Method::GET, path).send().await.unwrap()).await
+        read(
+            self.request(reqwest::Method::GET, path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     /// The CSRF token of the session, as its pages carry it.
@@ -72,9 +85,13 @@ async fn a_session_is_the_users_token_for_the_api_and_changes_need_its_csrf_toke
     let client = app.create_client("Console Co").await;
     let browser = Browser::login(&app, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let (status, me) = browser.get("/api/v1/auth/me").await;
-    assert_eq!((status, me["email"].as_str()), (StatusCode::OK, Some(ADMIN_EMAIL)));
+    assert_eq!(
+        (status, me["email"].as_str()),
+        (StatusCode::OK, Some(ADMIN_EMAIL))
+    );
 
-    let site = json!({"client_id": id(&client), "name": "Shop", "origins": ["https://shop.example"]});
+    let site =
+        json!({"client_id": id(&client), "name": "Shop", "origins": ["https://shop.example"]});
     let post = |headers: &[(&str, &str)]| {
         let mut req = browser
             .request(reqwest::Method::POST, "/api/v1/sites")
@@ -98,7 +115,10 @@ async fn a_session_is_the_users_token_for_the_api_and_changes_need_its_csrf_toke
     .await;
     assert_error(&elsewhere, StatusCode::FORBIDDEN, "forbidden");
     let (_, sites) = app.get("/sites", &app.admin).await;
-    assert_eq!(sites["total"], 0, "nothing was created by the refused requests");
+    assert_eq!(
+        sites["total"], 0,
+        "nothing was created by the refused requests"
+    );
     let created = read(post(&[("x-csrf-token", &csrf)]).await.unwrap()).await;
     assert_eq!(created.0, StatusCode::CREATED, "{}", created.1);
 
@@ -201,11 +221,11 @@ async fn sessions_end_when_idle_too_long_at_their_age_limit_and_at_logout() {
             _ => "UPDATE console_sessions SET created_at = now() - make_interval(mins => $2) WHERE id_hash = $1",
         };
         sqlx::query(sql)
-        .bind(hash)
-        .bind(minutes as i32)
-        .execute(pg)
-        .await
-        .unwrap();
+            .bind(hash)
+            .bind(minutes as i32)
+            .execute(pg)
+            .await
+            .unwrap();
     };
     let last_seen = |hash: Vec<u8>| async move {
         sqlx::query_scalar::<_, f64>(
@@ -228,9 +248,15 @@ async fn sessions_end_when_idle_too_long_at_their_age_limit_and_at_logout() {
         .await
         .unwrap();
     assert_eq!(polled.status(), StatusCode::OK);
-    assert!(last_seen(browser.hash()).await > 19.0 * 60.0, "a poll is not activity");
+    assert!(
+        last_seen(browser.hash()).await > 19.0 * 60.0,
+        "a poll is not activity"
+    );
     assert_eq!(browser.get("/api/v1/clients").await.0, StatusCode::OK);
-    assert!(last_seen(browser.hash()).await < 60.0, "a request is activity");
+    assert!(
+        last_seen(browser.hash()).await < 60.0,
+        "a request is activity"
+    );
     set("last_seen_at", 31, browser.hash()).await;
     assert_error(
         &browser.get("/api/v1/clients").await,
@@ -251,7 +277,10 @@ async fn sessions_end_when_idle_too_long_at_their_age_limit_and_at_logout() {
     // Age (default 12 hours), however active.
     let browser = Browser::login(&app, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     set("created_at", 12 * 60 + 1, browser.hash()).await;
-    assert_eq!(browser.get("/api/v1/clients").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser.get("/api/v1/clients").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     // Logout needs the session's CSRF token, and ends the session on the server.
     let browser = Browser::login(&app, ADMIN_EMAIL, ADMIN_PASSWORD).await;
@@ -275,7 +304,10 @@ async fn sessions_end_when_idle_too_long_at_their_age_limit_and_at_logout() {
         .to_str()
         .unwrap()
         .contains("Max-Age=0"));
-    assert_eq!(browser.get("/api/v1/clients").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser.get("/api/v1/clients").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -290,13 +322,20 @@ async fn a_password_change_ends_the_users_sessions_and_tls_makes_the_cookie_secu
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(browser.get("/api/v1/auth/me").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser.get("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let page = browser
         .request(reqwest::Method::GET, "/ui/sensors")
         .send()
         .await
         .unwrap();
-    assert_eq!(page.status(), StatusCode::SEE_OTHER, "back to the login page");
+    assert_eq!(
+        page.status(),
+        StatusCode::SEE_OTHER,
+        "back to the login page"
+    );
 
     // Behind a TLS proxy the cookie is Secure; a login form posted from another site is
     // refused.
@@ -339,7 +378,13 @@ async fn lists_search_by_part_of_a_name_literally() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| i["name"].as_str().or(i["email"].as_str()).unwrap().to_owned())
+            .map(|i| {
+                i["name"]
+                    .as_str()
+                    .or(i["email"].as_str())
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         names.sort();
         names
