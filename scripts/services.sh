@@ -286,33 +286,26 @@ test_tools_up() {
     browser_tools_up
 }
 
-# playwright-core drives Debian's Chromium in the browser tests; the version whose
-# Chromium matches Debian's (it never downloads a browser of its own).
-PLAYWRIGHT_VERSION=1.64.1
-browser_tools_up() {
-    local dir=$DEV_DIR/node
-    if [ "$(node -p "require('$dir/node_modules/playwright-core/package.json').version" 2>/dev/null)" = "$PLAYWRIGHT_VERSION" ]; then
+# An npm package at an exact version in its own directory under $DEV_DIR (checked first,
+# installed if missing or another version): npm_tool <dir> <package> <version>.
+npm_tool() {
+    local dir=$DEV_DIR/$1 package=$2 version=$3
+    if [ "$(node -p "require('$dir/node_modules/$package/package.json').version" 2>/dev/null)" = "$version" ]; then
         return 0
     fi
     command -v npm >/dev/null || apt_install nodejs npm
-    log "installing playwright-core $PLAYWRIGHT_VERSION into $dir"
+    log "installing $package $version into $dir"
     mkdir -p "$dir"
-    npm install --silent --no-audit --no-fund --prefix "$dir" "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
+    npm install --silent --no-audit --no-fund --prefix "$dir" "$package@$version" >/dev/null
 }
+
+# playwright-core drives Debian's Chromium in the browser tests; the version whose
+# Chromium matches Debian's (it never downloads a browser of its own).
+browser_tools_up() { npm_tool node playwright-core 1.64.1; }
 
 # Lighthouse scores the console's pages in `make bench` (driving the same Chromium); 12.x
 # is the last line that runs on Debian's Node 20 (13 wants Node 22).
-LIGHTHOUSE_VERSION=12.8.2
-lighthouse_up() {
-    local dir=$DEV_DIR/lighthouse
-    if [ "$(node -p "require('$dir/node_modules/lighthouse/package.json').version" 2>/dev/null)" = "$LIGHTHOUSE_VERSION" ]; then
-        return 0
-    fi
-    command -v npm >/dev/null || apt_install nodejs npm
-    log "installing lighthouse $LIGHTHOUSE_VERSION into $dir"
-    mkdir -p "$dir"
-    npm install --silent --no-audit --no-fund --prefix "$dir" "lighthouse@$LIGHTHOUSE_VERSION" >/dev/null
-}
+lighthouse_up() { npm_tool lighthouse lighthouse 12.8.2; }
 
 # ---------------------------------------------------------------- Mosquitto
 mosquitto_up() {

@@ -706,33 +706,42 @@ async fn fetch_as(console: &Console, visit: &Visit, path: &str) -> Result<Value,
     }
 }
 
-/// The time zone of a client the visitor can see.
-async fn timezone_of(console: &Console, visit: &Visit, client: &Value) -> Result<String, Response> {
-    let id = client.as_str().unwrap_or_default();
-    let client = fetch_as(console, visit, &format!("{API}/clients/{id}")).await?;
-    Ok(client["timezone"].as_str().unwrap_or("UTC").to_owned())
+/// A sensor or site (`what`: `sensors` or `sites`) the visitor can see, with its client's
+/// time zone; or the page to answer instead (404 for an id that is not one, or not the
+/// visitor's to see).
+async fn item_with_zone(
+    console: &Console,
+    visit: &Visit,
+    what: &str,
+    id: &str,
+) -> Result<(Uuid, Value, String), Response> {
+    let Ok(id) = id.parse::<Uuid>() else {
+        return Err(error_page(visit, StatusCode::NOT_FOUND, "not found"));
+    };
+    let item = fetch_as(console, visit, &format!("{API}/{what}/{id}")).await?;
+    let client = item["client_id"].as_str().unwrap_or_default();
+    let client = fetch_as(console, visit, &format!("{API}/clients/{client}")).await?;
+    let timezone = client["timezone"].as_str().unwrap_or("UTC").to_owned();
+    Ok((id, item, timezone))
+}
+
+fn text(item: &Value, key: &str) -> String {
+    item[key].as_str().unwrap_or_default().to_owned()
 }
 
 #[handler]
 async fn sensor(req: &Request, console: Data<&Console>, Path(id): Path<String>) -> Response {
     let visit = visit_or_return!(&console, req);
-    let Ok(id) = id.parse::<Uuid>() else {
-        return error_page(&visit, StatusCode::NOT_FOUND, "sensor not found");
-    };
-    let sensor = match fetch_as(&console, &visit, &format!("{API}/sensors/{id}")).await {
-        Ok(sensor) => sensor,
+    let (id, sensor, timezone) = match item_with_zone(&console, &visit, "sensors", &id).await {
+        Ok(found) => found,
         Err(response) => return response,
     };
-    let timezone = match timezone_of(&console, &visit, &sensor["client_id"]).await {
-        Ok(tz) => tz,
-        Err(response) => return response,
-    };
-    let name = sensor["name"].as_str().unwrap_or_default().to_owned();
+    let name = text(&sensor, "name");
     let page = SensorPage {
         shell: Shell::new(&visit, format!("Sensor {name}"), "/ui/sensors", true),
         id,
         name,
-        location: sensor["location"].as_str().unwrap_or_default().to_owned(),
+        location: text(&sensor, "location"),
         timezone,
     };
     html(StatusCode::OK, page.render())
@@ -741,18 +750,11 @@ async fn sensor(req: &Request, console: Data<&Console>, Path(id): Path<String>) 
 #[handler]
 async fn site(req: &Request, console: Data<&Console>, Path(id): Path<String>) -> Response {
     let visit = visit_or_return!(&console, req);
-    let Ok(id) = id.parse::<Uuid>() else {
-        return error_page(&visit, StatusCode::NOT_FOUND, "site not found");
-    };
-    let site = match fetch_as(&console, &visit, &format!("{API}/sites/{id}")).await {
-        Ok(site) => site,
+    let (id, site, timezone) = match item_with_zone(&console, &visit, "sites", &id).await {
+        Ok(found) => found,
         Err(response) => return response,
     };
-    let timezone = match timezone_of(&console, &visit, &site["client_id"]).await {
-        Ok(tz) => tz,
-        Err(response) => return response,
-    };
-    let name = site["name"].as_str().unwrap_or_default().to_owned();
+    let name = text(&site, "name");
     let origins = site["origins"]
         .as_array()
         .map(|o| {
