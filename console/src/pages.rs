@@ -188,6 +188,14 @@ struct Column {
     label: &'static str,
 }
 
+const fn col(key: &'static str, label: &'static str) -> Column {
+    Column { key, label }
+}
+
+/// The columns most lists end with.
+const CLIENT: Column = col("client_id", "Client");
+const CREATED: Column = col("created_at", "Created");
+
 /// A field of an entity's form.
 #[derive(Serialize)]
 struct Field {
@@ -262,20 +270,7 @@ const CLIENTS: Entity = Entity {
     title: "Clients",
     singular: "client",
     api: "/api/v1/clients",
-    columns: &[
-        Column {
-            key: "name",
-            label: "Name",
-        },
-        Column {
-            key: "timezone",
-            label: "Time zone",
-        },
-        Column {
-            key: "created_at",
-            label: "Created",
-        },
-    ],
+    columns: &[col("name", "Name"), col("timezone", "Time zone"), CREATED],
     fields: &[
         Field::new("name", "Name", "text"),
         Field::new("timezone", "Time zone", "timezone")
@@ -291,24 +286,7 @@ const USERS: Entity = Entity {
     title: "Users",
     singular: "user",
     api: "/api/v1/users",
-    columns: &[
-        Column {
-            key: "email",
-            label: "E-mail",
-        },
-        Column {
-            key: "role",
-            label: "Role",
-        },
-        Column {
-            key: "client_id",
-            label: "Client",
-        },
-        Column {
-            key: "created_at",
-            label: "Created",
-        },
-    ],
+    columns: &[col("email", "E-mail"), col("role", "Role"), CLIENT, CREATED],
     fields: &[
         Field::new("email", "E-mail", "email"),
         Field::new("password", "Password", "password")
@@ -329,22 +307,10 @@ const SENSORS: Entity = Entity {
     singular: "sensor",
     api: "/api/v1/sensors",
     columns: &[
-        Column {
-            key: "name",
-            label: "Name",
-        },
-        Column {
-            key: "location",
-            label: "Location",
-        },
-        Column {
-            key: "client_id",
-            label: "Client",
-        },
-        Column {
-            key: "created_at",
-            label: "Created",
-        },
+        col("name", "Name"),
+        col("location", "Location"),
+        CLIENT,
+        CREATED,
     ],
     fields: &[
         Field::new("name", "Name", "text"),
@@ -362,22 +328,10 @@ const SITES: Entity = Entity {
     singular: "site",
     api: "/api/v1/sites",
     columns: &[
-        Column {
-            key: "name",
-            label: "Name",
-        },
-        Column {
-            key: "origins",
-            label: "Origins",
-        },
-        Column {
-            key: "client_id",
-            label: "Client",
-        },
-        Column {
-            key: "created_at",
-            label: "Created",
-        },
+        col("name", "Name"),
+        col("origins", "Origins"),
+        CLIENT,
+        CREATED,
     ],
     fields: &[
         Field::new("name", "Name", "text"),
