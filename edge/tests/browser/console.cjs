@@ -92,6 +92,37 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     check((await page.textContent("#rows")).includes("Other Co"), "searching clients finds by part of the name");
     await shot(page, "03-clients");
 
+    // Pages of 20: twenty more clients (through the API) make a second page.
+    const token = (await (await fetch(base + "/api/v1/auth/login", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ email: process.env.ADMIN_EMAIL, password: process.env.ADMIN_PASSWORD }),
+    })).json()).access_token;
+    for (let k = 0; k < 20; k++) {
+      const r = await fetch(base + "/api/v1/clients", {
+        method: "POST", headers: { "Content-Type": "application/json", Authorization: "Bearer " + token },
+        body: JSON.stringify({ name: `Filler ${k}`, timezone: "UTC" }),
+      });
+      if (r.status !== 201) throw new Error(`creating filler client ${k}: ${r.status}`);
+    }
+    await page.fill("#q", "");
+    await page.click("#search button[type=submit]");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.startsWith("Page 1 of 2 · 22"), null, WAIT);
+    await page.click("#next");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.startsWith("Page 2 of 2") && document.querySelectorAll("#rows tr").length === 2, null, WAIT);
+    check((await page.textContent("#rows")).includes("Cold Chain A"), "the second page holds the oldest clients");
+
+    // Edit and delete: a client renamed, then deleted.
+    await page.click("#prev");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.startsWith("Page 1 of 2"), null, WAIT);
+    await page.click("button[aria-label='Edit Filler 19']");
+    await page.waitForSelector("#editor[open]", WAIT);
+    await page.fill("#editor [name=name]", "Filler renamed");
+    await page.click("#save");
+    await page.waitForSelector("#rows >> text=Filler renamed", WAIT);
+    await page.click("button[aria-label='Delete Filler renamed']");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("21 in all") && !document.getElementById("rows").textContent.includes("Filler renamed"), null, WAIT);
+    check(true, "a client is renamed and deleted from its row");
+
     // Sensors: the secret is shown once, with a ready mosquitto_pub line.
     await page.click("nav >> text=Manage sensors");
     await page.waitForURL(base + "/ui/admin/sensors", WAIT);
