@@ -130,7 +130,7 @@ impl ClientsApi {
         let params = PageParams::new(page.0, page_size.0);
         let page = Listing::new("clients", columns!(), "created_at DESC, id DESC")
             .uuid("id", auth.0.tenant_scope())
-            .search(&["name"], q.0.as_deref())
+            .search(&["name"], q.0.as_deref())?
             .page::<Client, _>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

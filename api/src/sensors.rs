@@ -215,7 +215,7 @@ impl SensorsApi {
         };
         let page = Listing::new("sensors", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", scope)
-            .search(&["name", "location"], q.0.as_deref())
+            .search(&["name", "location"], q.0.as_deref())?
             .page::<Sensor, _>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

@@ -258,7 +258,7 @@ impl UsersApi {
         let page = Listing::new("users", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", client_id.0)
             .text("role", role.0.map(Role::as_str))
-            .search(&["email"], q.0.as_deref())
+            .search(&["email"], q.0.as_deref())?
             .page::<UserRow, User>(&state.pg, params)
             .await?;
         Ok(Found::Ok(Json(page)))

@@ -260,7 +260,7 @@ impl SitesApi {
         };
         let page = Listing::new("sites", columns!(), "created_at DESC, id DESC")
             .uuid("client_id", scope)
-            .search(&["name"], q.0.as_deref())
+            .search(&["name"], q.0.as_deref())?
             .page::<Site, _>(tracking.pg(), params)
             .await?;
         Ok(Found::Ok(Json(page)))

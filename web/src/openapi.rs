@@ -31,8 +31,8 @@ impl Constraint {
     }
 }
 
-/// The document `spec` (JSON) with every optional property nullable and `constraints`
-/// applied. Panics when a constraint names a schema or property the document does not
+/// The document `spec` (JSON) with every optional property nullable, `constraints`
+/// applied, and links from each creation to the operations on what it created. Panics when a constraint names a schema or property the document does not
 /// have: a rename must not silently drop it (the API's tests build the document).
 pub fn refine(spec: &str, constraints: &[Constraint]) -> String {
     let mut doc: Value = serde_json::from_str(spec).expect("poem-openapi writes JSON");
@@ -55,7 +55,60 @@ pub fn refine(spec: &str, constraints: &[Constraint]) -> String {
             }
         }
     }
+    link_created_resources(&mut doc);
     serde_json::to_string(&doc).expect("serializable")
+}
+
+/// OpenAPI links from every `POST /x` answering 201 to the operations of `/x/{id}` and
+/// below it (`/x/{id}/...`) with the created body's `id` as their `id`: how clients (and
+/// stateful fuzzers) know that a created resource is read, changed and deleted there.
+fn link_created_resources(doc: &mut Value) {
+    let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
+        return;
+    };
+    let mut links: Vec<(String, String)> = Vec::new();
+    for (path, item) in paths {
+        if item.pointer("/post/responses/201").is_none() {
+            continue;
+        }
+        let below = format!("{path}/{{id}}");
+        for (other, operations) in paths {
+            if other != &below && !other.starts_with(&format!("{below}/")) {
+                continue;
+            }
+            let Some(operations) = operations.as_object() else {
+                continue;
+            };
+            for operation in operations.values() {
+                if let Some(id) = operation.get("operationId").and_then(Value::as_str) {
+                    links.push((path.clone(), id.to_owned()));
+                }
+            }
+        }
+    }
+    for (path, target) in links {
+        let Some(response) = doc
+            .pointer_mut(&format!(
+                "/paths/{}/post/responses/201",
+                path.replace('~', "~0").replace('/', "~1")
+            ))
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        let links = response
+            .entry("links")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(links) = links.as_object_mut() {
+            links.insert(
+                target.clone(),
+                serde_json::json!({
+                    "operationId": target,
+                    "parameters": {"id": "$response.body#/id"},
+                }),
+            );
+        }
+    }
 }
 
 /// Marks every property an object schema does not require as nullable (a `$ref` through
@@ -128,6 +181,38 @@ mod tests {
             props["owner"],
             json!({"allOf": [{"$ref": "#/components/schemas/Owner"}], "nullable": true})
         );
+    }
+
+    #[test]
+    fn a_creation_links_to_the_operations_on_what_it_created() {
+        let spec = json!({
+            "paths": {
+                "/things": {
+                    "post": {"operationId": "createThing", "responses": {"201": {}}},
+                    "get": {"operationId": "listThings", "responses": {"200": {}}},
+                },
+                "/things/{id}": {
+                    "get": {"operationId": "getThing", "responses": {}},
+                    "delete": {"operationId": "deleteThing", "responses": {}},
+                },
+                "/things/{id}/parts": {"get": {"operationId": "thingParts", "responses": {}}},
+                "/thingsmore/{id}": {"get": {"operationId": "other", "responses": {}}},
+            }
+        });
+        let doc: Value = serde_json::from_str(&refine(&spec.to_string(), &[])).unwrap();
+        let links = doc["paths"]["/things"]["post"]["responses"]["201"]["links"]
+            .as_object()
+            .unwrap();
+        let mut names: Vec<&String> = links.keys().collect();
+        names.sort();
+        assert_eq!(names, ["deleteThing", "getThing", "thingParts"]);
+        assert_eq!(
+            links["getThing"],
+            json!({"operationId": "getThing", "parameters": {"id": "$response.body#/id"}})
+        );
+        assert!(doc["paths"]["/things"]["get"]["responses"]["200"]
+            .get("links")
+            .is_none());
     }
 
     #[test]

@@ -126,13 +126,24 @@ impl<'a> Listing<'a> {
     }
 
     /// Only rows where one of the text `columns` contains `q` (case-insensitive), when
-    /// `q` is given and not blank. Served by the columns' trigram indexes.
-    pub fn search(mut self, columns: &'static [&'static str], q: Option<&str>) -> Self {
+    /// `q` is given and not blank. Served by the columns' trigram indexes. 422 for a `q`
+    /// PostgreSQL cannot hold (a NUL character).
+    pub fn search(
+        mut self,
+        columns: &'static [&'static str],
+        q: Option<&str>,
+    ) -> crate::error::ApiResult<Self> {
         if let Some(q) = q.map(str::trim).filter(|q| !q.is_empty()) {
+            if q.contains('\0') {
+                return Err(crate::error::ApiError::validation(
+                    "q",
+                    "q must not contain a NUL character",
+                ));
+            }
             self.filters
                 .push(Filter::Contains(columns, contains_pattern(q)));
         }
-        self
+        Ok(self)
     }
 
     fn query(&self, head: &str) -> sqlx::QueryBuilder<sqlx::Postgres> {

@@ -400,6 +400,16 @@ async fn lists_search_by_part_of_a_name_literally() {
     assert_eq!(names(found), ["Cold_Storage"], "_ is itself");
     let (_, found) = app.get("/clients?q=%20%20", &app.admin).await;
     assert_eq!(found["total"], 3, "a blank search is no search");
+    // Found by the fuzzer: PostgreSQL cannot hold a NUL, so it is a 422, not a 500.
+    for list in ["/clients", "/users", "/sensors", "/sites"] {
+        let refused = app.get(&format!("{list}?q=a%00b"), &app.admin).await;
+        assert_error(
+            &refused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(refused.1["field"], "q");
+    }
 
     app.create_sensor(id(&cold), "Freezer north").await;
     app.create_sensor(id(&cold), "Chiller").await;
