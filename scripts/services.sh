@@ -274,15 +274,31 @@ ferretdb_down() {
 # ---------------------------------------------------------------- test tools
 # Third-party MQTT clients the tests drive besides mosquitto_pub/sub: paho-mqtt 2
 # (Python, from PyPI) in a virtualenv of our own; openssl makes test certificates.
+# Schemathesis (PyPI) fuzzes the API in `make test-fuzz`, in a virtualenv of its own
+# (pymongo drops the run's database afterwards).
 PAHO_VERSION=2.1.0
+SCHEMATHESIS_VERSION=4.32.5
+PYMONGO_VERSION=4.20.1
+
+# A virtualenv under $DEV_DIR holding exact versions (checked first, installed if
+# missing or another version): py_tools <dir> <module>==<version>...
+py_tools() {
+    local venv=$DEV_DIR/$1 frozen want missing=0
+    shift
+    frozen=$("$venv/bin/pip" freeze 2>/dev/null | tr '[:upper:]_' '[:lower:]-') || frozen=
+    for want in "$@"; do
+        grep -qxF "$(printf '%s' "$want" | tr '[:upper:]_' '[:lower:]-')" <<<"$frozen" || missing=1
+    done
+    [ "$missing" = 0 ] && return 0
+    log "installing $* into $venv"
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "$@"
+}
+
 test_tools_up() {
     apt_install python3-venv openssl chromium
-    local venv=$DEV_DIR/venv
-    if ! "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
-        log "installing paho-mqtt $PAHO_VERSION into $venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "paho-mqtt==$PAHO_VERSION"
-    fi
+    py_tools venv "paho-mqtt==$PAHO_VERSION"
+    py_tools schemathesis "schemathesis==$SCHEMATHESIS_VERSION" "pymongo==$PYMONGO_VERSION"
     browser_tools_up
 }
 
