@@ -411,3 +411,4 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
 }
 
 mod console;
+mod dashboard;
