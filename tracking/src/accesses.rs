@@ -75,8 +75,8 @@ pub(crate) struct AccessPage {
 pub(crate) struct DayCount {
     /// The local date.
     pub date: NaiveDate,
-    /// Accesses that day.
-    pub hits: i64,
+    /// Accesses that day (`count`, as the contract names it).
+    pub count: i64,
 }
 
 /// Accesses per local day, oldest first, every day of the range (0 when none).
@@ -123,8 +123,8 @@ pub(crate) struct UserContext {
     pub site_id: Uuid,
     /// The context.
     pub context: String,
-    /// Accesses of pages with this context.
-    pub hits: i64,
+    /// Accesses of pages with this context (`count`, as the contract names it).
+    pub count: i64,
     /// First access in the window.
     pub first_seen: DateTime<Utc>,
     /// Last access in the window.
@@ -584,7 +584,10 @@ impl AccessesApi {
                 }
                 _ => 0,
             };
-            items.push(DayCount { date: day, hits });
+            items.push(DayCount {
+                date: day,
+                count: hits,
+            });
             day = day + chrono::Days::new(1);
         }
         Ok(Found::Ok(Json(DailyAccesses {
@@ -685,7 +688,7 @@ impl AccessesApi {
         let (from, to) = rollup_window(from.0, to.0)?;
         let scope = auth.0.tenant_scope();
         let items = sqlx::query_as::<_, UserContext>(
-            "SELECT u.site_id, u.context, sum(u.hits)::int8 AS hits,
+            "SELECT u.site_id, u.context, sum(u.hits)::int8 AS count,
                     min(u.first_seen) AS first_seen, max(u.last_seen) AS last_seen
              FROM tracking_user_contexts u JOIN sites s ON s.id = u.site_id
              WHERE u.user_id = $1 AND u.bucket >= $2 AND u.bucket < $3

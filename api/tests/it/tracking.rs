@@ -153,7 +153,7 @@ async fn the_seed_payload_is_answered_by_every_question() {
     assert_eq!(items.len(), 3);
     for item in items {
         assert_eq!(item["site_id"], site["id"]);
-        assert_eq!(item["hits"], 1);
+        assert_eq!(item["count"], 1);
         assert_eq!(item["first_seen"], item["last_seen"]);
     }
 }
@@ -779,7 +779,7 @@ async fn questions_across_days_zones_and_sites_equal_a_brute_force_count() {
             .map(|d| {
                 (
                     d["date"].as_str().unwrap().parse().unwrap(),
-                    d["hits"].as_i64().unwrap(),
+                    d["count"].as_i64().unwrap(),
                 )
             })
             .filter(|(_, n)| *n > 0)
@@ -854,7 +854,11 @@ async fn questions_across_days_zones_and_sites_equal_a_brute_force_count() {
                         i["site_id"].as_str().unwrap().to_owned(),
                         i["context"].as_str().unwrap().to_owned(),
                     ),
-                    (i["hits"].as_i64().unwrap(), t("first_seen"), t("last_seen")),
+                    (
+                        i["count"].as_i64().unwrap(),
+                        t("first_seen"),
+                        t("last_seen"),
+                    ),
                 )
             })
             .collect();

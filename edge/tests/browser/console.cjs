@@ -221,11 +221,32 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     await page.click("#pan-left");
     await page.waitForFunction(() => /readings$/.test(document.getElementById("history-range").textContent), null, WAIT);
 
-    // Sites: accesses per day, one point per day of the range.
+    // Sites: a page view of the site, then its accesses per day, one point per day.
     await page.goto(base + "/ui/sites");
+    const siteId = (await page.getAttribute("text=Shop", "href")).split("/").pop();
+    const hit = await fetch(base + "/api/v1/track", {
+      method: "POST",
+      headers: { "Content-Type": "text/plain", Origin: "https://shop.example", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36" },
+      body: JSON.stringify({ site_id: siteId, url: "https://shop.example/", context: ["home"], user: { id: "u1", device: "d1" } }),
+    });
+    const accepted = await hit.json();
+    check(hit.status === 202 && accepted.accepted === 1, `a page view of the site is accepted (${JSON.stringify(accepted)})`);
+    const today = localDay(Date.now());
+    // The hit reaches the daily counts through the relay: poll the API, with a deadline.
+    const counted = async () => page.evaluate(async ({ siteId, today }) => {
+      const body = await (await fetch(`/api/v1/sites/${siteId}/accesses/daily`)).json();
+      return body.items.some((i) => i.date === today && i.count === 1);
+    }, { siteId, today });
+    const deadline = Date.now() + 20000;
+    while (!(await counted())) {
+      if (Date.now() > deadline) throw new Error("the page view never reached the daily counts");
+      await new Promise((r) => setTimeout(r, 250));
+    }
     await page.click("text=Shop");
     await page.waitForFunction(() => document.getElementById("accesses").dataset.points === "30", null, WAIT);
-    check(true, "a site's page charts 30 days of accesses");
+    const firstRow = await page.textContent("#accesses-rows tr");
+    check(firstRow.includes(today) && firstRow.trim().endsWith("1"), `today's row counts the page view (${firstRow.trim()})`);
+    check(!(await page.textContent("#accesses-rows")).includes("undefined"), "every day has a number");
     await shot(page, "10-site");
 
     // What the viewer may not reach, by URL too, and the API behind the console.
