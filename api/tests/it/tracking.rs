@@ -123,7 +123,7 @@ async fn the_seed_payload_is_answered_by_every_question() {
     );
     assert_eq!(
         daily["items"],
-        json!([{"date": today.to_string(), "hits": 1}])
+        json!([{"date": today.to_string(), "count": 1}])
     );
 
     let (_, top) = app
