@@ -136,6 +136,8 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     }
     const other = await newSensor("Other sensor", "Other Co");
     await page.click("#secret-close");
+    const quiet = await newSensor("Quiet room", "Cold Chain A");
+    await page.click("#secret-close");
     const freezer = await newSensor("Freezer 1", "Cold Chain A");
     await shot(page, "04-sensor-secret");
     await page.click("#secret-close");
@@ -165,6 +167,8 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     for (let k = 1; k <= 11; k++) older.push({ ts: new Date(now - k * 240000).toISOString(), temperature: 20 + k / 10 });
     for (const days of [2, 5]) older.push({ ts: new Date(now - days * 86400000).toISOString(), temperature: 15 + days });
     publish(freezer.line, older);
+    // A sensor whose last reading is an hour old: stale (the console's limit is 10 minutes).
+    publish(quiet.line, { ts: new Date(now - 3600000).toISOString(), temperature: 3.5 });
     stamps.push(...older.map((r) => Date.parse(r.ts)));
 
     // The viewer logs in with the keyboard only.
@@ -183,7 +187,10 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     // The latest reading, then a new one arriving while the page stays open.
     const cell = `tr[data-sensor="${freezer.id}"] .temperature`;
     await page.waitForFunction((sel) => document.querySelector(sel)?.textContent === "21.5", cell, WAIT);
-    check((await page.$$("#rows tr")).length === 1, "the viewer sees only its client's sensor");
+    check((await page.$$("#rows tr")).length === 2, "the viewer sees its client's two sensors, not the other client's");
+    const quietStatus = `tr[data-sensor="${quiet.id}"] .status`;
+    await page.waitForFunction((sel) => document.querySelector(sel)?.textContent === "stale", quietStatus, WAIT);
+    check((await page.textContent(`tr[data-sensor="${quiet.id}"] .temperature`)) === "3.5", "a sensor silent for an hour shows its last value, marked stale");
     const loads = [];
     page.on("load", () => loads.push(page.url()));
     publish(freezer.line, { temperature: 27.8 });

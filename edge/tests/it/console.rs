@@ -51,7 +51,8 @@ async fn the_console_works_in_a_real_browser_for_an_admin_and_a_viewer() {
     );
 
     // What the browser did is in the stores: the viewer it created, the readings it
-    // published with the console's line (one measured now, thirteen older, one live).
+    // published with the console's line (one measured now, thirteen older, one live, of
+    // the freezer).
     let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let pg = sqlx::PgPool::connect(&db.url).await.unwrap();
     let viewer: (String, Option<uuid::Uuid>) =
@@ -67,7 +68,8 @@ async fn the_console_works_in_a_real_browser_for_an_admin_and_a_viewer() {
         .unwrap();
     assert_eq!(viewer, ("viewer".to_owned(), Some(client)));
     assert_eq!(result["readings"], 15);
-    assert_eq!(test_support::stored_count(&pg).await, 15);
+    // ...and one of the quiet sensor.
+    assert_eq!(test_support::stored_count(&pg).await, 16);
     let sessions: i64 = sqlx::query_scalar("SELECT count(*) FROM console_sessions")
         .fetch_one(&pg)
         .await
