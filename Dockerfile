@@ -9,7 +9,8 @@ COPY . .
 # Cache mounts keep the registry and build artefacts between image builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked -p termopar -p termopar-api -p termopar-broker \
+        -p termopar-consumer -p termopar-device-sim \
     && mkdir -p /out \
     && cp target/release/termopar target/release/termopar-api target/release/termopar-broker \
           target/release/termopar-consumer target/release/device-sim /out/

@@ -13,7 +13,7 @@ CARGO ?= cargo
 # than 5432 when a cluster not ours holds it); a URL already in the environment wins.
 WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
 
-.PHONY: help services services-down services-status run simulate test test-fuzz lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build up down
+.PHONY: help services services-down services-status run simulate test test-fuzz lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build images up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -77,6 +77,8 @@ bench-console: bench-build ## Lighthouse scores (accessibility, performance, byt
 
 docker-build: ## Build the container image
 	docker build -t termopar:latest .
+
+images: docker-build ## The image every service of docker-compose.yml runs (multi-stage, non-root, JSON logs)
 
 up: ## Run the whole stack in containers
 	docker compose up -d --build
