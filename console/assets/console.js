@@ -201,6 +201,14 @@
           del.setAttribute('aria-label', `Delete ${label}`);
           del.addEventListener('click', () => remove(item, label));
           actions.append(edit, ' ', del);
+          if (spec.key === 'sensors') {
+            const rotate = document.createElement('button');
+            rotate.type = 'button';
+            rotate.textContent = 'New secret';
+            rotate.setAttribute('aria-label', `New device secret for ${label}`);
+            rotate.addEventListener('click', () => newSecret(item, label));
+            actions.append(' ', rotate);
+          }
         }
       }
       showPages(r.body.total);
@@ -211,6 +219,13 @@
       const r = await api(`${spec.api}/${item.id}`, { method: 'DELETE' });
       if (!r.ok) { $('error').textContent = r.body?.message || 'Deleting failed.'; return; }
       load();
+    }
+
+    async function newSecret(item, label) {
+      if (!confirm(`Replace the device secret of ${label}? The device must be given the new one: the old one stops working at once.`)) return;
+      const r = await api(`${spec.api}/${item.id}/secret`, { method: 'POST' });
+      if (!r.ok) { $('error').textContent = r.body?.message || 'Replacing the secret failed.'; return; }
+      showSecret({ ...item, device_secret: r.body.device_secret });
     }
 
     if (!editable) { await load(); return; }

@@ -28,7 +28,7 @@ function check(condition, what) {
 /** Runs a mosquitto_pub line as shown by the console, with another message. */
 function publish(line, payload) {
   check(/ -m '[^']*'$/.test(line), "the mosquitto_pub line ends with its message");
-  execFileSync("bash", ["-c", line.replace(/ -m '[^']*'$/, ` -m '${JSON.stringify(payload)}'`)], { stdio: "inherit" });
+  execFileSync("bash", ["-c", line.replace(/ -m '[^']*'$/, ` -m '${JSON.stringify(payload)}'`)], { stdio: "pipe" });
 }
 
 const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).format(new Date(ms));
@@ -143,6 +143,22 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     await page.click("#secret-close");
     await page.waitForSelector("#rows >> text=Freezer 1", WAIT);
     check(!(await page.textContent("main")).includes(freezer.secret), "the secret is not shown again");
+
+    // A new secret from the row: shown once with its line; the old one stops connecting.
+    await page.click("button[aria-label='New device secret for Freezer 1']");
+    await page.waitForSelector("#secret[open]", WAIT);
+    const rotated = await page.inputValue("#secret-line");
+    check(rotated !== freezer.line && rotated.includes(`-u ${freezer.id} `), "a new secret comes with its own mosquitto_pub line");
+    await page.click("#secret-close");
+    const oldRefusedBy = Date.now() + 15000;
+    for (;;) {
+      // A payload that would only be dead-lettered, should the old secret still connect.
+      try { publish(freezer.line, { temperature: "old secret" }); } catch { break; }
+      if (Date.now() > oldRefusedBy) throw new Error("the old secret still connects");
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    check(true, "the old secret no longer connects");
+    freezer.line = rotated;
 
     // A site of the client, and a viewer.
     await page.goto(base + "/ui/sites");
