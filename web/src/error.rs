@@ -282,6 +282,11 @@ impl From<sqlx::Error> for ApiError {
                 ErrorCode::ValidationFailed,
                 "a value is out of the accepted range",
             ),
+            // A NUL character in text: PostgreSQL cannot store or compare one.
+            Some("22021") => Self::new(
+                ErrorCode::ValidationFailed,
+                "text must not contain a NUL character",
+            ),
             _ => Self::internal(&err),
         }
     }
