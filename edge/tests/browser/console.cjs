@@ -192,6 +192,8 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     await page.click("text=Log out");
     await page.waitForURL(/\/ui\/login/, WAIT);
     await page.goto(base + "/ui/login");
+    // Keyboard only: the page puts the focus on the e-mail field by itself.
+    await page.waitForFunction(() => document.activeElement?.id === "email", null, WAIT);
     await page.keyboard.type("viewer@cold.example");
     await page.keyboard.press("Tab");
     await page.keyboard.type("viewer-password-1");
