@@ -12,6 +12,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /health`: the process is alive.
 #[handler]
+#[tracing::instrument(skip_all)]
 pub(crate) async fn health() -> Response {
     poem::web::Json(json!({ "status": "ok" })).into_response()
 }
@@ -20,6 +21,7 @@ pub(crate) async fn health() -> Response {
 /// broker accepts connections when one is configured. 503 otherwise, with which check
 /// failed.
 #[handler]
+#[tracing::instrument(skip_all)]
 pub(crate) async fn ready(state: Data<&AppState>) -> Response {
     let pg = async {
         sqlx::query("SELECT 1")
@@ -73,6 +75,7 @@ async fn with_timeout(
 
 /// `GET /metrics`: Prometheus text exposition.
 #[handler]
+#[tracing::instrument(skip_all)]
 pub(crate) async fn metrics() -> Response {
     Response::builder()
         .content_type("text/plain; version=0.0.4")

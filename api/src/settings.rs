@@ -78,7 +78,7 @@ impl Settings {
             tracking: TrackingSettings::from_env()?,
             leads: LeadsSettings::from_env()?,
             console: ConsoleSettings::from_env()?,
-            store: termopar_core::settings::store_tuning()?,
+            store: termopar_core::settings::StoreTuning::from_env()?,
             ready_broker: env_var("MQTT_URL")
                 .map(|url| MqttEndpoint::parse(&url))
                 .transpose()?,

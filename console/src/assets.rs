@@ -58,6 +58,7 @@ pub(crate) fn url(name: &str) -> String {
 
 /// `GET /ui/assets/{name}`.
 #[handler]
+#[tracing::instrument(skip_all)]
 pub(crate) fn serve(req: &Request, Path(name): Path<String>) -> poem::Result<Response> {
     let Some(asset) = ASSETS.iter().find(|a| a.name == name) else {
         return Err(termopar_web::error::ApiError::not_found("asset").into());

@@ -464,6 +464,7 @@ macro_rules! visit_or_return {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 fn index() -> Response {
     redirect("/ui/sensors")
 }
@@ -474,6 +475,7 @@ struct NextQuery {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn login_page(
     req: &Request,
     console: Data<&Console>,
@@ -509,6 +511,7 @@ struct LoginForm {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn login(req: &Request, console: Data<&Console>, Form(form): Form<LoginForm>) -> Response {
     let next = safe_next(form.next.as_deref());
     if !crate::same_origin(req) {
@@ -574,6 +577,7 @@ struct LogoutForm {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn logout(req: &Request, console: Data<&Console>, Form(form): Form<LogoutForm>) -> Response {
     if let Some(secret) = session::secret_of(req) {
         match console.sessions.find(&secret, false).await {
@@ -608,6 +612,7 @@ async fn logout(req: &Request, console: Data<&Console>, Form(form): Form<LogoutF
 /// (conversations, jobs) that call the API with the session. Same-origin scripts only:
 /// no CORS header is ever sent.
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn session_info(req: &Request, console: Data<&Console>) -> Response {
     match visit(&console, req).await {
         Ok(visit) => poem::web::Json(json!({
@@ -627,6 +632,7 @@ async fn session_info(req: &Request, console: Data<&Console>) -> Response {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn sensors(req: &Request, console: Data<&Console>) -> Response {
     let visit = visit_or_return!(&console, req);
     let page = SensorsPage {
@@ -684,6 +690,7 @@ fn text(item: &Value, key: &str) -> String {
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn sensor(req: &Request, console: Data<&Console>, Path(id): Path<String>) -> Response {
     let visit = visit_or_return!(&console, req);
     let (id, sensor, timezone) = match item_with_zone(&console, &visit, "sensors", &id).await {
@@ -702,6 +709,7 @@ async fn sensor(req: &Request, console: Data<&Console>, Path(id): Path<String>) 
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn site(req: &Request, console: Data<&Console>, Path(id): Path<String>) -> Response {
     let visit = visit_or_return!(&console, req);
     let (id, site, timezone) = match item_with_zone(&console, &visit, "sites", &id).await {
@@ -779,12 +787,14 @@ fn entity_page(
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn sites(req: &Request, console: Data<&Console>) -> Response {
     let visit = visit_or_return!(&console, req);
     entity_page(&console, &visit, &SITES, "/ui/sites")
 }
 
 #[handler]
+#[tracing::instrument(skip_all)]
 async fn admin(req: &Request, console: Data<&Console>, Path(entity): Path<String>) -> Response {
     let visit = visit_or_return!(&console, req);
     let (entity, current) = match entity.as_str() {

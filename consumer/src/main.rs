@@ -19,8 +19,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let pg = db::connect_and_migrate(&DatabaseSettings::from_env()?).await?;
     let mongo = mongo::connect(&MongoSettings::from_env()).await?;
-    let store =
-        ReadingStore::with_tuning(pg.clone(), &mongo, termopar_core::settings::store_tuning()?);
+    let store = ReadingStore::with_tuning(
+        pg.clone(),
+        &mongo,
+        termopar_core::settings::StoreTuning::from_env()?,
+    );
     // Before anything new is stored: readings of a previous version are moved.
     store.prepare().await?;
     termopar_consumer::run(

@@ -10,6 +10,8 @@ use secrecy::SecretString;
 
 /// Default PostgreSQL URL (the public contract in SPEC.md).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/termopar";
+/// Default broker URL of the consumer and the simulator (`MQTT_URL`).
+pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 /// Default MongoDB URI.
 pub const DEFAULT_MONGODB_URI: &str = "mongodb://127.0.0.1:27017";
 /// Default MongoDB database name.
@@ -124,7 +126,7 @@ pub struct MqttEndpoint {
 impl MqttEndpoint {
     /// `MQTT_URL` (default `mqtt://127.0.0.1:1883`) with `MQTT_USERNAME`/`MQTT_PASSWORD`.
     pub fn from_env() -> anyhow::Result<Self> {
-        let mut endpoint = Self::parse(&env_or("MQTT_URL", "mqtt://127.0.0.1:1883"))?;
+        let mut endpoint = Self::parse(&env_or("MQTT_URL", DEFAULT_MQTT_URL))?;
         endpoint.credentials =
             env_pair("MQTT_USERNAME", "MQTT_PASSWORD")?.map(|(u, p)| (u, SecretString::from(p)));
         Ok(endpoint)
@@ -167,17 +169,40 @@ impl MqttEndpoint {
     }
 }
 
-/// The reading store's tuning: `CONSUMER_RECOVER_AFTER_SECS` (default 30), how long
-/// segments of a store call that never committed wait before they are deleted;
-/// `RAW_CACHE_READINGS` (default 65536), readings of recently written segments kept in
-/// memory.
-pub fn store_tuning() -> anyhow::Result<crate::store::Tuning> {
-    let default = crate::store::Tuning::default();
-    Ok(crate::store::Tuning {
-        intent_ttl: env_secs("CONSUMER_RECOVER_AFTER_SECS", default.intent_ttl)?,
-        cache_readings: env_parse("RAW_CACHE_READINGS", default.cache_readings)?,
-        ..default
-    })
+/// How the store sizes its work; the defaults suit production, tests shorten the waits.
+#[derive(Debug, Clone)]
+pub struct StoreTuning {
+    /// How long written but unregistered segments wait before they are deleted
+    /// (`CONSUMER_RECOVER_AFTER_SECS`): longer than any store call takes.
+    pub intent_ttl: Duration,
+    /// Readings of recently written or read segments kept in memory (merges and
+    /// history read them from here instead of the document store).
+    pub cache_readings: u64,
+    /// How long after a bucket's end it counts as closed (late readings still come).
+    pub close_after: Duration,
+}
+
+impl Default for StoreTuning {
+    fn default() -> Self {
+        Self {
+            intent_ttl: Duration::from_secs(30),
+            cache_readings: 64 * 1024,
+            close_after: Duration::from_secs(120),
+        }
+    }
+}
+
+impl StoreTuning {
+    /// `CONSUMER_RECOVER_AFTER_SECS` (default 30) and `RAW_CACHE_READINGS` (default
+    /// 65536) from the environment; the rest at its default.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let default = Self::default();
+        Ok(Self {
+            intent_ttl: env_secs("CONSUMER_RECOVER_AFTER_SECS", default.intent_ttl)?,
+            cache_readings: env_parse("RAW_CACHE_READINGS", default.cache_readings)?,
+            ..default
+        })
+    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ struct Cli {
     )]
     admin_password: String,
     /// The broker: mqtt://host:port.
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    #[arg(long, env = "MQTT_URL", default_value = termopar_core::settings::DEFAULT_MQTT_URL)]
     mqtt_url: String,
     /// MQTT username, when the broker requires credentials.
     #[arg(long, env = "MQTT_USERNAME")]

@@ -309,6 +309,7 @@ book_api!(
 
         /// CORS preflight of the lead form.
         #[oai(path = "/", method = "options", operation_id = "preflightLeadForm")]
+        #[tracing::instrument(skip_all)]
         async fn lead_preflight(
             &self,
             leads: Data<&Leads>,
@@ -348,6 +349,7 @@ book_api!(
 
         /// CORS preflight of the customer form.
         #[oai(path = "/", method = "options", operation_id = "preflightCustomerForm")]
+        #[tracing::instrument(skip_all)]
         async fn customer_preflight(
             &self,
             leads: Data<&Leads>,

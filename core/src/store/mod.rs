@@ -156,28 +156,7 @@ impl StoreError {
     }
 }
 
-/// How the store sizes its work; the defaults suit production, tests shorten the waits.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// How long written but unregistered segments wait before they are deleted
-    /// (`CONSUMER_RECOVER_AFTER_SECS`): longer than any store call takes.
-    pub intent_ttl: Duration,
-    /// Readings of recently written or read segments kept in memory (merges and
-    /// history read them from here instead of the document store).
-    pub cache_readings: u64,
-    /// How long after a bucket's end it counts as closed (late readings still come).
-    pub close_after: Duration,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Self {
-            intent_ttl: Duration::from_secs(30),
-            cache_readings: 64 * 1024,
-            close_after: Duration::from_secs(120),
-        }
-    }
-}
+pub use crate::settings::StoreTuning as Tuning;
 
 /// The reading store. Cheap to clone; clones share caches.
 #[derive(Clone)]
