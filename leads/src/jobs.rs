@@ -1,6 +1,6 @@
 //! The pipeline's background jobs, on apalis with its PostgreSQL storage: each arrow of
 //! the seed's flow is a queue; a job is enqueued in the transaction that saves what
-//! triggers it, run by a worker woken by `NOTIFY`, retried with exponential backoff
+//! triggers it, run by a worker woken by `NOTIFY` (`wake`), retried with exponential backoff
 //! and jitter, dead after `JOBS_MAX_ATTEMPTS` (or at once when a retry cannot help),
 //! and run again elsewhere when its worker stops sending heartbeats.
 
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use termopar_core::tasks::Tasks;
 
-use crate::{downstream::Downstream, settings::LeadsSettings};
+use crate::{downstream::Downstream, settings::LeadsSettings, wake::Wakeups};
 
 /// The queues: the seed's flow, in order, and the no-op queue.
 pub const QUEUES: [&str; 5] = [
@@ -206,10 +206,12 @@ pub(crate) async fn migrate(pg: &PgPool) -> anyhow::Result<()> {
 /// Starts one worker per queue on `tasks`; each stops taking jobs when asked and
 /// finishes the ones it holds.
 pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings, worker: Worker) {
+    let wakeups = Wakeups::start(tasks, pg, &QUEUES);
     fn spawn<F, Fut>(
         tasks: &Tasks,
         pg: &PgPool,
         settings: &LeadsSettings,
+        wakeups: &Wakeups,
         worker: Worker,
         queue: Queue,
         handler: F,
@@ -222,12 +224,14 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
             .batch_size(settings.concurrency)
             .heartbeat_interval(settings.orphan_after / 3)
             .missed_heartbeats(3);
-        // Woken by `NOTIFY` on insert; polled every second too, for retried jobs and
-        // ones re-enqueued from dead workers.
+        // Woken when a job of the queue is enqueued (see `wake`); polled every second
+        // too, for retried jobs and ones re-enqueued from dead workers.
+        let strategy = Strategy::new()
+            .apply(wakeups.strategy(queue.name()))
+            .interval(Duration::from_secs(1));
         let backend = PostgresStorage::<Job>::new(pg)
             .with_config(config)
-            .with_pubsub()
-            .poll_with_strategy(Strategy::new().interval(Duration::from_secs(1)));
+            .poll_with_strategy(strategy);
         let backoff = ExponentialBackoffMaker::new(
             settings.backoff,
             settings.backoff_max,
@@ -259,6 +263,7 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
         tasks,
         pg,
         settings,
+        &wakeups,
         worker.clone(),
         Queue::LeadToMarketing,
         lead_to_marketing,
@@ -267,6 +272,7 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
         tasks,
         pg,
         settings,
+        &wakeups,
         worker.clone(),
         Queue::LeadToCrm,
         lead_to_crm,
@@ -275,6 +281,7 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
         tasks,
         pg,
         settings,
+        &wakeups,
         worker.clone(),
         Queue::QualifiedEmail,
         qualified_email,
@@ -283,11 +290,12 @@ pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings
         tasks,
         pg,
         settings,
+        &wakeups,
         worker.clone(),
         Queue::CustomerToCrm,
         customer_to_crm,
     );
-    spawn(tasks, pg, settings, worker, Queue::Noop, noop);
+    spawn(tasks, pg, settings, &wakeups, worker, Queue::Noop, noop);
 }
 
 /// Decodes a job's payload as stored (for the dashboard).

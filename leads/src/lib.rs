@@ -20,6 +20,7 @@ pub mod jobs;
 mod records;
 mod routes;
 mod settings;
+mod wake;
 
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use secrecy::SecretString;
-use termopar_core::settings::{env_parse, env_var};
+use termopar_core::settings::{env_pair, env_parse, env_var};
 
 /// How the SMTP connection is secured (`SMTP_TLS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,8 @@ pub struct LeadsSettings {
     /// mode runs them inside; cloud mode gives them a process of their own).
     pub workers: bool,
     /// Jobs of one queue a worker claims and runs at once (`JOBS_CONCURRENCY`, default
-    /// 64: apalis finishes ~370 no-op jobs/s with 8, ~2,700/s with 64, no more above).
+    /// 64: `make bench-jobs` finished ~1,300 no-op jobs/s with 8, ~4,300/s with 32,
+    /// ~8,000/s with 64 and ~4,100/s with 256).
     pub concurrency: usize,
     /// Tries of a job before it is dead (`JOBS_MAX_ATTEMPTS`, default 8).
     pub max_attempts: u32,
@@ -109,11 +110,8 @@ impl LeadsSettings {
             Some("tls") => SmtpTls::Tls,
             Some(other) => bail!("SMTP_TLS must be none, starttls or tls, not {other:?}"),
         };
-        let credentials = match (env_var("SMTP_USERNAME"), env_var("SMTP_PASSWORD")) {
-            (Some(user), Some(password)) => Some((user, SecretString::from(password))),
-            (None, None) => None,
-            _ => bail!("SMTP_USERNAME and SMTP_PASSWORD go together"),
-        };
+        let credentials = env_pair("SMTP_USERNAME", "SMTP_PASSWORD")?
+            .map(|(user, password)| (user, SecretString::from(password)));
         let settings = Self {
             workers: env_parse("JOBS_WORKERS", d.workers)?,
             concurrency: env_parse("JOBS_CONCURRENCY", d.concurrency)?,
@@ -158,6 +156,7 @@ impl LeadsSettings {
         if !(1..=256).contains(&self.concurrency) {
             bail!("JOBS_CONCURRENCY must be between 1 and 256");
         }
+
         if !(1..=100).contains(&self.max_attempts) {
             bail!("JOBS_MAX_ATTEMPTS must be between 1 and 100");
         }

@@ -716,3 +716,33 @@ async fn a_refusal_no_retry_can_change_kills_the_job_at_its_first_attempt() {
         dead[0]
     );
 }
+
+/// The workers of every queue are woken through one `LISTEN` connection, not one each
+/// (apalis's own pubsub kept a pool connection per worker for as long as it ran).
+#[tokio::test]
+async fn the_job_workers_listen_on_one_connection_for_every_queue() {
+    let app = TestApp::spawn().await;
+    let count = |sql: &'static str| {
+        let pg = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pg)
+                .await
+                .unwrap()
+        }
+    };
+    let queues = termopar_leads::jobs::QUEUES.len() as i64;
+    eventually(
+        "every queue's worker registered",
+        DEFAULT_DEADLINE,
+        || async { (count("SELECT count(*) FROM apalis.workers").await == queues).then_some(()) },
+    )
+    .await;
+    let listening = "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND query LIKE 'LISTEN %apalis::job::insert%'";
+    eventually("the listener", DEFAULT_DEADLINE, || async {
+        (count(listening).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(count(listening).await, 1);
+}
