@@ -3,9 +3,10 @@
 //!
 //! rumqttd serves one protocol version per listener, closes a CONNECT with keepalive 0,
 //! and has no publish or subscribe hook. The front reads the CONNECT (level, keepalive,
-//! credentials, will), authenticates, and connects to rumqttd's listener of that
-//! version with rumqttd's internal password, a keepalive rumqttd accepts, and
-//! everything else as sent. Then:
+//! credentials, will), authenticates, and hands rumqttd a connection of that version
+//! in process (one end of an in-memory stream, served as its listener would: no second
+//! socket per client), sending on a CONNECT with rumqttd's internal password, a keepalive
+//! rumqttd accepts, and everything else as sent. Then:
 //! - service accounts (and everyone when authentication is off) are spliced byte for
 //!   byte;
 //! - devices are framed packet by packet in both directions: a PUBLISH outside their
@@ -16,7 +17,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
@@ -33,7 +33,7 @@ use termopar_core::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{oneshot, Notify},
 };
 use tokio_rustls::TlsAcceptor;
@@ -204,11 +204,13 @@ impl LiveDevices {
     }
 }
 
-/// The front: how to authenticate, where rumqttd listens, and what is live.
+/// The front: how to authenticate, how to reach rumqttd, and what is live.
 pub(crate) struct Front {
     pub auth: Authenticator,
-    pub internal_v4: SocketAddr,
-    pub internal_v5: SocketAddr,
+    /// Hands rumqttd its end of each client's in-memory stream.
+    pub handoff: rumqttd::Handoff,
+    /// The runtime rumqttd serves handed connections on.
+    pub links: tokio::runtime::Handle,
     pub internal_password: SecretString,
     pub max_packet: usize,
     pub connect_timeout: Duration,
@@ -219,6 +221,18 @@ pub(crate) struct Front {
     /// Turns true when the front closes: listeners stop accepting and every client
     /// connection ends (what rumqttd took from them stays with it).
     pub closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// A client whose CONNECT rumqttd has been sent.
+struct Accepted<S> {
+    level: u8,
+    client: S,
+    broker: tokio::io::DuplexStream,
+    /// What the client sent after its CONNECT.
+    from_client: PacketReader,
+    principal: Principal,
+    /// The client asked for no keepalive: the front pings rumqttd for it.
+    no_keepalive: bool,
 }
 
 /// Counts an open connection for as long as it lives.
@@ -250,6 +264,10 @@ struct Shared {
     /// The front's own answers to refused packets, for the client.
     answers: Vec<Bytes>,
 }
+
+/// The most each direction of the in-memory stream to rumqttd holds unread: a write
+/// beyond it waits for the reader, as a socket's would. Memory is taken as used.
+const PIPE_BYTES: usize = 64 * 1024;
 
 /// Answers a client that does not read them can make the front hold; past that, the
 /// connection is closed.
@@ -283,18 +301,22 @@ impl Front {
                 let front = self.clone();
                 let tls = tls.clone();
                 let mut closing = front.closing.subscribe();
+                // Every step is boxed: the task's own future is as large as its largest
+                // step (a TLS handshake, a CONNECT), and it lives as long as the
+                // connection; boxed, each step's memory goes when the step ends (measured:
+                // 7 KB per connection less).
                 tokio::spawn(async move {
                     let served = async {
                         match tls {
-                            None => front.connection(stream).await,
+                            None => Box::pin(front.connection(stream)).await,
                             Some(tls) => {
-                                match tokio::time::timeout(
+                                match Box::pin(tokio::time::timeout(
                                     front.connect_timeout,
                                     tls.accept(stream),
-                                )
+                                ))
                                 .await
                                 {
-                                    Ok(Ok(stream)) => front.connection(stream).await,
+                                    Ok(Ok(stream)) => Box::pin(front.connection(stream)).await,
                                     Ok(Err(e)) => {
                                         metrics::counter!("mqtt_front_tls_failures_total")
                                             .increment(1);
@@ -317,7 +339,21 @@ impl Front {
         });
     }
 
-    async fn connection<S>(self: Arc<Self>, mut client: S) -> anyhow::Result<()>
+    /// One client: its CONNECT, then its packets until either side ends.
+    async fn connection<S>(self: Arc<Self>, client: S) -> anyhow::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(accepted) = Box::pin(self.accept(client)).await? else {
+            return Ok(());
+        };
+        let _open = Open::new(&self.stats);
+        Box::pin(self.carry(accepted)).await
+    }
+
+    /// Reads the CONNECT, authenticates, and opens the connection to rumqttd: `None` when
+    /// the client went away or was refused (and answered).
+    async fn accept<S>(&self, mut client: S) -> anyhow::Result<Option<Accepted<S>>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -335,7 +371,7 @@ impl Front {
         .await
         .context("no CONNECT in time")??;
         let Some(first) = first else {
-            return Ok(());
+            return Ok(None);
         };
         if packet::kind(&first) != packet::CONNECT {
             self.stats.refused_connect("malformed");
@@ -371,7 +407,7 @@ impl Front {
                     Refusal::Unavailable => refuse(0x88, 0x03),
                 };
                 client.write_all(&answer).await?;
-                return Ok(());
+                return Ok(None);
             }
         };
         if let (Principal::Device(d), Some(will)) = (&principal, connect.will_topic) {
@@ -386,17 +422,14 @@ impl Front {
                         packet::V4_NOT_AUTHORIZED,
                     ))
                     .await?;
-                return Ok(());
+                return Ok(None);
             }
         }
 
-        let mut broker = TcpStream::connect(if v5 {
-            self.internal_v5
-        } else {
-            self.internal_v4
-        })
-        .await?;
-        broker.set_nodelay(true)?;
+        let (mut broker, theirs) = tokio::io::duplex(PIPE_BYTES);
+        self.handoff
+            .accept(&self.links, theirs, v5)
+            .context("rumqttd did not take the connection")?;
         let no_keepalive = connect.keep_alive == 0;
         let keep_alive = if no_keepalive {
             (self.ping_every.as_secs() * 2).clamp(1, u16::MAX as u64) as u16
@@ -417,11 +450,31 @@ impl Front {
                 self.internal_password.expose_secret().as_bytes(),
             ))
             .await?;
-        let level = connect.level;
         self.stats.connects_accepted.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("mqtt_broker_connects_total", "result" => "accepted").increment(1);
-        let _open = Open::new(&self.stats);
+        Ok(Some(Accepted {
+            level: connect.level,
+            client,
+            broker,
+            from_client,
+            principal,
+            no_keepalive,
+        }))
+    }
 
+    /// Carries an accepted connection's packets both ways until either side ends.
+    async fn carry<S>(&self, accepted: Accepted<S>) -> anyhow::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Accepted {
+            level,
+            mut client,
+            mut broker,
+            mut from_client,
+            principal,
+            no_keepalive,
+        } = accepted;
         match principal {
             Principal::Full if !no_keepalive => {
                 broker.write_all(&from_client.take_rest()).await?;
@@ -450,7 +503,7 @@ impl Front {
     async fn framed<S>(
         &self,
         client: S,
-        broker: TcpStream,
+        broker: tokio::io::DuplexStream,
         mut from_client: PacketReader,
         level: u8,
         device: Option<Device>,
@@ -460,7 +513,7 @@ impl Front {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut client_r, mut client_w) = tokio::io::split(client);
-        let (mut broker_r, mut broker_w) = broker.into_split();
+        let (mut broker_r, mut broker_w) = tokio::io::split(broker);
         let (_registered, mut revoked) = match &device {
             Some(d) => {
                 let (registered, revoked) = self.live.register(d);

@@ -1,6 +1,8 @@
-//! termopar's embedded MQTT broker: rumqttd started in-process on loopback, behind the
-//! front door (`front`): one port for MQTT 3.1.1 and 5 (and one for TLS), device
-//! authentication and per-device topic ACLs.
+//! termopar's embedded MQTT broker: rumqttd started in-process, behind the front door
+//! (`front`): one port for MQTT 3.1.1 and 5 (and one for TLS), device authentication and
+//! per-device topic ACLs. The front hands rumqttd each client it accepts in process
+//! (`rumqttd::Handoff`); rumqttd's own listeners are on loopback, for the in-process
+//! consumer and benchmarks.
 //!
 //! rumqttd 0.20 binds its listeners inside a blocking `start()` that never returns and
 //! never reports the bound address, and it has no stop. [`start`] wraps that: it resolves
@@ -99,11 +101,11 @@ fn listener_json(name: &str, addr: SocketAddr, max_payload: usize) -> serde_json
     })
 }
 
-/// Each connection through the front holds three descriptors (the client's, the front's
-/// to rumqttd, rumqttd's): raises this process's limit to what `connections` need, as
-/// far as it may.
+/// Each connection through the front holds one descriptor (the client's socket; rumqttd
+/// gets its end of an in-memory stream): raises this process's limit to what
+/// `connections` need, as far as it may.
 fn raise_fd_limit(connections: usize) {
-    let want = (connections as u64 * 3 + 1024) as libc::rlim_t;
+    let want = (connections as u64 + 1024) as libc::rlim_t;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -133,6 +135,22 @@ fn raise_fd_limit(connections: usize) {
     }
 }
 
+/// A single-threaded runtime that lives as long as the process, on a thread named
+/// `mqtt-links`: rumqttd's side of the connections the front hands it (rumqttd serves
+/// each of its listeners so too).
+fn links_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the broker links' runtime")?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("mqtt-links".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .context("failed to start the broker links' thread")?;
+    Ok(handle)
+}
+
 /// A multi-threaded runtime that lives as long as the process, on threads named
 /// `mqtt-front`.
 fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
@@ -154,7 +172,7 @@ fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
 }
 
 /// Connections through the front this process's open files limit (hard) allows: each
-/// holds three descriptors.
+/// holds one descriptor, and 1,024 are left for everything else.
 pub fn front_connections_allowed() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -164,7 +182,7 @@ pub fn front_connections_allowed() -> usize {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return 0;
     }
-    (limit.rlim_max as usize).saturating_sub(1024) / 3
+    (limit.rlim_max as usize).saturating_sub(1024)
 }
 
 fn tls_acceptor(tls: &TlsSettings) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
@@ -238,6 +256,7 @@ pub async fn start(
     }
 
     let mut broker = rumqttd::Broker::new(config);
+    let handoff = broker.handoff();
     let meters = broker
         .meters()
         .context("failed to open the broker's meters link")?;
@@ -285,8 +304,8 @@ pub async fn start(
             topics,
             runtime: tokio::runtime::Handle::current(),
         },
-        internal_v4,
-        internal_v5,
+        handoff,
+        links: links_runtime()?,
         internal_password: internal_password.clone(),
         // A PUBLISH of the largest payload with its topic and properties.
         max_packet: settings.max_payload_bytes + 64 * 1024,

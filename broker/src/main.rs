@@ -12,9 +12,8 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     // Bound first, so that nothing the broker records is lost.
-    let metrics_addr = termopar_core::settings::env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102");
     let metrics =
-        termopar_core::metrics::serve(metrics_addr.parse()?, termopar_core::shutdown::signal())
+        termopar_core::metrics::serve(settings.metrics_addr, termopar_core::shutdown::signal())
             .await?;
     termopar_broker::start(&settings, directory).await?;
     metrics.await

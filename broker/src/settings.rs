@@ -40,6 +40,9 @@ pub struct BrokerSettings {
     pub max_payload_bytes: usize,
     /// Most connections (`MQTT_MAX_CONNECTIONS`, default 10000).
     pub max_connections: usize,
+    /// `/metrics` of the standalone broker (`BROKER_METRICS_ADDR`, default
+    /// `127.0.0.1:9102`); edge mode serves its metrics on the API's port instead.
+    pub metrics_addr: SocketAddr,
 }
 
 /// The TLS listener.
@@ -99,6 +102,9 @@ impl BrokerSettings {
             no_keepalive_ping: d.no_keepalive_ping,
             max_payload_bytes: env_parse("MQTT_MAX_PAYLOAD_BYTES", d.max_payload_bytes)?,
             max_connections: env_parse("MQTT_MAX_CONNECTIONS", d.max_connections)?,
+            metrics_addr: env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102")
+                .parse()
+                .context("invalid BROKER_METRICS_ADDR")?,
         })
     }
 
@@ -116,6 +122,7 @@ impl BrokerSettings {
             no_keepalive_ping: Duration::from_secs(30),
             max_payload_bytes: 2 * 1024 * 1024,
             max_connections: 10_000,
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
         }
     }
 }

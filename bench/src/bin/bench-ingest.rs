@@ -469,9 +469,9 @@ async fn main() -> anyhow::Result<()> {
         let allowed = termopar_broker::front_connections_allowed() / 100 * 100;
         if wanted > allowed {
             println!(
-                "# fleet: {wanted} devices need {} open files in the broker (3 each); this \
+                "# fleet: {wanted} devices need {} open files in the broker (one each); this \
                  machine's hard limit allows {allowed} devices: measuring {allowed}",
-                wanted * 3 + 1024
+                wanted + 1024
             );
         }
         fleet_section(wanted.min(allowed)).await?;

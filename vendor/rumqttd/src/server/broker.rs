@@ -155,6 +155,23 @@ impl Broker {
         Ok((link_tx, link_rx))
     }
 
+    /// termopar: connections handed to the broker in process, as if one of its listeners
+    /// had accepted them (see [`Handoff`]).
+    pub fn handoff(&self) -> Handoff {
+        let first = |servers: &Option<HashMap<String, ServerSettings>>| {
+            servers
+                .as_ref()
+                .and_then(|s| s.values().next())
+                .map(|s| Arc::new(s.connections.clone()))
+        };
+        Handoff {
+            router_tx: self.router_tx.clone(),
+            v4: first(&self.config.v4),
+            v5: first(&self.config.v5),
+            will_handlers: Arc::default(),
+        }
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -467,6 +484,51 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// termopar: a front that already holds a client's socket hands the broker one end of an
+/// in-memory stream instead of opening a socket to one of its listeners: one descriptor per
+/// client instead of three. The connection is served as a listener's would be, with that
+/// listener's connection settings (the first v4 or v5 listener configured), on the runtime
+/// the caller names.
+#[derive(Clone)]
+pub struct Handoff {
+    router_tx: Sender<(ConnectionId, Event)>,
+    v4: Option<Arc<ConnectionSettings>>,
+    v5: Option<Arc<ConnectionSettings>>,
+    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+}
+
+impl Handoff {
+    /// Serves `stream` as a new MQTT 5 (`v5`) or 3.1.1 connection on `runtime`.
+    pub fn accept<S: N + 'static>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        stream: S,
+        v5: bool,
+    ) -> Result<(), Error> {
+        let settings = if v5 { &self.v5 } else { &self.v4 };
+        let Some(config) = settings.clone() else {
+            return Err(Error::Config(format!(
+                "no {} listener to take its connection settings from",
+                if v5 { "v5" } else { "v4" }
+            )));
+        };
+        let stream: Box<dyn N> = Box::new(stream);
+        let span = tracing::error_span!(
+            "handed_link",
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        );
+        let router_tx = self.router_tx.clone();
+        let wills = self.will_handlers.clone();
+        if v5 {
+            runtime.spawn(remote(config, None, router_tx, stream, V5, wills).instrument(span));
+        } else {
+            runtime.spawn(remote(config, None, router_tx, stream, V4, wills).instrument(span));
+        }
+        Ok(())
     }
 }
 
