@@ -135,40 +135,43 @@ fn raise_fd_limit(connections: usize) {
     }
 }
 
-/// A single-threaded runtime that lives as long as the process, on a thread named
-/// `mqtt-links`: rumqttd's side of the connections the front hands it (rumqttd serves
-/// each of its listeners so too).
-fn links_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A runtime built by `builder` that lives as long as the process, driven by a thread
+/// named `name`.
+fn process_runtime(
+    builder: &mut tokio::runtime::Builder,
+    name: &str,
+) -> anyhow::Result<tokio::runtime::Handle> {
+    let runtime = builder
+        .thread_name(name)
         .enable_all()
         .build()
-        .context("failed to start the broker links' runtime")?;
+        .with_context(|| format!("failed to start the {name} runtime"))?;
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
-        .name("mqtt-links".into())
+        .name(name.into())
         .spawn(move || runtime.block_on(std::future::pending::<()>()))
-        .context("failed to start the broker links' thread")?;
+        .with_context(|| format!("failed to start the {name} thread"))?;
     Ok(handle)
 }
 
-/// A multi-threaded runtime that lives as long as the process, on threads named
-/// `mqtt-front`.
+/// A single-threaded runtime on a thread named `mqtt-links`: rumqttd's side of the
+/// connections the front hands it (rumqttd serves each of its listeners so too).
+fn links_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    process_runtime(
+        &mut tokio::runtime::Builder::new_current_thread(),
+        "mqtt-links",
+    )
+}
+
+/// A multi-threaded runtime on threads named `mqtt-front`.
 fn front_runtime() -> anyhow::Result<tokio::runtime::Handle> {
     // Half the cores: the front only moves bytes, and more threads than it needs cost
     // the processes beside it (rumqttd, the consumer, the stores) wake-ups and latency.
     let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("mqtt-front")
-        .enable_all()
-        .build()
-        .context("failed to start the MQTT front's runtime")?;
-    let handle = runtime.handle().clone();
-    std::thread::Builder::new()
-        .name("mqtt-front".into())
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))
-        .context("failed to start the MQTT front's thread")?;
-    Ok(handle)
+    process_runtime(
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers),
+        "mqtt-front",
+    )
 }
 
 /// Connections through the front this process's open files limit (hard) allows: each
