@@ -1,5 +1,5 @@
 //! The MQTT front door: the one port (and the TLS port) every client connects to, in
-//! front of rumqttd's listeners on loopback.
+//! front of rumqttd, which takes each client in process.
 //!
 //! rumqttd serves one protocol version per listener, closes a CONNECT with keepalive 0,
 //! and has no publish or subscribe hook. The front reads the CONNECT (level, keepalive,

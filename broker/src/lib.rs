@@ -1,7 +1,7 @@
 //! termopar's embedded MQTT broker: rumqttd started in-process, behind the front door
 //! (`front`): one port for MQTT 3.1.1 and 5 (and one for TLS), device authentication and
 //! per-device topic ACLs. The front hands rumqttd each client it accepts in process
-//! (`rumqttd::Handoff`); rumqttd's own listeners are on loopback, for the in-process
+//! (`rumqttd::Handoff`); rumqttd's own listener is on loopback, for the in-process
 //! consumer and benchmarks.
 //!
 //! rumqttd 0.20 binds its listeners inside a blocking `start()` that never returns and
@@ -213,7 +213,7 @@ pub async fn start(
     directory: Option<SensorDirectory>,
 ) -> anyhow::Result<RunningBroker> {
     let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-    let (internal_v4, internal_v5) = (resolve(loopback)?, resolve(loopback)?);
+    let internal = resolve(loopback)?;
     let internal_password = SecretString::from(termopar_core::secrets::generate());
     let tls = settings.tls.as_ref().map(tls_acceptor).transpose()?;
     if settings.require_auth && directory.is_none() {
@@ -231,8 +231,9 @@ pub async fn start(
             "max_segment_size": 104_857_600,
             "max_segment_count": 10
         },
-        "v4": listener_json("v4", internal_v4, settings.max_payload_bytes),
-        "v5": listener_json("v5", internal_v5, settings.max_payload_bytes),
+        // The one listener of rumqttd's own, for the in-process consumer and benchmarks;
+        // the front hands it clients of both versions in process, with these settings.
+        "v4": listener_json("v4", internal, settings.max_payload_bytes),
         // Meters feed the broker metrics (see `export_meters`). rumqttd's timer unwraps
         // both intervals whichever is configured, so alerts need one too.
         "metrics": { "meters": { "push_interval": 1 }, "alerts": { "push_interval": 60 } }
@@ -240,8 +241,8 @@ pub async fn start(
     // Built through serde: some of rumqttd's config fields are private.
     let mut config: rumqttd::Config =
         serde_json::from_value(config).context("invalid rumqttd configuration")?;
-    // rumqttd's listeners are on loopback, and only the front and the in-process
-    // consumer know their password.
+    // rumqttd's listener is on loopback; only the front (whose handed connections are
+    // checked with these settings too) and the in-process consumer know the password.
     let listeners = config
         .v4
         .iter_mut()
@@ -274,16 +275,11 @@ pub async fn start(
     export_meters(meters);
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    for addr in [internal_v4, internal_v5] {
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the embedded broker did not listen on {addr} within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    while TcpStream::connect_timeout(&internal, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the embedded broker did not listen on {internal} within 10 s");
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     let stats = Arc::new(FrontStats::default());
@@ -346,7 +342,7 @@ pub async fn start(
         _ => None,
     };
     tracing::info!(%addr, alias = ?alias_addr, tls = ?tls_addr, auth = settings.require_auth, "embedded MQTT broker listening (3.1.1 and 5)");
-    let mut direct = MqttEndpoint::parse(&format!("mqtt://{internal_v4}"))?;
+    let mut direct = MqttEndpoint::parse(&format!("mqtt://{internal}"))?;
     direct.credentials = Some(("termopar-internal".to_owned(), internal_password));
     Ok(RunningBroker {
         addr,

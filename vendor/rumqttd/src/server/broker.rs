@@ -158,16 +158,13 @@ impl Broker {
     /// termopar: connections handed to the broker in process, as if one of its listeners
     /// had accepted them (see [`Handoff`]).
     pub fn handoff(&self) -> Handoff {
-        let first = |servers: &Option<HashMap<String, ServerSettings>>| {
-            servers
-                .as_ref()
-                .and_then(|s| s.values().next())
-                .map(|s| Arc::new(s.connections.clone()))
-        };
+        let listeners = self.config.v4.iter().chain(self.config.v5.iter());
         Handoff {
             router_tx: self.router_tx.clone(),
-            v4: first(&self.config.v4),
-            v5: first(&self.config.v5),
+            connections: listeners
+                .flat_map(|servers| servers.values())
+                .next()
+                .map(|server| Arc::new(server.connections.clone())),
             will_handlers: Arc::default(),
         }
     }
@@ -489,14 +486,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
 /// termopar: a front that already holds a client's socket hands the broker one end of an
 /// in-memory stream instead of opening a socket to one of its listeners: one descriptor per
-/// client instead of three. The connection is served as a listener's would be, with that
-/// listener's connection settings (the first v4 or v5 listener configured), on the runtime
-/// the caller names.
+/// client instead of three. The connection is served as a listener's would be, with the
+/// connection settings of the first listener configured (v4 or v5: the settings do not
+/// depend on the version), on the runtime the caller names.
 #[derive(Clone)]
 pub struct Handoff {
     router_tx: Sender<(ConnectionId, Event)>,
-    v4: Option<Arc<ConnectionSettings>>,
-    v5: Option<Arc<ConnectionSettings>>,
+    connections: Option<Arc<ConnectionSettings>>,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 }
 
@@ -508,12 +504,10 @@ impl Handoff {
         stream: S,
         v5: bool,
     ) -> Result<(), Error> {
-        let settings = if v5 { &self.v5 } else { &self.v4 };
-        let Some(config) = settings.clone() else {
-            return Err(Error::Config(format!(
-                "no {} listener to take its connection settings from",
-                if v5 { "v5" } else { "v4" }
-            )));
+        let Some(config) = self.connections.clone() else {
+            return Err(Error::Config(
+                "no listener to take connection settings from".to_owned(),
+            ));
         };
         let stream: Box<dyn N> = Box::new(stream);
         let span = tracing::error_span!(
