@@ -221,6 +221,9 @@ pub(crate) struct Front {
     /// Turns true when the front closes: listeners stop accepting and every client
     /// connection ends (what rumqttd took from them stays with it).
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// Every client's task, from accept to its end: closing waits for them, so that no
+    /// acknowledgement reaches a device after the front has closed.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// A client whose CONNECT rumqttd has been sent.
@@ -305,7 +308,7 @@ impl Front {
                 // step (a TLS handshake, a CONNECT), and it lives as long as the
                 // connection; boxed, each step's memory goes when the step ends (measured:
                 // 7 KB per connection less).
-                tokio::spawn(async move {
+                front.tasks.clone().spawn(async move {
                     let served = async {
                         match tls {
                             None => Box::pin(front.connection(stream)).await,

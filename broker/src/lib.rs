@@ -40,14 +40,19 @@ pub struct RunningBroker {
     direct: MqttEndpoint,
     stats: Arc<FrontStats>,
     closing: tokio::sync::watch::Sender<bool>,
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl RunningBroker {
     /// Stops taking MQTT clients: the front's listeners close and its client connections
-    /// end, so nothing more is published (or acknowledged) through it. rumqttd keeps
-    /// running for in-process clients (the edge consumer drains what it holds).
-    pub fn close(&self) {
+    /// end, so nothing more is published (or acknowledged) through it. Resolves when every
+    /// client connection has ended (true), or after `limit` (false). rumqttd keeps running
+    /// for in-process clients (the edge consumer drains what it holds): everything it
+    /// acknowledged to a device is in its log before this resolves true.
+    pub async fn close(&self, limit: Duration) -> bool {
         self.closing.send_replace(true);
+        self.tasks.close();
+        tokio::time::timeout(limit, self.tasks.wait()).await.is_ok()
     }
 
     /// `mqtt://host:port` of the MQTT port, for clients.
@@ -313,6 +318,7 @@ pub async fn start(
         live,
         stats: stats.clone(),
         closing: tokio::sync::watch::channel(false).0,
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     // The front has a runtime of its own, as rumqttd has: it serves whatever the caller's
     // runtime is doing (tests that block it included).
@@ -351,6 +357,7 @@ pub async fn start(
         direct,
         stats,
         closing: front.closing.clone(),
+        tasks: front.tasks.clone(),
     })
 }
 

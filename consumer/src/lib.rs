@@ -13,13 +13,13 @@ pub mod settings;
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
 
-use rumqttc::AsyncClient;
+use rumqttc::{AsyncClient, QoS};
 use termopar_core::{directory::SensorDirectory, intake::Intake, topic::Topics};
 use tokio::sync::{mpsc, watch};
 
@@ -33,49 +33,113 @@ pub struct Consumer<S> {
     sink: S,
     subscribed: watch::Sender<bool>,
     progress: Progress,
+    client: AsyncClient,
+    eventloop: rumqttc::EventLoop,
 }
 
-/// How far a consumer got: QoS 1 messages received from the broker, and how many of
-/// them it is done with (stored and acknowledged, or left for the broker to resend).
-/// Cheap to clone.
+/// How far a consumer got: QoS 1 messages received from the broker, how many of them it
+/// is done with (stored and acknowledged, or left for the broker to resend), and where
+/// an awaited drain marker came. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
     received: Arc<AtomicU64>,
     done: Arc<AtomicU64>,
+    marker: Arc<Mutex<Marker>>,
+    awaiting: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct Marker {
+    /// Where drain markers' topics start, once a drain was asked for: a marker of an
+    /// earlier drain that comes late is acknowledged and never stored.
+    markers: Option<String>,
+    /// The marker's topic awaited now.
+    topic: String,
+    /// `received` once it came.
+    at: Option<u64>,
 }
 
 impl Progress {
-    pub(crate) fn received(&self) {
-        self.received.fetch_add(1, Ordering::AcqRel);
+    /// Counts a message (QoS 1 when `acknowledged`); true when it is a drain marker.
+    pub(crate) fn received(&self, topic: &str, acknowledged: bool) -> bool {
+        let received = if acknowledged {
+            self.received.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.received.load(Ordering::Acquire)
+        };
+        if !self.awaiting.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut marker = self.marker.lock().unwrap_or_else(|e| e.into_inner());
+        if !marker
+            .markers
+            .as_deref()
+            .is_some_and(|markers| topic.starts_with(markers))
+        {
+            return false;
+        }
+        if marker.topic == topic {
+            marker.at = Some(received);
+        }
+        true
     }
 
     pub(crate) fn done(&self, n: u64) {
         self.done.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// Resolves once every message received is done and none came for `quiet` (the
-    /// broker sends what it holds as soon as acknowledgements free room, so a broker
-    /// that stopped taking publishes is then empty for this consumer); false when that
-    /// did not happen within `limit`. Edge mode waits for this at shutdown, after the
-    /// embedded broker stopped accepting devices: what it acknowledged to them is then
-    /// stored before the process ends.
-    pub async fn drained(&self, quiet: Duration, limit: Duration) -> bool {
+    fn await_marker(&self, markers: String, topic: String) {
+        *self.marker.lock().unwrap_or_else(|e| e.into_inner()) = Marker {
+            markers: Some(markers),
+            topic,
+            at: None,
+        };
+        self.awaiting.store(true, Ordering::Release);
+    }
+
+    /// The awaited marker came and everything received up to it is done (batches are
+    /// done in the order they were received).
+    fn marker_done(&self) -> bool {
+        let at = self.marker.lock().unwrap_or_else(|e| e.into_inner()).at;
+        at.is_some_and(|at| self.done.load(Ordering::Acquire) >= at)
+    }
+}
+
+/// Tells when a running consumer has stored everything its broker had logged for it.
+#[derive(Clone)]
+pub struct Drainer {
+    client: AsyncClient,
+    topics: Topics,
+    progress: Progress,
+}
+
+impl Drainer {
+    /// Publishes a drain marker to the consumer's broker on the consumer's own connection
+    /// and resolves once the marker came back and every message received before it is
+    /// stored and acknowledged (true), or after `limit` (false). A broker delivers a
+    /// subscription's messages in the order it logged them, so whatever it had taken
+    /// before the marker is then stored, however slow the machine. Edge mode waits for
+    /// this at shutdown, after the embedded broker stopped accepting devices: what it
+    /// acknowledged to them is then stored before the process ends.
+    pub async fn drained(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut idle_since: Option<(tokio::time::Instant, u64)> = None;
+        let topic = self.topics.drain_marker(uuid::Uuid::new_v4());
+        self.progress
+            .await_marker(self.topics.drain_markers(), topic.clone());
+        let published = tokio::time::timeout_at(
+            deadline,
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, Vec::<u8>::new()),
+        )
+        .await;
+        if !matches!(published, Ok(Ok(()))) {
+            return false;
+        }
         loop {
-            let now = tokio::time::Instant::now();
-            let received = self.received.load(Ordering::Acquire);
-            let all_done = self.done.load(Ordering::Acquire) >= received;
-            match idle_since {
-                Some((since, seen)) if all_done && seen == received => {
-                    if now >= since + quiet {
-                        return true;
-                    }
-                }
-                _ if all_done => idle_since = Some((now, received)),
-                _ => idle_since = None,
+            if self.progress.marker_done() {
+                return true;
             }
-            if now >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -86,18 +150,26 @@ impl Progress {
 impl<S: Sink> Consumer<S> {
     /// A consumer of readings from `settings.broker` into `sink`.
     pub fn new(settings: ConsumerSettings, directory: SensorDirectory, sink: S) -> Self {
+        let (client, eventloop) = AsyncClient::new(mqtt::options(&settings), 4096);
         Self {
             settings,
             directory,
             sink,
             subscribed: watch::channel(false).0,
             progress: Progress::default(),
+            client,
+            eventloop,
         }
     }
 
-    /// How far the consumer got (see [`Progress::drained`]).
-    pub fn progress(&self) -> Progress {
-        self.progress.clone()
+    /// How to wait, once the broker takes no more publishes, until the consumer has
+    /// stored everything the broker holds for it (see [`Drainer::drained`]).
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            client: self.client.clone(),
+            topics: Topics::new(&self.settings.topic_prefix),
+            progress: self.progress.clone(),
+        }
     }
 
     /// Turns true once the broker confirmed the subscription (and false while
@@ -115,6 +187,8 @@ impl<S: Sink> Consumer<S> {
             sink,
             subscribed,
             progress,
+            client,
+            eventloop,
         } = self;
         settings.validate()?;
         let topics = Topics::new(&settings.topic_prefix);
@@ -136,7 +210,6 @@ impl<S: Sink> Consumer<S> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let maintenance = tokio::spawn(sink.maintain(stop_rx.clone()));
 
-        let (client, eventloop) = AsyncClient::new(mqtt::options(&settings), 4096);
         let (tx, rx) = mpsc::channel(settings.max_unacked.max(settings.batch_size).min(100_000));
         let epoch = mqtt::Epoch::default();
         let driver = tokio::spawn(mqtt::drive(

@@ -29,6 +29,9 @@ pub struct Message {
     pub ack: Option<Publish>,
     /// Connection it arrived on: an acknowledgement is only valid on that connection.
     pub epoch: u64,
+    /// The drain marker this consumer published (see [`crate::Drainer`]): acknowledged in
+    /// its turn, never stored.
+    pub marker: bool,
 }
 
 /// The current connection number, bumped on every CONNACK.
@@ -80,16 +83,18 @@ pub async fn drive(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                let acknowledged = p.qos != QoS::AtMostOnce;
+                let marker = progress.received(&p.topic, acknowledged);
                 let message = Message {
                     topic: p.topic.clone(),
                     payload: p.payload.clone(),
                     received_at: Utc::now(),
-                    ack: (p.qos != QoS::AtMostOnce).then_some(p),
+                    ack: acknowledged.then_some(p),
                     epoch: epoch.current(),
+                    marker,
                 };
-                metrics::counter!("consumer_messages_received_total").increment(1);
-                if message.ack.is_some() {
-                    progress.received();
+                if !marker {
+                    metrics::counter!("consumer_messages_received_total").increment(1);
                 }
                 if messages.send(message).await.is_err() {
                     return;

@@ -150,12 +150,16 @@ impl<S: Sink> Pipeline<S> {
         let started = Instant::now();
         let incoming: Vec<Incoming> = batch
             .iter()
+            .filter(|m| !m.marker)
             .map(|m| Incoming {
                 address: Address::Topic(&m.topic),
                 payload: m.payload.clone(),
                 received_at: m.received_at,
             })
             .collect();
+        if incoming.is_empty() {
+            return true;
+        }
         // Nothing is acknowledged while either step fails: when stopping, the broker
         // sends the messages again.
         let Some(prepared) = retry("sensor lookup", stop, || self.intake.prepare(&incoming)).await
@@ -299,6 +303,7 @@ mod tests {
                     received_at: Utc::now(),
                     ack: Some(publish),
                     epoch: 0,
+                    marker: false,
                 })
                 .await
                 .unwrap();

@@ -47,6 +47,18 @@ impl Topics {
         format!("{}clients/{client}/sensors/{sensor}/", self.prefix)
     }
 
+    /// A readings topic no device has: the nil client's, for a sensor named `nonce`. A
+    /// consumer that publishes one to the broker it reads from knows, when the message
+    /// comes back, that it received everything the broker had logged before it.
+    pub fn drain_marker(&self, nonce: uuid::Uuid) -> String {
+        self.readings(ClientId(uuid::Uuid::nil()), SensorId(nonce))
+    }
+
+    /// Where every drain marker's topic starts.
+    pub fn drain_markers(&self) -> String {
+        format!("{}clients/{}/", self.prefix, uuid::Uuid::nil())
+    }
+
     /// The filter matching every readings topic.
     pub fn readings_filter(&self) -> String {
         format!("{}clients/+/sensors/+/readings", self.prefix)

@@ -31,13 +31,13 @@ pub struct Edge {
     /// The embedded broker.
     pub broker: RunningBroker,
     consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
-    consumed: termopar_consumer::Progress,
+    drainer: termopar_consumer::Drainer,
     stop_consumer: tokio::sync::oneshot::Sender<()>,
 }
 
-/// At shutdown, how long the consumer must have had nothing to do before the embedded
-/// broker counts as empty, and the longest the edge waits for that.
-const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+/// At shutdown, the longest the edge waits for the MQTT front's connections to end, and
+/// then for the consumer to store what the embedded broker holds.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Edge {
@@ -68,7 +68,7 @@ impl Edge {
         let store = app.state().store.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = termopar_consumer::Consumer::new(settings.consumer, directory, store);
-        let consumed = consumer.progress();
+        let drainer = consumer.drainer();
         let consumer = tokio::spawn(consumer.run(async move {
             let _ = stopped.await;
         }));
@@ -76,7 +76,7 @@ impl Edge {
             app,
             broker,
             consumer,
-            consumed,
+            drainer,
             stop_consumer,
         })
     }
@@ -90,8 +90,13 @@ impl Edge {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let served = self.app.run_until(shutdown).await;
-        self.broker.close();
-        if !self.consumed.drained(DRAIN_QUIET, DRAIN_LIMIT).await {
+        if !self.broker.close(CLOSE_LIMIT).await {
+            tracing::warn!(
+                "MQTT client connections did not end within {CLOSE_LIMIT:?}; a reading \
+                 acknowledged to a device after this may be lost"
+            );
+        }
+        if !self.drainer.drained(DRAIN_LIMIT).await {
             tracing::warn!(
                 "the consumer did not finish what the embedded broker holds within {DRAIN_LIMIT:?}; \
                  readings it acknowledged to devices and not yet stored are lost"

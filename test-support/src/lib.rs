@@ -284,12 +284,14 @@ impl Drop for ChildGuard {
 }
 
 /// A TCP proxy to a real service that a test can cut off and restore, to see how the
-/// code behaves while the service is unreachable.
+/// code behaves while the service is unreachable, or hold (bytes stop moving either way,
+/// connections stay open) and release, to see it behave while the service is slow.
 pub struct Proxy {
     /// Where clients connect.
     pub addr: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -302,26 +304,40 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cut, _) = tokio::sync::watch::channel(0u64);
-        let (up2, cut2) = (up.clone(), cut.clone());
+        let (held, _) = tokio::sync::watch::channel(false);
+        let (up2, cut2, held2) = (up.clone(), cut.clone(), held.clone());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
                     drop(inbound); // refused: closed at once
                     continue;
                 }
                 let mut cut_rx = cut2.subscribe();
+                let held = held2.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_service, to_service) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async {
+                            tokio::join!(
+                                forward(from_client, to_service, held.subscribe()),
+                                forward(from_service, to_client, held.subscribe()),
+                            )
+                        } => {}
                         _ = cut_rx.changed() => {}
                     }
                 });
             }
         });
-        Self { addr, up, cut }
+        Self {
+            addr,
+            up,
+            cut,
+            held,
+        }
     }
 
     /// Drops every open connection and refuses new ones.
@@ -334,6 +350,36 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Stops moving bytes in either direction; connections stay open.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Moves bytes again, what was held first.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to` until either ends, waiting while `held`.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if held.wait_for(|h| !*h).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Publishes with mosquitto_pub (a real, independent client); panics if it fails.

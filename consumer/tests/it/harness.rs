@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use termopar_consumer::{Consumer, ConsumerSettings};
+use termopar_consumer::{Consumer, ConsumerSettings, Drainer};
 use termopar_core::{
     directory::SensorDirectory,
     ids::{ClientId, SensorId},
@@ -238,6 +238,8 @@ pub fn consumer_settings(broker: MqttEndpoint) -> ConsumerSettings {
 
 /// A consumer running in this process; stops when dropped.
 pub struct RunningConsumer {
+    /// Waits until it stored what its broker holds for it.
+    pub drainer: Drainer,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -251,6 +253,7 @@ impl RunningConsumer {
             stores.store.clone(),
         );
         let mut subscribed = consumer.subscribed();
+        let drainer = consumer.drainer();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(consumer.run(async move {
             let _ = stopped.await;
@@ -260,6 +263,7 @@ impl RunningConsumer {
             .expect("the consumer subscribes within 20 s")
             .unwrap();
         Self {
+            drainer,
             stop: Some(stop),
             task: Some(task),
         }

@@ -2,10 +2,11 @@
 
 use std::{process::Command, time::Duration};
 
+use termopar_core::settings::MqttEndpoint;
 use termopar_core::topic::Topics;
 use termopar_device_sim::SimConfig;
 use test_support::{
-    eventually, free_port, mosquitto_endpoint, unique_prefix, ChildGuard, DEFAULT_DEADLINE,
+    eventually, free_port, mosquitto_endpoint, unique_prefix, ChildGuard, Proxy, DEFAULT_DEADLINE,
 };
 use uuid::Uuid;
 
@@ -32,6 +33,63 @@ async fn the_consumer_reads_from_mosquitto() {
     }
     stores.wait_for_readings(5, DEFAULT_DEADLINE).await;
     consumer.stop().await;
+    stores.assert_rollups_match_raw().await;
+}
+
+/// Draining waits for the broker, however long it is silent: a consumer whose broker
+/// holds messages back is not drained, and once it sends them, the consumer is drained
+/// only when every message the broker took before the drain is stored.
+#[tokio::test]
+async fn a_consumer_is_drained_only_once_it_stored_everything_the_broker_took_before() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(1).await;
+    let mosquitto = mosquitto_endpoint();
+    let proxy = Proxy::start(
+        format!("{}:{}", mosquitto.host, mosquitto.port)
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    let mut settings =
+        consumer_settings(MqttEndpoint::parse(&format!("mqtt://{}", proxy.addr)).unwrap());
+    settings.topic_prefix = unique_prefix();
+    let topic = Topics::new(&settings.topic_prefix).readings(client, sensors[0].0);
+    let consumer = RunningConsumer::start(settings, &stores).await;
+
+    // Mosquitto takes 300 readings while nothing moves between it and the consumer.
+    proxy.hold();
+    let lines: String = (0..300)
+        .map(|i| format!("{}\n", reading(Uuid::new_v4(), i, 3.0)))
+        .collect();
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", &mosquitto.host, "-p", &mosquitto.port.to_string()])
+        .args(["-t", &topic, "-q", "1", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed (make services)");
+    std::io::Write::write_all(&mut publisher.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    assert!(publisher.wait().unwrap().success(), "mosquitto_pub failed");
+
+    assert!(
+        !consumer.drainer.drained(Duration::from_secs(1)).await,
+        "drained while the broker held 300 readings back"
+    );
+    assert_eq!(stores.reading_count().await, 0);
+    proxy.release();
+    assert!(
+        consumer.drainer.drained(DEFAULT_DEADLINE).await,
+        "not drained"
+    );
+    assert_eq!(
+        stores.reading_count().await,
+        300,
+        "drained before everything the broker took was stored"
+    );
+    consumer.stop().await;
+    assert!(
+        stores.dead_letters().await.is_empty(),
+        "a drain marker was dead-lettered"
+    );
     stores.assert_rollups_match_raw().await;
 }
 
