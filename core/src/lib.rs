@@ -4,6 +4,7 @@
 //! Everything the broker, consumer, simulator and API must agree on lives here, so the
 //! parts can never drift apart.
 
+pub mod backup;
 pub mod db;
 pub mod directory;
 pub mod ids;

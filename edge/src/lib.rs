@@ -24,6 +24,29 @@ pub async fn migrate(settings: &EdgeSettings) -> anyhow::Result<MigrationReport>
     )
 }
 
+/// Writes a backup of PostgreSQL and the document store into `dir` (see
+/// `termopar_core::backup`), while nodes keep running.
+pub async fn backup(
+    settings: &EdgeSettings,
+    dir: &std::path::Path,
+) -> anyhow::Result<termopar_core::backup::Manifest> {
+    let pg = termopar_core::db::connect_lazy(&settings.api.database)?;
+    let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
+    termopar_core::backup::backup(&pg, &mongo, dir).await
+}
+
+/// Restores the backup in `dir` into empty stores: creates the database and its tables
+/// when missing (every migration of this version, the job queue's too), then copies.
+pub async fn restore(
+    settings: &EdgeSettings,
+    dir: &std::path::Path,
+) -> anyhow::Result<termopar_core::backup::Manifest> {
+    let pg = termopar_core::db::connect_and_migrate(&settings.api.database).await?;
+    termopar_leads::migrate(&pg).await?;
+    let mongo = termopar_core::mongo::connect(&settings.api.mongo).await?;
+    termopar_core::backup::restore(&pg, &mongo, dir).await
+}
+
 /// A running edge node.
 pub struct Edge {
     /// The API, bound but not yet serving.

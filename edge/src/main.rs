@@ -17,6 +17,20 @@ enum Command {
     /// the current shape, then exit. Every process that stores readings also does this
     /// at start; run it first to see it finish.
     Migrate,
+    /// Back up PostgreSQL and the document store together, at one consistent point,
+    /// into a new directory (nodes keep running; deletions of raw documents wait).
+    Backup {
+        /// The directory to create (or an empty one).
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
+    /// Restore a backup into an empty database and document store (created and
+    /// migrated first), with this version of termopar.
+    Restore {
+        /// The backup's directory.
+        #[arg(long)]
+        from: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -48,5 +62,35 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Backup { to } => {
+            let manifest = termopar::backup(&settings, &to).await?;
+            println!("backed up into {}: {}", to.display(), summary(&manifest));
+            Ok(())
+        }
+        Command::Restore { from } => {
+            let manifest = termopar::restore(&settings, &from).await?;
+            println!(
+                "restored from {} (made {}): {}",
+                from.display(),
+                manifest.created_at,
+                summary(&manifest)
+            );
+            Ok(())
+        }
     }
+}
+
+/// "N rows in T tables, M documents in C collections".
+fn summary(manifest: &termopar_core::backup::Manifest) -> String {
+    format!(
+        "{} rows in {} tables, {} documents in {} collections",
+        manifest.tables.iter().map(|t| t.rows).sum::<u64>(),
+        manifest.tables.len(),
+        manifest
+            .collections
+            .iter()
+            .map(|c| c.documents)
+            .sum::<u64>(),
+        manifest.collections.len()
+    )
 }

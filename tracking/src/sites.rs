@@ -325,6 +325,13 @@ impl SitesApi {
         let current = visible(&tracking, &auth, id.0).await?;
         auth.0.require_manager_of(current.client_id)?;
         let mut tx = tracking.pg().begin().await?;
+        // The site's raw pages are deleted below: never while a backup copies them.
+        if !termopar_core::backup::fenced(&mut tx).await? {
+            return Err(ApiError::new(
+                ErrorCode::StorageUnavailable,
+                "a backup is running; delete the site when it has finished",
+            ));
+        }
         let deleted = sqlx::query("DELETE FROM sites WHERE id = $1")
             .bind(id.0)
             .execute(&mut *tx)

@@ -560,6 +560,24 @@ async fn sites_are_managed_per_tenant_and_other_tenants_get_404() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
+    // Not while a backup runs: it may be copying the site's raw pages.
+    let mut backup = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&app.db.url).await.unwrap()
+    };
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(termopar_core::backup::FENCE)
+        .execute(&mut backup)
+        .await
+        .unwrap();
+    assert_error(
+        &app.delete(&site_path, &operator_a).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_unavailable",
+    );
+    assert_eq!(app.get(&site_path, &operator_a).await.0, StatusCode::OK);
+    sqlx::Connection::close(backup).await.unwrap();
+
     // Deleting a site deletes its hits and counts.
     assert_eq!(
         app.delete(&site_path, &operator_a).await.0,

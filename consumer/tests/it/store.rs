@@ -537,3 +537,47 @@ async fn fragment_collections_are_dropped_once_nothing_registers_their_fragments
         Some(&r[0])
     );
 }
+
+/// While a backup holds its fence, expiry deletes no raw document (the backup may be
+/// copying it); once the fence is released, it deletes them.
+#[tokio::test]
+async fn expiry_deletes_nothing_while_a_backup_holds_its_fence() {
+    use sqlx::Connection;
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(1).await;
+    let mut rng = StdRng::seed_from_u64(5);
+    let all = readings(&mut rng, client, sensors[0].0, 300, 60);
+    stores.store.store(&all).await.unwrap();
+    compact_all(&stores.store, t0() + Duration::days(1)).await;
+    let segments = stores
+        .mongo
+        .database()
+        .await
+        .collection::<RawDocumentBuf>(SEGMENTS);
+    let before = segments.count_documents(doc! {}).await.unwrap();
+    assert!(before > 0, "merged into the main collection");
+    // The sensor goes: its segments expire.
+    sqlx::query("DELETE FROM sensors WHERE id = $1")
+        .bind(sensors[0].0 .0)
+        .execute(&stores.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE raw_doc_expiry SET due_at = now()")
+        .execute(&stores.db.pool)
+        .await
+        .unwrap();
+
+    let mut backup = sqlx::PgConnection::connect(&stores.db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(termopar_core::backup::FENCE)
+        .execute(&mut backup)
+        .await
+        .unwrap();
+    assert_eq!(stores.store.expire_due().await.unwrap(), 0);
+    assert_eq!(stores.store.drop_fragments().await.unwrap(), 0);
+    assert_eq!(segments.count_documents(doc! {}).await.unwrap(), before);
+
+    backup.close().await.unwrap();
+    assert!(stores.store.expire_due().await.unwrap() > 0);
+    assert_eq!(segments.count_documents(doc! {}).await.unwrap(), 0);
+}

@@ -438,6 +438,10 @@ impl ReadingStore {
         let mut finished = 0;
         loop {
             let mut tx = self.pg.begin().await?;
+            // Never while a backup runs (it may be copying what this would delete).
+            if !crate::backup::fenced(&mut tx).await? {
+                return Ok(finished);
+            }
             let due: Vec<(i64, Vec<Vec<u8>>)> = sqlx::query_as(
                 "SELECT id, docs FROM raw_doc_expiry WHERE due_at <= now()
                  ORDER BY due_at LIMIT 64 FOR UPDATE SKIP LOCKED",
@@ -478,6 +482,11 @@ impl ReadingStore {
     pub async fn drop_fragments(&self) -> Result<usize, StoreError> {
         let kept_until = Utc::now() - chrono::Duration::hours(super::FRAGMENT_HOURS_KEPT + 1);
         let mut dropped = 0;
+        // Held until every drop is done; never while a backup runs.
+        let mut fence = self.pg.begin().await?;
+        if !crate::backup::fenced(&mut fence).await? {
+            return Ok(0);
+        }
         for name in self.db.list_collection_names().await? {
             let Some(hour) = name
                 .strip_prefix(super::FRAGMENTS)
@@ -514,6 +523,7 @@ impl ReadingStore {
                 dropped += 1;
             }
         }
+        fence.commit().await?;
         metrics::counter!("raw_fragment_collections_dropped_total").increment(dropped as u64);
         Ok(dropped)
     }

@@ -410,5 +410,6 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
     assert_eq!(counted as usize, ids.len(), "counts match what is stored");
 }
 
+mod backup;
 mod console;
 mod dashboard;
