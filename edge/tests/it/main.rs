@@ -411,5 +411,6 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
 }
 
 mod backup;
+mod bridge;
 mod console;
 mod dashboard;
