@@ -396,6 +396,8 @@ case "${1:-up}" in
         printf 'DATABASE_URL=%q\n' "${DATABASE_URL:-postgres://postgres@127.0.0.1:$(pg_port)/termopar}"
         printf 'MONGODB_URI=%q\n' "${MONGODB_URI:-mongodb://$FERRETDB_ADDR}"
         printf 'MOSQUITTO_URL=%q\n' "${MOSQUITTO_URL:-mqtt://127.0.0.1:$MOSQUITTO_PORT}"
+        # The fault tests start FerretDB processes of their own, to restart them.
+        printf 'FERRETDB_BIN=%q\n' "$FERRETDB_BIN"
         ;;
     *) die "usage: $0 [up|down|status|env|bench-tools]" ;;
 esac

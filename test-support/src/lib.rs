@@ -473,3 +473,88 @@ pub async fn stored_count(pool: &PgPool) -> u64 {
         .await
         .expect("count stored readings") as u64
 }
+
+/// A FerretDB process of one test's own (the binary `make services` built, named by
+/// `FERRETDB_BIN`), on a free port, over SQLite files in a directory of its own: a test
+/// may kill and restart it without touching anyone else's document store.
+pub struct PrivateFerret {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateFerret {
+    /// Starts one over a new directory under `root`.
+    pub async fn start(root: &std::path::Path) -> Self {
+        let dir = root.join(format!("ferretdb-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the FerretDB directory");
+        let mut ferret = Self {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+            dir,
+            child: None,
+        };
+        ferret.restart().await;
+        ferret
+    }
+
+    /// Settings of a database named `database` on it.
+    pub fn settings(&self, database: &str) -> MongoSettings {
+        MongoSettings {
+            uri: format!("mongodb://{}", self.addr),
+            database: database.to_owned(),
+        }
+    }
+
+    /// Stops it (SIGKILL: as a crash) and waits for the process to end.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and files; returns once it accepts connections.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let bin = std::env::var("FERRETDB_BIN")
+            .expect("FERRETDB_BIN names FerretDB's binary (scripts/services.sh env)");
+        for sub in ["sqlite", "state"] {
+            std::fs::create_dir_all(self.dir.join(sub)).expect("FerretDB's directories");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("ferretdb.log"))
+            .expect("FerretDB's log");
+        let child = std::process::Command::new(&bin)
+            .arg("--handler=sqlite")
+            .arg(format!(
+                "--sqlite-url=file:{}/sqlite/?_pragma=synchronous(normal)",
+                self.dir.display()
+            ))
+            .arg(format!("--state-dir={}/state", self.dir.display()))
+            .arg(format!("--listen-addr={}", self.addr))
+            .arg(format!("--debug-addr=127.0.0.1:{}", free_port()))
+            .args(["--telemetry=disable", "--log-level=warn"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start FerretDB ({bin}): {e}"));
+        self.child = Some(child);
+        let addr = self.addr;
+        eventually(
+            "the private FerretDB answers",
+            Duration::from_secs(30),
+            || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivateFerret {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

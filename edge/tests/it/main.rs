@@ -414,3 +414,4 @@ mod backup;
 mod bridge;
 mod console;
 mod dashboard;
+mod faults;

@@ -1,0 +1,263 @@
+//! Faults under load, on an edge node with a document store of its own: FerretDB killed
+//! and restarted while devices publish with QoS 1 and the webhook takes deliveries. Each ends with exact counts: every reading
+//! the broker acknowledged is stored once, every delivery answered is kept once, and no
+//! request got a 500 (reads that need the document store answer 503 while it is away).
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use termopar::Edge;
+use termopar_core::settings::MqttEndpoint;
+use test_support::{eventually, PrivateFerret, TestDb, TestMongo};
+use uuid::Uuid;
+
+use crate::{edge_settings, publish_until_closed};
+
+/// What the webhook sender got.
+#[derive(Default)]
+struct Deliveries {
+    /// Answered with a status other than 503.
+    answered: u64,
+    /// Answered 503.
+    unavailable: u64,
+    /// Answered 5xx other than 503 (must stay 0).
+    errors: Vec<String>,
+}
+
+/// Posts conversations of three messages until `stop`.
+async fn deliver_until(base: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Deliveries>>) {
+    let http = reqwest::Client::new();
+    while !stop.load(Ordering::Acquire) {
+        let conversation = Uuid::new_v4();
+        let mut events = vec![
+            json!({"type": "NEW_CONVERSATION", "timestamp": "2026-11-30T10:00:00",
+                                     "data": {"id": conversation}}),
+        ];
+        for i in 0..3 {
+            events.push(
+                json!({"type": "NEW_MESSAGE", "timestamp": format!("2026-11-30T10:00:0{}", i + 1),
+                "data": {"id": Uuid::new_v4(), "direction": "RECEIVED", "content": "olá",
+                         "conversation_id": conversation}}),
+            );
+        }
+        for event in events {
+            let Ok(response) = http
+                .post(format!("{base}/api/v1/webhook"))
+                .json(&event)
+                .send()
+                .await
+            else {
+                return; // the node stopped
+            };
+            let status = response.status();
+            let mut seen = seen.lock().unwrap();
+            match status {
+                StatusCode::SERVICE_UNAVAILABLE => seen.unavailable += 1,
+                s if s.is_server_error() => seen.errors.push(format!("webhook: {s}")),
+                _ => seen.answered += 1,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing() {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut ferret = PrivateFerret::start(root).await;
+    let db = TestDb::new().await;
+    let mongo = TestMongo {
+        settings: ferret.settings("faults"),
+    };
+    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
+    let base = format!("http://{}", edge.app.addr());
+    let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
+    let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(edge.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let sensors =
+        termopar_device_sim::provision(&base, "admin@edge.test", "edge-admin-pw", 2, false)
+            .await
+            .unwrap();
+    let warmup = tokio::spawn(publish_until_closed(
+        broker.clone(),
+        sensors[0].clone(),
+        Arc::default(),
+    ));
+    eventually(
+        "the edge consumer subscribed",
+        Duration::from_secs(20),
+        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
+    )
+    .await;
+    warmup.abort();
+    let http = reqwest::Client::new();
+    let token = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": "admin@edge.test", "password": "edge-admin-pw"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let publishers: Vec<_> = sensors
+        .iter()
+        .map(|s| {
+            tokio::spawn(publish_until_closed(
+                broker.clone(),
+                s.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    let stop_deliveries = Arc::new(AtomicBool::new(false));
+    let deliveries = Arc::new(Mutex::new(Deliveries::default()));
+    let sender = tokio::spawn(deliver_until(
+        base.clone(),
+        stop_deliveries.clone(),
+        deliveries.clone(),
+    ));
+    let acked_now = || acked.lock().unwrap().len();
+    let answered_now = || deliveries.lock().unwrap().answered;
+    let progress = |what: &'static str, readings: usize, answered: u64| {
+        let (acked, deliveries) = (acked.clone(), deliveries.clone());
+        eventually(what, Duration::from_secs(60), move || {
+            let (acked, deliveries) = (acked.clone(), deliveries.clone());
+            async move {
+                (acked.lock().unwrap().len() >= readings
+                    && deliveries.lock().unwrap().answered >= answered)
+                    .then_some(())
+            }
+        })
+    };
+    progress("load before the fault", 200, 40).await;
+
+    ferret.kill();
+    // While it lasts, devices are still acknowledged (the broker holds their readings)
+    // and deliveries are still answered (PostgreSQL keeps them). Reads answer from the
+    // caches or with a 503, within seconds: never a 500, never a hang.
+    let sensor = sensors[0].sensor_id;
+    let reads_during = [
+        format!("/api/v1/sensors/{sensor}/readings?page_size=500"),
+        format!("/api/v1/sensors/{sensor}/readings/latest"),
+        format!("/api/v1/sensors/{sensor}/daily-averages?from=2026-01-01&to=2027-12-31"),
+        format!(
+            "/api/v1/sensors/{}/readings?page=3&page_size=7",
+            sensors[1].sensor_id
+        ),
+    ];
+    let mut reads = Vec::new();
+    for path in &reads_during {
+        let status = http
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} while the document store is away: {e}"))
+            .status();
+        reads.push((path.clone(), status));
+    }
+    progress(
+        "load during the fault",
+        acked_now() + 200,
+        answered_now() + 40,
+    )
+    .await;
+
+    ferret.restart().await;
+    progress(
+        "load after the fault",
+        acked_now() + 200,
+        answered_now() + 40,
+    )
+    .await;
+    for path in &reads_during {
+        eventually("reads answer again", Duration::from_secs(30), || async {
+            let status = http
+                .get(format!("{base}{path}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            (status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+
+    // Stop: the node drains the broker into the stores before it ends.
+    stop_deliveries.store(true, Ordering::Release);
+    sender.await.unwrap();
+    stop_node.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+
+    let store = mongo.database().await;
+    let stored = test_support::stored_readings(&db.pool, &store).await;
+    let mut ids: Vec<Uuid> = stored.iter().map(|r| r.id).collect();
+    ids.sort();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "a reading stored twice");
+    let acked = acked.lock().unwrap().clone();
+    let lost = acked
+        .iter()
+        .filter(|id| ids.binary_search(id).is_err())
+        .count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} acknowledged readings lost",
+        acked.len()
+    );
+    assert_eq!(
+        test_support::stored_count(&db.pool).await as usize,
+        total,
+        "the index counts what is stored"
+    );
+    let deliveries = std::mem::take(&mut *deliveries.lock().unwrap());
+    assert!(deliveries.errors.is_empty(), "{:?}", deliveries.errors);
+    assert!(
+        reads
+            .iter()
+            .all(|(_, s)| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
+        "{reads:?}"
+    );
+    let kept = store
+        .collection::<mongodb::bson::Document>(termopar_chat::webhook::EVENTS)
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, deliveries.answered,
+        "every delivery answered is kept raw, once"
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, 0, "the relay caught up");
+    eprintln!(
+        "document store restarted: readings acknowledged {}, stored {total}, lost 0, twice 0; deliveries answered {} \
+         (503: {}), kept {kept}; reads during the fault: {reads:?}",
+        acked.len(),
+        deliveries.answered,
+        deliveries.unavailable
+    );
+}
