@@ -32,6 +32,7 @@ fn url_of(options: &PgConnectOptions) -> String {
 
 /// A fresh, migrated PostgreSQL database, dropped when this value is dropped.
 pub struct TestDb {
+    server: PgConnectOptions,
     /// A small pool on it.
     pub pool: PgPool,
     /// Its URL.
@@ -42,8 +43,13 @@ pub struct TestDb {
 impl TestDb {
     /// Creates the database and applies every migration.
     pub async fn new() -> Self {
+        Self::on(server_options()).await
+    }
+
+    /// The same on the server `server` names (its database is ignored).
+    pub async fn on(server: PgConnectOptions) -> Self {
         let name = format!("termopar_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect_with(&server_options().database("postgres"))
+        let mut admin = PgConnection::connect_with(&server.clone().database("postgres"))
             .await
             .expect("PostgreSQL is up (run `make services`)");
         admin
@@ -52,7 +58,7 @@ impl TestDb {
             .await
             .expect("create the test database");
         admin.close().await.ok();
-        let options = server_options().database(&name);
+        let options = server.clone().database(&name);
         let url = url_of(&options);
         let pool = PgPoolOptions::new()
             .max_connections(5)
@@ -63,7 +69,12 @@ impl TestDb {
             .run(&pool)
             .await
             .expect("migrations apply to an empty database");
-        Self { pool, url, name }
+        Self {
+            server,
+            pool,
+            url,
+            name,
+        }
     }
 
     /// Settings pointing at this database.
@@ -105,7 +116,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, server) = (self.name.clone(), self.server.clone());
         // Drop cannot await: use a thread with its own runtime, and wait for it so the
         // database is gone when the test ends. The pools on it (ours and the app's) live
         // on the test's runtime, which this blocks, so they are not closed gracefully:
@@ -117,7 +128,7 @@ impl Drop for TestDb {
                 .expect("a runtime for cleanup");
             rt.block_on(async move {
                 if let Ok(mut admin) =
-                    PgConnection::connect_with(&server_options().database("postgres")).await
+                    PgConnection::connect_with(&server.database("postgres")).await
                 {
                     let _ = admin
                         .execute(sqlx::AssertSqlSafe(format!(
@@ -555,6 +566,137 @@ impl PrivateFerret {
 impl Drop for PrivateFerret {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL server of one test's own (Debian's binaries, a cluster made by `initdb`
+/// in a directory of its own, on a free port): a test may stop and start it again.
+pub struct PrivatePg {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePg {
+    /// Makes the cluster and starts it.
+    pub async fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (make services)")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| std::path::PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+            .expect("a PostgreSQL version in /usr/lib/postgresql");
+        let dir = std::env::temp_dir().join(format!("termopar-pg-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("the cluster's directory");
+        let pg = Self {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        if pg.as_root() {
+            pg.run(
+                std::process::Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&pg.dir),
+            );
+        }
+        pg.run(
+            pg.command("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(pg.dir.join("data")),
+        );
+        pg.start_again().await;
+        pg
+    }
+
+    /// Connection options of its `postgres` database.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .database("postgres")
+    }
+
+    /// Stops it as an operator's restart does (`pg_ctl stop -m fast`: sessions are ended,
+    /// transactions in progress rolled back) and waits until it is down.
+    pub fn stop(&self) {
+        self.run(self.ctl().args(["stop", "-w", "-m", "fast"]));
+    }
+
+    /// Starts it; returns once it accepts connections.
+    pub async fn start_again(&self) {
+        self.run(
+            self.ctl()
+                .args(["start", "-w", "-l"])
+                .arg(self.dir.join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=32MB",
+                    self.port,
+                    self.dir.display()
+                )),
+        );
+        let options = self.options();
+        eventually(
+            "the private PostgreSQL answers",
+            Duration::from_secs(30),
+            || {
+                let options = options.clone();
+                async move { PgConnection::connect_with(&options).await.ok().map(|_| ()) }
+            },
+        )
+        .await;
+    }
+
+    fn as_root(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false)
+    }
+
+    /// A command of PostgreSQL's, as the `postgres` user when running as root (the server
+    /// refuses to run as root).
+    fn command(&self, name: &str) -> std::process::Command {
+        let program = self.bin.join(name);
+        if self.as_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+
+    fn ctl(&self) -> std::process::Command {
+        let mut command = self.command("pg_ctl");
+        command.arg("-D").arg(self.dir.join("data"));
+        command
+    }
+
+    fn run(&self, command: &mut std::process::Command) {
+        let output = command.output().expect("run a PostgreSQL command");
+        assert!(
+            output.status.success(),
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = self
+            .ctl()
+            .args(["stop", "-m", "immediate"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,7 +1,8 @@
-//! Faults under load, on an edge node with a document store of its own: FerretDB killed
-//! and restarted while devices publish with QoS 1 and the webhook takes deliveries. Each ends with exact counts: every reading
+//! Faults under load, on an edge node with stores of its own: FerretDB killed and
+//! restarted, PostgreSQL stopped and started again, while devices publish with QoS 1 and
+//! the webhook takes deliveries. Each ends with exact counts: every reading
 //! the broker acknowledged is stored once, every delivery answered is kept once, and no
-//! request got a 500 (reads that need the document store answer 503 while it is away).
+//! request got a 500 (what needs the store that is away answers 503).
 
 use std::{
     sync::{
@@ -15,7 +16,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use termopar::Edge;
 use termopar_core::settings::MqttEndpoint;
-use test_support::{eventually, PrivateFerret, TestDb, TestMongo};
+use test_support::{eventually, PrivateFerret, PrivatePg, TestDb, TestMongo};
 use uuid::Uuid;
 
 use crate::{edge_settings, publish_until_closed};
@@ -67,15 +68,57 @@ async fn deliver_until(base: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Deli
     }
 }
 
+/// The store a test takes away and brings back.
+enum Store {
+    /// FerretDB, killed and started again on the same files.
+    Documents(PrivateFerret),
+    /// PostgreSQL, stopped (`-m fast`) and started again.
+    Postgres(PrivatePg),
+}
+
+impl Store {
+    fn name(&self) -> &'static str {
+        match self {
+            Store::Documents(_) => "document store restarted",
+            Store::Postgres(_) => "PostgreSQL restarted",
+        }
+    }
+
+    fn take_away(&mut self) {
+        match self {
+            Store::Documents(ferret) => ferret.kill(),
+            Store::Postgres(pg) => pg.stop(),
+        }
+    }
+
+    async fn bring_back(&mut self) {
+        match self {
+            Store::Documents(ferret) => ferret.restart().await,
+            Store::Postgres(pg) => pg.start_again().await,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing() {
-    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let mut ferret = PrivateFerret::start(root).await;
+    let ferret = PrivateFerret::start(std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))).await;
     let db = TestDb::new().await;
     let mongo = TestMongo {
         settings: ferret.settings("faults"),
     };
-    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
+    restart_under_load(Store::Documents(ferret), &db, &mongo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_under_mqtt_and_webhook_load_loses_nothing() {
+    let pg = PrivatePg::start().await;
+    let db = TestDb::on(pg.options()).await;
+    let mongo = TestMongo::new();
+    restart_under_load(Store::Postgres(pg), &db, &mongo).await;
+}
+
+async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
+    let edge = Edge::start(edge_settings(db, mongo)).await.unwrap();
     let base = format!("http://{}", edge.app.addr());
     let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
     let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -90,6 +133,7 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
         broker.clone(),
         sensors[0].clone(),
         Arc::default(),
+        Duration::ZERO,
     ));
     eventually(
         "the edge consumer subscribed",
@@ -120,6 +164,9 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
                 broker.clone(),
                 s.clone(),
                 acked.clone(),
+                // 800 readings/s in all: what a loaded CI machine still stores, so
+                // the backlog the outage leaves drains at shutdown.
+                Duration::from_millis(5),
             ))
         })
         .collect();
@@ -131,33 +178,32 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
         deliveries.clone(),
     ));
     let acked_now = || acked.lock().unwrap().len();
-    let answered_now = || deliveries.lock().unwrap().answered;
+    let answered_now = || {
+        let d = deliveries.lock().unwrap();
+        d.answered + d.unavailable
+    };
     let progress = |what: &'static str, readings: usize, answered: u64| {
         let (acked, deliveries) = (acked.clone(), deliveries.clone());
         eventually(what, Duration::from_secs(60), move || {
             let (acked, deliveries) = (acked.clone(), deliveries.clone());
             async move {
-                (acked.lock().unwrap().len() >= readings
-                    && deliveries.lock().unwrap().answered >= answered)
+                let d = deliveries.lock().unwrap();
+                (acked.lock().unwrap().len() >= readings && d.answered + d.unavailable >= answered)
                     .then_some(())
             }
         })
     };
     progress("load before the fault", 200, 40).await;
 
-    ferret.kill();
-    // While it lasts, devices are still acknowledged (the broker holds their readings)
-    // and deliveries are still answered (PostgreSQL keeps them). Reads answer from the
-    // caches or with a 503, within seconds: never a 500, never a hang.
+    store.take_away();
+    // While it lasts, devices are still acknowledged (the broker holds their readings,
+    // the consumer retries), deliveries are answered (200 while PostgreSQL keeps them,
+    // else 503), and reads answer from the caches or with a 503, within seconds: never a
+    // 500, never a hang.
     let sensor = sensors[0].sensor_id;
     let reads_during = [
         format!("/api/v1/sensors/{sensor}/readings?page_size=500"),
-        format!("/api/v1/sensors/{sensor}/readings/latest"),
         format!("/api/v1/sensors/{sensor}/daily-averages?from=2026-01-01&to=2027-12-31"),
-        format!(
-            "/api/v1/sensors/{}/readings?page=3&page_size=7",
-            sensors[1].sensor_id
-        ),
     ];
     let mut reads = Vec::new();
     for path in &reads_during {
@@ -171,14 +217,15 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
             .status();
         reads.push((path.clone(), status));
     }
+    // (Deliveries wait for a connection up to the pool's 3 s while PostgreSQL is away.)
     progress(
         "load during the fault",
         acked_now() + 200,
-        answered_now() + 40,
+        answered_now() + 3,
     )
     .await;
 
-    ferret.restart().await;
+    store.bring_back().await;
     progress(
         "load after the fault",
         acked_now() + 200,
@@ -208,8 +255,8 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
         p.await.unwrap();
     }
 
-    let store = mongo.database().await;
-    let stored = test_support::stored_readings(&db.pool, &store).await;
+    let documents = mongo.database().await;
+    let stored = test_support::stored_readings(&db.pool, &documents).await;
     let mut ids: Vec<Uuid> = stored.iter().map(|r| r.id).collect();
     ids.sort();
     let total = ids.len();
@@ -239,14 +286,18 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
             .all(|(_, s)| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
         "{reads:?}"
     );
-    let kept = store
+    let kept = documents
         .collection::<mongodb::bson::Document>(termopar_chat::webhook::EVENTS)
         .count_documents(mongodb::bson::doc! {})
         .await
         .unwrap();
-    assert_eq!(
-        kept, deliveries.answered,
-        "every delivery answered is kept raw, once"
+    // A delivery answered 503 may still have been committed (its answer lost as the
+    // server stopped); one answered otherwise must be kept.
+    assert!(
+        kept >= deliveries.answered && kept <= deliveries.answered + deliveries.unavailable,
+        "{kept} deliveries kept raw, {} answered, {} answered 503",
+        deliveries.answered,
+        deliveries.unavailable
     );
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_outbox")
         .fetch_one(&db.pool)
@@ -254,8 +305,9 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
         .unwrap();
     assert_eq!(outbox, 0, "the relay caught up");
     eprintln!(
-        "document store restarted: readings acknowledged {}, stored {total}, lost 0, twice 0; deliveries answered {} \
+        "{}: readings acknowledged {}, stored {total}, lost 0, twice 0; deliveries answered {} \
          (503: {}), kept {kept}; reads during the fault: {reads:?}",
+        store.name(),
         acked.len(),
         deliveries.answered,
         deliveries.unavailable

@@ -286,12 +286,14 @@ async fn the_migrate_command_moves_readings_of_the_previous_shape() {
     assert_eq!(count, 25);
 }
 
-/// Publishes readings of `sensor` over QoS 1 through `broker`, one at a time, recording
-/// each reading whose PUBACK came; returns when the connection ends.
+/// Publishes readings of `sensor` over QoS 1 through `broker`, one at a time (at most
+/// one per `every`, when not zero), recording each reading whose PUBACK came; returns
+/// when the connection ends.
 async fn publish_until_closed(
     broker: MqttEndpoint,
     sensor: termopar_device_sim::SimSensor,
     acked: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+    every: Duration,
 ) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let mut options = MqttOptions::new(
@@ -305,7 +307,11 @@ async fn publish_until_closed(
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let topic = Topics::new("").readings(sensor.client_id, sensor.sensor_id);
     let start = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut pace = (!every.is_zero()).then(|| tokio::time::interval(every));
     for k in 0.. {
+        if let Some(pace) = &mut pace {
+            pace.tick().await;
+        }
         let id = Uuid::new_v4();
         let ts = start + chrono::Duration::milliseconds(k);
         let payload = serde_json::json!({"id": id, "ts": ts.to_rfc3339(), "temperature": 4.5});
@@ -353,6 +359,7 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
         broker.clone(),
         sensors[0].clone(),
         std::sync::Arc::default(),
+        Duration::ZERO,
     ));
     eventually(
         "the edge consumer subscribed",
@@ -370,6 +377,7 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
                 broker.clone(),
                 s.clone(),
                 acked.clone(),
+                Duration::ZERO,
             ))
         })
         .collect();
