@@ -88,6 +88,10 @@ impl Progress {
         self.done.fetch_add(n, Ordering::AcqRel);
     }
 
+    fn done_so_far(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
     fn await_marker(&self, markers: String, topic: String) {
         *self.marker.lock().unwrap_or_else(|e| e.into_inner()) = Marker {
             markers: Some(markers),
@@ -116,18 +120,18 @@ pub struct Drainer {
 impl Drainer {
     /// Publishes a drain marker to the consumer's broker on the consumer's own connection
     /// and resolves once the marker came back and every message received before it is
-    /// stored and acknowledged (true), or after `limit` (false). A broker delivers a
-    /// subscription's messages in the order it logged them, so whatever it had taken
-    /// before the marker is then stored, however slow the machine. Edge mode waits for
-    /// this at shutdown, after the embedded broker stopped accepting devices: what it
-    /// acknowledged to them is then stored before the process ends.
-    pub async fn drained(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
+    /// stored and acknowledged (true), or once the consumer finished nothing for `stall`
+    /// (false: its stores are down, say). A broker delivers a subscription's messages in
+    /// the order it logged them, so whatever it had taken before the marker is then
+    /// stored, however slow the machine: a consumer that keeps storing is waited for.
+    /// Edge mode waits for this at shutdown, after the embedded broker stopped accepting
+    /// devices: what it acknowledged to them is then stored before the process ends.
+    pub async fn drained(&self, stall: Duration) -> bool {
         let topic = self.topics.drain_marker(uuid::Uuid::new_v4());
         self.progress
             .await_marker(self.topics.drain_markers(), topic.clone());
-        let published = tokio::time::timeout_at(
-            deadline,
+        let published = tokio::time::timeout(
+            stall,
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, Vec::<u8>::new()),
         )
@@ -135,11 +139,16 @@ impl Drainer {
         if !matches!(published, Ok(Ok(()))) {
             return false;
         }
+        let mut done = self.progress.done_so_far();
+        let mut since = tokio::time::Instant::now();
         loop {
             if self.progress.marker_done() {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = self.progress.done_so_far();
+            if now != done {
+                (done, since) = (now, tokio::time::Instant::now());
+            } else if since.elapsed() >= stall {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

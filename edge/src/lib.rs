@@ -59,9 +59,10 @@ pub struct Edge {
 }
 
 /// At shutdown, the longest the edge waits for the MQTT front's connections to end, and
-/// then for the consumer to store what the embedded broker holds.
+/// then for the consumer to store anything more of what the embedded broker holds (it is
+/// waited for as long as it keeps storing).
 const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+const DRAIN_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Edge {
     /// Connects the stores (creating the database and applying migrations), starts the
@@ -119,9 +120,9 @@ impl Edge {
                  acknowledged to a device after this may be lost"
             );
         }
-        if !self.drainer.drained(DRAIN_LIMIT).await {
+        if !self.drainer.drained(DRAIN_STALL).await {
             tracing::warn!(
-                "the consumer did not finish what the embedded broker holds within {DRAIN_LIMIT:?}; \
+                "the consumer stored nothing for {DRAIN_STALL:?} before finishing what the embedded broker holds; \
                  readings it acknowledged to devices and not yet stored are lost"
             );
         }

@@ -337,10 +337,22 @@ async fn publish_until_closed(
     }
 }
 
+/// The node's warnings go to the output of the test that caused them (libtest shows it
+/// when the test fails; a test's runtime threads inherit its capture).
+fn warnings_in_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
+}
+
 /// SIGTERM's path under MQTT load: every reading the broker acknowledged to a device is
 /// stored, once, when the edge node has stopped, although the consumer was still behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
+    warnings_in_test_output();
+    let started = std::time::Instant::now();
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
     let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
@@ -387,11 +399,14 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
         || async { (acked.lock().unwrap().len() >= 400).then_some(()) },
     )
     .await;
+    eprintln!("{:?}: stopping the node", started.elapsed());
     stop.send(()).unwrap();
     node.await.unwrap().unwrap();
+    eprintln!("{:?}: the node stopped", started.elapsed());
     for p in publishers {
         p.await.unwrap();
     }
+    eprintln!("{:?}: the publishers ended", started.elapsed());
 
     let stored = test_support::stored_readings(&db.pool, &mongo.database().await).await;
     let mut ids: Vec<Uuid> = stored.iter().map(|r| r.id).collect();
