@@ -13,7 +13,7 @@ CARGO ?= cargo
 # than 5432 when a cluster not ours holds it); a URL already in the environment wins.
 WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
 
-.PHONY: help services services-down services-status run simulate test test-fuzz lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build images up down
+.PHONY: help services services-down services-status run simulate test test-fuzz test-soak lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build images up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test: services ## Run every test against real services
 test-fuzz: services ## Schemathesis on /openapi.json of a running edge node, as admin and viewer: 0 5xx, 0 schema violations, >= 10,000 requests
 	$(WITH_SERVICES) scripts/fuzz.sh
 
+test-soak: services ## An edge node at half its measured ingest with reads alongside for SOAK_SECS (300): RSS of the node and FerretDB flat, backlog and read p99 steady
+	$(WITH_SERVICES) $(CARGO) test --workspace --test soak -- --ignored --nocapture
+
 lint: ## Format check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -46,7 +49,7 @@ lint: ## Format check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-ci: lint test test-fuzz ## What CI runs: lint, the tests, then the fuzzer
+ci: lint test test-fuzz test-soak ## What CI runs: lint, the tests, the fuzzer, then the soak
 
 bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console ## Every benchmark, each printed as a table with ratios to baselines
 

@@ -69,6 +69,9 @@ pub struct FrontCounts {
     pub revoked: u64,
     /// Connections open now.
     pub connections: i64,
+    /// Times a client connection was held back (not read from) because the consumer was
+    /// behind (see `RunningBroker::hold_back`).
+    pub held_back: u64,
 }
 
 impl FrontStats {
@@ -81,6 +84,7 @@ impl FrontStats {
             subscriptions_refused: self.subscriptions_refused.load(Ordering::Relaxed),
             revoked: self.revoked.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
+            held_back: 0,
         }
     }
 
@@ -224,6 +228,8 @@ pub(crate) struct Front {
     /// Every client's task, from accept to its end: closing waits for them, so that no
     /// acknowledgement reaches a device after the front has closed.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Shut while the consumer is too far behind: clients are then not read from.
+    pub gate: Arc<crate::hold::Gate>,
 }
 
 /// A client whose CONNECT rumqttd has been sent.
@@ -301,6 +307,7 @@ impl Front {
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = crate::hold::Gated::new(stream, self.gate.clone());
                 let front = self.clone();
                 let tls = tls.clone();
                 let mut closing = front.closing.subscribe();

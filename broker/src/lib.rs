@@ -11,6 +11,7 @@
 
 mod acl;
 mod front;
+mod hold;
 mod packet;
 mod settings;
 
@@ -26,7 +27,7 @@ use subtle::ConstantTimeEq;
 use termopar_core::{directory::SensorDirectory, settings::MqttEndpoint, topic::Topics};
 
 pub use front::{FrontCounts, FrontStats};
-pub use settings::{BrokerSettings, TlsSettings, DEFAULT_MQTT_ADDR};
+pub use settings::{BrokerSettings, TlsSettings, DEFAULT_BUFFER_BYTES, DEFAULT_MQTT_ADDR};
 
 /// A broker that accepts connections.
 #[derive(Debug, Clone)]
@@ -41,9 +42,27 @@ pub struct RunningBroker {
     stats: Arc<FrontStats>,
     closing: tokio::sync::watch::Sender<bool>,
     tasks: tokio_util::task::TaskTracker,
+    gate: Arc<hold::Gate>,
+    buffer_bytes: usize,
 }
 
 impl RunningBroker {
+    /// Holds devices back while the in-process consumer of `filter` is behind: the front
+    /// stops reading from its clients while the bytes rumqttd's log of `filter` took exceed
+    /// `finished` (the consumer's count of the bytes it stored or dead-lettered, as
+    /// rumqttd counts them: topic + payload + 4) by half the broker's buffer, so the log
+    /// never drops what the consumer has not read (see `hold`). Once per broker; false
+    /// when it was already set.
+    pub fn hold_back(&self, filter: String, finished: Arc<std::sync::atomic::AtomicU64>) -> bool {
+        let set = self
+            .gate
+            .set(filter, finished, (self.buffer_bytes / 2) as u64);
+        if set {
+            tokio::spawn(self.gate.clone().announce());
+        }
+        set
+    }
+
     /// Stops taking MQTT clients: the front's listeners close and its client connections
     /// end, so nothing more is published (or acknowledged) through it. Resolves when every
     /// client connection has ended (true), or after `limit` (false). rumqttd keeps running
@@ -68,7 +87,10 @@ impl RunningBroker {
 
     /// What the front has done.
     pub fn stats(&self) -> FrontCounts {
-        self.stats.counts()
+        FrontCounts {
+            held_back: self.gate.holds(),
+            ..self.stats.counts()
+        }
     }
 }
 
@@ -225,6 +247,11 @@ pub async fn start(
         bail!("device authentication needs the sensor directory");
     }
     raise_fd_limit(settings.max_connections);
+    let buffer_bytes = settings
+        .buffer_bytes
+        .unwrap_or(DEFAULT_BUFFER_BYTES)
+        .max(BUFFER_SEGMENTS * 1024);
+    let segment_size = buffer_bytes / BUFFER_SEGMENTS;
 
     let config = serde_json::json!({
         "id": 0,
@@ -233,8 +260,8 @@ pub async fn start(
             // The in-process consumer and the benchmarks' direct connections too.
             "max_connections": settings.max_connections + 16,
             "max_outgoing_packet_count": 200,
-            "max_segment_size": 104_857_600,
-            "max_segment_count": 10
+            "max_segment_size": segment_size,
+            "max_segment_count": BUFFER_SEGMENTS
         },
         // The one listener of rumqttd's own, for the in-process consumer and benchmarks;
         // the front hands it clients of both versions in process, with these settings.
@@ -277,7 +304,8 @@ pub async fn start(
             }
         })
         .context("failed to start the broker thread")?;
-    export_meters(meters);
+    let gate = Arc::new(hold::Gate::default());
+    export_meters(meters, gate.clone());
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&internal, Duration::from_millis(200)).is_err() {
@@ -319,6 +347,7 @@ pub async fn start(
         stats: stats.clone(),
         closing: tokio::sync::watch::channel(false).0,
         tasks: tokio_util::task::TaskTracker::new(),
+        gate: gate.clone(),
     });
     // The front has a runtime of its own, as rumqttd has: it serves whatever the caller's
     // runtime is doing (tests that block it included).
@@ -358,13 +387,20 @@ pub async fn start(
         stats,
         closing: front.closing.clone(),
         tasks: front.tasks.clone(),
+        gate,
+        buffer_bytes,
     })
 }
+
+/// rumqttd's log of a subscription filter is this many segments of a
+/// [`BrokerSettings::buffer_bytes`] share each; it drops the oldest when a new one starts,
+/// so it holds at least 7/8 of the buffer of history.
+const BUFFER_SEGMENTS: usize = 8;
 
 /// Turns rumqttd's meters (pushed every second while there is traffic) into Prometheus
 /// metrics: connections, messages in, failed publishes, and messages per subscription
 /// filter (what is forwarded to subscribers).
-fn export_meters(meters: rumqttd::meters::MetersLink) {
+fn export_meters(meters: rumqttd::meters::MetersLink, gate: Arc<hold::Gate>) {
     std::thread::Builder::new()
         .name("mqtt-meters".into())
         .spawn(move || {
@@ -387,6 +423,7 @@ fn export_meters(meters: rumqttd::meters::MetersLink) {
                                     .increment(r.failed_publishes as u64);
                             }
                             rumqttd::Meter::Subscription(filter, s) => {
+                                gate.took(&filter, s.total_size as u64);
                                 metrics::counter!("mqtt_broker_filter_messages_total", "filter" => filter)
                                     .increment(s.count as u64);
                             }

@@ -43,7 +43,18 @@ pub struct BrokerSettings {
     /// `/metrics` of the standalone broker (`BROKER_METRICS_ADDR`, default
     /// `127.0.0.1:9102`); edge mode serves its metrics on the API's port instead.
     pub metrics_addr: SocketAddr,
+    /// Memory for each subscription filter's messages, counted as rumqttd counts them
+    /// (topic + payload + 4 bytes each; `MQTT_BUFFER_BYTES`). rumqttd keeps a filter's
+    /// messages until this is full, read or not, and then drops the oldest eighth: a
+    /// subscriber further behind loses messages. Unset: 32 MiB in edge mode, whose front
+    /// holds devices back before the consumer falls that far behind, and
+    /// [`DEFAULT_BUFFER_BYTES`] for the standalone broker, whose subscribers are not known.
+    pub buffer_bytes: Option<usize>,
 }
+
+/// The standalone broker's buffer per subscription filter unless `MQTT_BUFFER_BYTES` says
+/// otherwise (rumqttd's 10 segments of 100 MiB before it was a setting).
+pub const DEFAULT_BUFFER_BYTES: usize = 1000 * 1024 * 1024;
 
 /// The TLS listener.
 #[derive(Debug, Clone)]
@@ -105,6 +116,9 @@ impl BrokerSettings {
             metrics_addr: env_or("BROKER_METRICS_ADDR", "127.0.0.1:9102")
                 .parse()
                 .context("invalid BROKER_METRICS_ADDR")?,
+            buffer_bytes: env_var("MQTT_BUFFER_BYTES")
+                .map(|b| b.parse().context("invalid MQTT_BUFFER_BYTES"))
+                .transpose()?,
         })
     }
 
@@ -123,6 +137,7 @@ impl BrokerSettings {
             max_payload_bytes: 2 * 1024 * 1024,
             max_connections: 10_000,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            buffer_bytes: None,
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct Consumer<S> {
 pub struct Progress {
     received: Arc<AtomicU64>,
     done: Arc<AtomicU64>,
+    /// Bytes of every message done (QoS 0 too), as rumqttd counts a message in its log:
+    /// topic + payload + 4.
+    done_bytes: Arc<AtomicU64>,
     marker: Arc<Mutex<Marker>>,
     awaiting: Arc<AtomicBool>,
 }
@@ -86,6 +89,11 @@ impl Progress {
 
     pub(crate) fn done(&self, n: u64) {
         self.done.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn done_bytes(&self, topic: &str, payload: &[u8]) {
+        let size = 4 + topic.len() + payload.len();
+        self.done_bytes.fetch_add(size as u64, Ordering::AcqRel);
     }
 
     fn done_so_far(&self) -> u64 {
@@ -179,6 +187,13 @@ impl<S: Sink> Consumer<S> {
             topics: Topics::new(&self.settings.topic_prefix),
             progress: self.progress.clone(),
         }
+    }
+
+    /// Bytes of the messages this consumer is done with (stored, dead-lettered, or left
+    /// for the broker to send again), counted as rumqttd counts its log (topic + payload +
+    /// 4): what the embedded broker's hold-back compares with what its log took.
+    pub fn done_bytes(&self) -> Arc<AtomicU64> {
+        self.progress.done_bytes.clone()
     }
 
     /// Turns true once the broker confirmed the subscription (and false while

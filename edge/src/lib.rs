@@ -64,6 +64,10 @@ pub struct Edge {
 const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 const DRAIN_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The embedded broker's buffer per subscription filter unless `MQTT_BUFFER_BYTES` says
+/// otherwise (see `BrokerSettings::buffer_bytes`).
+const EDGE_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+
 impl Edge {
     /// Connects the stores (creating the database and applying migrations), starts the
     /// broker and the consumer, and binds the API.
@@ -83,6 +87,12 @@ impl Edge {
             termopar_core::topic::Topics::new(&settings.broker.topic_prefix);
         let app = Application::prepare(&settings.api, pg, mongo).await?;
         let directory = app.state().directory.clone();
+        // A small broker buffer: the front holds devices back while the consumer is half
+        // of it behind, so it never drops what the consumer has not read.
+        settings
+            .broker
+            .buffer_bytes
+            .get_or_insert(EDGE_BUFFER_BYTES);
         let broker = termopar_broker::start(&settings.broker, Some(directory.clone())).await?;
         // The in-process consumer talks to rumqttd directly, past the front.
         settings.consumer.broker = broker.direct_endpoint();
@@ -91,8 +101,11 @@ impl Edge {
         // readings, finished days, recent segments) follow what it commits at once.
         let store = app.state().store.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
+        let filter =
+            termopar_core::topic::Topics::new(&settings.consumer.topic_prefix).readings_filter();
         let consumer = termopar_consumer::Consumer::new(settings.consumer, directory, store);
         let drainer = consumer.drainer();
+        broker.hold_back(filter, consumer.done_bytes());
         let consumer = tokio::spawn(consumer.run(async move {
             let _ = stopped.await;
         }));

@@ -581,3 +581,67 @@ async fn expiry_deletes_nothing_while_a_backup_holds_its_fence() {
     assert!(stores.store.expire_due().await.unwrap() > 0);
     assert_eq!(segments.count_documents(doc! {}).await.unwrap(), 0);
 }
+
+/// The pool the stores use: a transaction whose `BEGIN` was cancelled in flight (an
+/// aborted task, a dropped request) must not leave its connection inside that transaction
+/// for the next borrower. sqlx 0.9.0 did (its `begin` counted the transaction only after
+/// the round trip): a shutdown that aborted a background task in `begin` handed the
+/// consumer a connection whose writes were never committed, and acknowledged readings
+/// were lost (`idle in transaction` for minutes, every other writer waiting on its locks).
+#[tokio::test]
+async fn a_begin_cancelled_in_flight_leaves_no_transaction_for_the_next_borrower() {
+    use std::str::FromStr;
+    let db = test_support::TestDb::new().await;
+    let server = sqlx::postgres::PgConnectOptions::from_str(&db.url).unwrap();
+    let proxy = test_support::Proxy::start(
+        format!("{}:{}", server.get_host(), server.get_port())
+            .parse()
+            .unwrap(),
+    )
+    .await;
+    let mut settings = db.settings();
+    settings.max_connections = 1;
+    settings.url = db
+        .url
+        .replacen(
+            &format!("@{}:{}/", server.get_host(), server.get_port()),
+            &format!("@{}/", proxy.addr),
+            1,
+        )
+        .into();
+    let pool = termopar_core::db::connect_and_migrate(&settings)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE pool_probe (x int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // BEGIN is sent and its answer held back: the caller gives up waiting, and its
+    // connection goes back to the pool.
+    let mut conn = pool.acquire().await.unwrap();
+    proxy.hold();
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        sqlx::Acquire::begin(&mut conn),
+    )
+    .await
+    .is_err();
+    assert!(cancelled, "BEGIN answered through a held proxy");
+    drop(conn);
+    proxy.release();
+
+    // The next borrower (the same, only connection) writes; another session sees it.
+    sqlx::query("INSERT INTO pool_probe VALUES (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_probe")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen, 1,
+        "a write after a cancelled BEGIN is not committed: it ran inside that transaction"
+    );
+}

@@ -1,0 +1,283 @@
+//! Soak (`make test-soak`, in `make ci`): an edge node (the `termopar` binary) fed at half
+//! the ingest it was just measured to sustain, with API reads alongside, for `SOAK_SECS`
+//! (default 300). After the first fifth (warm-up), the resident memory of the node and of
+//! FerretDB must stay flat (the most of the last fifth within 5% of the most of the
+//! second fifth), the backlog must not grow, and the reads' p99 must not drift (the last
+//! fifth within twice the second fifth's, plus 5 ms). Prints a table of what it saw.
+//!
+//! The broker's buffer (`MQTT_BUFFER_BYTES`) is 8 MiB here instead of 32: it fills by
+//! design (rumqttd keeps what was read until it is full, then drops the oldest eighth),
+//! and 8 MiB are full within the warm-up, so what grows after it is a leak.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use termopar_core::{settings::MqttEndpoint, topic::Topics};
+use termopar_device_sim::SimConfig;
+use test_support::{eventually, free_port, TestDb, TestMongo};
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// FerretDB's process: the one `scripts/services.sh` started.
+fn ferretdb_pid() -> u32 {
+    let dev = std::env::var("TERMOPAR_DEV_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.local/share/termopar-dev",
+            std::env::var("HOME").unwrap()
+        )
+    });
+    std::fs::read_to_string(format!("{dev}/ferretdb/ferretdb.pid"))
+        .expect("FerretDB's pid file (make services)")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+/// Publishes rumqttd took in (the node's `mqtt_broker_messages_in_total`).
+async fn messages_in(http: &reqwest::Client, base: &str) -> f64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("mqtt_broker_messages_in_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One sample of the node.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    node_kib: u64,
+    ferret_kib: u64,
+    backlog: i64,
+}
+
+fn percentile(mut values: Vec<Duration>, p: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    values.sort();
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long: make test-soak"]
+async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
+    let soak = Duration::from_secs(
+        std::env::var("SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300),
+    );
+    let (db, mongo) = (TestDb::new().await, TestMongo::new());
+    let (api_port, mqtt_port) = (free_port(), free_port());
+    let node = Node(
+        Command::new(env!("CARGO_BIN_EXE_termopar"))
+            .env("API_ADDR", format!("127.0.0.1:{api_port}"))
+            .env("MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
+            .env("DATABASE_URL", &db.url)
+            .env("MONGODB_URI", &mongo.settings.uri)
+            .env("MONGODB_DB", &mongo.settings.database)
+            .env("ADMIN_EMAIL", "admin@soak.test")
+            .env("ADMIN_PASSWORD", "soak-admin-password")
+            .env("JWT_SECRET", "soak-secret-of-at-least-32-bytes-long")
+            .env("RUST_LOG", "warn")
+            .env("MQTT_BUFFER_BYTES", (8 << 20).to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run termopar"),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::new();
+    eventually("the node answers", Duration::from_secs(60), || async {
+        http.get(format!("{base}/health"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    })
+    .await;
+    let sensors =
+        termopar_device_sim::provision(&base, "admin@soak.test", "soak-admin-password", 5, false)
+            .await
+            .unwrap();
+    let broker = MqttEndpoint::parse(&format!("mqtt://127.0.0.1:{mqtt_port}")).unwrap();
+    let sim = |rate: f64, duration: Duration| SimConfig {
+        rate,
+        duration: Some(duration),
+        ..SimConfig::new(broker.clone(), Topics::new(""), sensors.clone())
+    };
+
+    // The maximum: 20,000 readings as fast as the node takes them, until all are stored.
+    let before = test_support::stored_count(&db.pool).await;
+    let started = Instant::now();
+    let flood = termopar_device_sim::run(SimConfig {
+        count: Some(20_000),
+        duration: None,
+        ..sim(1e6, Duration::ZERO)
+    })
+    .await
+    .unwrap();
+    eventually("the flood stored", Duration::from_secs(300), || async {
+        (test_support::stored_count(&db.pool).await >= before + flood.readings).then_some(())
+    })
+    .await;
+    let maximum = flood.readings as f64 / started.elapsed().as_secs_f64();
+    let rate = (maximum / 2.0).max(1.0);
+
+    // Half of it, with reads alongside.
+    let token = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "admin@soak.test", "password": "soak-admin-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let start_count = test_support::stored_count(&db.pool).await as f64;
+    let start_in = messages_in(&http, &base).await;
+    let t0 = Instant::now();
+    let load = tokio::spawn(termopar_device_sim::run(sim(rate, soak)));
+    let reads: Arc<Mutex<Vec<(Duration, Duration)>>> = Arc::default();
+    let reader = {
+        let (http, base, token, reads) = (http.clone(), base.clone(), token.clone(), reads.clone());
+        let sensor = sensors[0].sensor_id;
+        tokio::spawn(async move {
+            let paths = [
+                format!("{base}/api/v1/sensors/{sensor}/readings/latest"),
+                format!("{base}/api/v1/sensors/{sensor}/readings?page_size=50"),
+            ];
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            for n in 0.. {
+                tick.tick().await;
+                if t0.elapsed() >= soak {
+                    break;
+                }
+                let asked = Instant::now();
+                let response = http
+                    .get(&paths[n % 2])
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                reads.lock().unwrap().push((t0.elapsed(), asked.elapsed()));
+            }
+        })
+    };
+    let (node_pid, ferret_pid) = (node.0.id(), ferretdb_pid());
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(soak / 60);
+    while t0.elapsed() < soak {
+        tick.tick().await;
+        let at = t0.elapsed();
+        let taken = messages_in(&http, &base).await - start_in;
+        let stored = test_support::stored_count(&db.pool).await as f64 - start_count;
+        samples.push(Sample {
+            at,
+            node_kib: rss_kib(node_pid),
+            ferret_kib: rss_kib(ferret_pid),
+            backlog: (taken - stored) as i64,
+        });
+    }
+    let summary = load.await.unwrap().unwrap();
+    reader.await.unwrap();
+
+    let fifth = |k: u32| {
+        let (lo, hi) = (soak * k / 5, soak * (k + 1) / 5);
+        samples
+            .iter()
+            .filter(move |s| s.at >= lo && s.at < hi)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let most = |v: &[Sample], f: fn(&Sample) -> u64| v.iter().map(f).max().unwrap_or(0);
+    let (second, last) = (fifth(1), fifth(4));
+    let node_growth = most(&last, |s| s.node_kib) as f64 / most(&second, |s| s.node_kib) as f64;
+    let ferret_growth =
+        most(&last, |s| s.ferret_kib) as f64 / most(&second, |s| s.ferret_kib) as f64;
+    let backlog_second = second.iter().map(|s| s.backlog).max().unwrap_or(0);
+    let backlog_last = last.iter().map(|s| s.backlog).max().unwrap_or(0);
+    let reads = reads.lock().unwrap().clone();
+    let p99 = |k: u32| {
+        let (lo, hi) = (soak * k / 5, soak * (k + 1) / 5);
+        percentile(
+            reads
+                .iter()
+                .filter(|(at, _)| *at >= lo && *at < hi)
+                .map(|(_, took)| *took)
+                .collect(),
+            0.99,
+        )
+    };
+    let (p99_second, p99_last) = (p99(1), p99(4));
+    println!(
+        "\n## Soak: {:?} at {rate:.0} readings/s (half of the {maximum:.0}/s measured), reads every 50 ms\n\n\
+         | measurement | after warm-up (2nd fifth) | end (last fifth) | ratio | target |\n|---|---|---|---|---|\n\
+         | node RSS, most | {} KiB | {} KiB | {node_growth:.3} | ≤ 1.05 |\n\
+         | FerretDB RSS, most | {} KiB | {} KiB | {ferret_growth:.3} | ≤ 1.05 |\n\
+         | backlog (taken by the broker, not stored), most | {backlog_second} | {backlog_last} | | not growing |\n\
+         | reads p99 (latest, history page) | {:.1} ms | {:.1} ms | {:.2} | ≤ 2× + 5 ms |\n\
+         | readings acknowledged / reads | {} | {} | | |\n",
+        soak,
+        most(&second, |s| s.node_kib),
+        most(&last, |s| s.node_kib),
+        most(&second, |s| s.ferret_kib),
+        most(&last, |s| s.ferret_kib),
+        p99_second.as_secs_f64() * 1e3,
+        p99_last.as_secs_f64() * 1e3,
+        p99_last.as_secs_f64() / p99_second.as_secs_f64().max(1e-9),
+        summary.acked,
+        reads.len(),
+    );
+    assert!(
+        node_growth <= 1.05,
+        "the node's memory grew {node_growth:.3}×"
+    );
+    assert!(
+        ferret_growth <= 1.05,
+        "FerretDB's memory grew {ferret_growth:.3}×"
+    );
+    assert!(
+        backlog_last <= backlog_second.max(0) + (rate * 2.0) as i64,
+        "the backlog grew from {backlog_second} to {backlog_last}"
+    );
+    assert!(
+        p99_last <= p99_second * 2 + Duration::from_millis(5),
+        "read p99 drifted from {p99_second:?} to {p99_last:?}"
+    );
+    drop(node);
+}
