@@ -6,13 +6,12 @@ use std::{path::Path, time::Duration};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use termopar::Edge;
 use termopar_core::{settings::MqttEndpoint, topic::Topics};
 use termopar_device_sim::SimConfig;
 use test_support::{eventually, TestDb, TestMongo};
 use uuid::Uuid;
 
-use crate::edge_settings;
+use crate::{edge_settings, Node};
 
 /// Runs `termopar <args>` on `db` and `mongo`; its output, or a panic with it.
 fn termopar(args: &[&str], db: &TestDb, mongo: &TestMongo) -> Result<String, String> {
@@ -127,13 +126,8 @@ fn sim(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_under_load_restores_into_a_node_that_answers_the_same() {
     let (db, mongo) = (TestDb::new().await, TestMongo::new());
-    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
-    let base = format!("http://{}", edge.app.addr());
-    let broker = edge.broker.url();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(edge_settings(&db, &mongo)).await;
+    let (base, broker) = (node.base.clone(), node.broker.url());
     let sensors =
         termopar_device_sim::provision(&base, "admin@edge.test", "edge-admin-pw", 2, false)
             .await
@@ -249,8 +243,7 @@ async fn a_backup_taken_under_load_restores_into_a_node_that_answers_the_same() 
         "a second backup into the same directory"
     );
     load.abort();
-    stop.send(()).unwrap();
-    node.await.unwrap().unwrap();
+    node.stop().await;
 
     let (restored_db, restored_mongo) = (TestDb::new().await, TestMongo::new());
     let restored = termopar(
@@ -288,15 +281,8 @@ async fn a_backup_taken_under_load_restores_into_a_node_that_answers_the_same() 
     );
 
     // A node on the restored stores answers as the original did, and takes new readings.
-    let edge = Edge::start(edge_settings(&restored_db, &restored_mongo))
-        .await
-        .unwrap();
-    let base = format!("http://{}", edge.app.addr());
-    let broker = edge.broker.url();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(edge_settings(&restored_db, &restored_mongo)).await;
+    let (base, broker) = (node.base.clone(), node.broker.url());
     let admin = Admin::login(&base).await;
     let after = admin.answers(&paths).await;
     for ((path, before), after) in paths.iter().zip(&before).zip(&after) {
@@ -324,8 +310,7 @@ async fn a_backup_taken_under_load_restores_into_a_node_that_answers_the_same() 
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    stop.send(()).unwrap();
-    node.await.unwrap().unwrap();
+    node.stop().await;
 }
 
 /// A new directory under the target directory, removed by nobody (tests leave their

@@ -14,12 +14,12 @@ use std::{
 
 use reqwest::StatusCode;
 use serde_json::json;
-use termopar::Edge;
-use termopar_core::settings::MqttEndpoint;
 use test_support::{eventually, PrivateFerret, PrivatePg, TestDb, TestMongo};
 use uuid::Uuid;
 
-use crate::{assert_acknowledged_stored_once, edge_settings, publish_until_closed};
+use crate::{
+    assert_acknowledged_stored_once, edge_settings, publish_from_each, wait_until_subscribed, Node,
+};
 
 /// What the webhook sender got.
 #[derive(Default)]
@@ -131,49 +131,19 @@ async fn devices_are_held_back_while_the_consumer_cannot_store_and_nothing_is_lo
     };
     let mut settings = edge_settings(&db, &mongo);
     settings.broker.buffer_bytes = Some(BUFFER);
-    let edge = Edge::start(settings).await.unwrap();
-    let base = format!("http://{}", edge.app.addr());
-    let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
-    let front = edge.broker.clone();
-    let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(settings).await;
     let sensors =
-        termopar_device_sim::provision(&base, "admin@edge.test", "edge-admin-pw", 4, false)
+        termopar_device_sim::provision(&node.base, "admin@edge.test", "edge-admin-pw", 4, false)
             .await
             .unwrap();
-    let warmup = tokio::spawn(publish_until_closed(
-        broker.clone(),
-        sensors[0].clone(),
-        Arc::default(),
-        Duration::ZERO,
-    ));
-    eventually(
-        "the edge consumer subscribed",
-        Duration::from_secs(20),
-        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
-    )
-    .await;
-    warmup.abort();
+    wait_until_subscribed(&node, &sensors[0], &db).await;
 
     ferret.kill();
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let publishers: Vec<_> = sensors
-        .iter()
-        .map(|s| {
-            tokio::spawn(publish_until_closed(
-                broker.clone(),
-                s.clone(),
-                acked.clone(),
-                Duration::ZERO,
-            ))
-        })
-        .collect();
+    let (acked, publishers) = publish_from_each(&node, &sensors, Duration::ZERO);
     eventually(
         "the front holding devices back",
         Duration::from_secs(120),
-        || async { (front.stats().held_back > 0).then_some(()) },
+        || async { (node.broker.stats().held_back > 0).then_some(()) },
     )
     .await;
     // What was acknowledged meanwhile fits the buffer (a reading here is ~190 bytes as
@@ -191,8 +161,8 @@ async fn devices_are_held_back_while_the_consumer_cannot_store_and_nothing_is_lo
         || async { (acked.lock().unwrap().len() >= held_at + 2_000).then_some(()) },
     )
     .await;
-    stop_node.send(()).unwrap();
-    node.await.unwrap().unwrap();
+    let front = node.broker.clone();
+    node.stop().await;
     for p in publishers {
         p.await.unwrap();
     }
@@ -207,30 +177,13 @@ async fn devices_are_held_back_while_the_consumer_cannot_store_and_nothing_is_lo
 }
 
 async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
-    let edge = Edge::start(edge_settings(db, mongo)).await.unwrap();
-    let base = format!("http://{}", edge.app.addr());
-    let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
-    let (stop_node, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(edge_settings(db, mongo)).await;
+    let base = node.base.clone();
     let sensors =
         termopar_device_sim::provision(&base, "admin@edge.test", "edge-admin-pw", 2, false)
             .await
             .unwrap();
-    let warmup = tokio::spawn(publish_until_closed(
-        broker.clone(),
-        sensors[0].clone(),
-        Arc::default(),
-        Duration::ZERO,
-    ));
-    eventually(
-        "the edge consumer subscribed",
-        Duration::from_secs(20),
-        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
-    )
-    .await;
-    warmup.abort();
+    wait_until_subscribed(&node, &sensors[0], db).await;
     let http = reqwest::Client::new();
     let token = http
         .post(format!("{base}/api/v1/auth/login"))
@@ -245,20 +198,9 @@ async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
         .unwrap()
         .to_owned();
 
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let publishers: Vec<_> = sensors
-        .iter()
-        .map(|s| {
-            tokio::spawn(publish_until_closed(
-                broker.clone(),
-                s.clone(),
-                acked.clone(),
-                // 800 readings/s in all: what a loaded CI machine still stores, so
-                // the backlog the outage leaves drains at shutdown.
-                Duration::from_millis(5),
-            ))
-        })
-        .collect();
+    // 800 readings/s in all: what a loaded CI machine still stores, so
+    // the backlog the outage leaves drains at shutdown.
+    let (acked, publishers) = publish_from_each(&node, &sensors, Duration::from_millis(5));
     let stop_deliveries = Arc::new(AtomicBool::new(false));
     let deliveries = Arc::new(Mutex::new(Deliveries::default()));
     let sender = tokio::spawn(deliver_until(
@@ -338,8 +280,7 @@ async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
     // Stop: the node drains the broker into the stores before it ends.
     stop_deliveries.store(true, Ordering::Release);
     sender.await.unwrap();
-    stop_node.send(()).unwrap();
-    node.await.unwrap().unwrap();
+    node.stop().await;
     for p in publishers {
         p.await.unwrap();
     }

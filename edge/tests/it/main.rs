@@ -51,17 +51,94 @@ fn edge_settings(db: &TestDb, mongo: &TestMongo) -> EdgeSettings {
     }
 }
 
+/// An edge node serving until [`Node::stop`].
+struct Node {
+    /// `http://addr` of its API.
+    base: String,
+    /// Its MQTT front door.
+    broker: termopar_broker::RunningBroker,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Node {
+    async fn start(settings: EdgeSettings) -> Self {
+        let edge = Edge::start(settings).await.unwrap();
+        let base = format!("http://{}", edge.app.addr());
+        let broker = edge.broker.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(edge.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            broker,
+            stop,
+            task,
+        }
+    }
+
+    /// The MQTT port, for clients.
+    fn mqtt(&self) -> MqttEndpoint {
+        MqttEndpoint::parse(&self.broker.url()).unwrap()
+    }
+
+    /// SIGTERM's path: returns once the node has drained and stopped.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Readings the broker acknowledged, by id.
+type Acked = std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>;
+
+/// One QoS 1 publisher per sensor through the node's front door (see
+/// [`publish_until_closed`]), each ending when the front closes.
+fn publish_from_each(
+    node: &Node,
+    sensors: &[termopar_device_sim::SimSensor],
+    every: Duration,
+) -> (Acked, Vec<tokio::task::JoinHandle<()>>) {
+    let acked = Acked::default();
+    let publishers = sensors
+        .iter()
+        .map(|s| {
+            tokio::spawn(publish_until_closed(
+                node.mqtt(),
+                s.clone(),
+                acked.clone(),
+                every,
+            ))
+        })
+        .collect();
+    (acked, publishers)
+}
+
+/// Publishes readings of `sensor` until the node stored one: from then on its consumer's
+/// subscription is in place.
+async fn wait_until_subscribed(node: &Node, sensor: &termopar_device_sim::SimSensor, db: &TestDb) {
+    let warmup = tokio::spawn(publish_until_closed(
+        node.mqtt(),
+        sensor.clone(),
+        std::sync::Arc::default(),
+        Duration::ZERO,
+    ));
+    eventually(
+        "the edge consumer subscribed",
+        Duration::from_secs(20),
+        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
+    )
+    .await;
+    warmup.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_feeds_both_stores_through_an_edge_node() {
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
-    let api = format!("http://{}", edge.app.addr());
-    let broker = edge.broker.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(edge_settings(&db, &mongo)).await;
+    let (api, broker) = (node.base.clone(), node.broker.clone());
 
     let sensors =
         termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2, false)
@@ -195,8 +272,7 @@ async fn the_simulator_feeds_both_stores_through_an_edge_node() {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
 
-    let _ = stop.send(());
-    node.await.unwrap().unwrap();
+    node.stop().await;
 }
 
 #[test]
@@ -360,44 +436,14 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
     let started = std::time::Instant::now();
     let db = TestDb::new().await;
     let mongo = TestMongo::new();
-    let edge = Edge::start(edge_settings(&db, &mongo)).await.unwrap();
-    let api = format!("http://{}", edge.app.addr());
-    let broker = MqttEndpoint::parse(&edge.broker.url()).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(edge.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let node = Node::start(edge_settings(&db, &mongo)).await;
     let sensors =
-        termopar_device_sim::provision(&api, "admin@edge.test", "edge-admin-pw", 2, false)
+        termopar_device_sim::provision(&node.base, "admin@edge.test", "edge-admin-pw", 2, false)
             .await
             .unwrap();
-    // Once a first reading is stored, the consumer's subscription is in place.
-    let warmup = tokio::spawn(publish_until_closed(
-        broker.clone(),
-        sensors[0].clone(),
-        std::sync::Arc::default(),
-        Duration::ZERO,
-    ));
-    eventually(
-        "the edge consumer subscribed",
-        Duration::from_secs(20),
-        || async { (test_support::stored_count(&db.pool).await > 0).then_some(()) },
-    )
-    .await;
-    warmup.abort();
+    wait_until_subscribed(&node, &sensors[0], &db).await;
 
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let publishers: Vec<_> = sensors
-        .iter()
-        .map(|s| {
-            tokio::spawn(publish_until_closed(
-                broker.clone(),
-                s.clone(),
-                acked.clone(),
-                Duration::ZERO,
-            ))
-        })
-        .collect();
+    let (acked, publishers) = publish_from_each(&node, &sensors, Duration::ZERO);
     eventually(
         "readings acknowledged under load",
         Duration::from_secs(30),
@@ -405,8 +451,7 @@ async fn shutdown_under_mqtt_load_stores_every_acknowledged_reading() {
     )
     .await;
     eprintln!("{:?}: stopping the node", started.elapsed());
-    stop.send(()).unwrap();
-    node.await.unwrap().unwrap();
+    node.stop().await;
     eprintln!("{:?}: the node stopped", started.elapsed());
     for p in publishers {
         p.await.unwrap();
