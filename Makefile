@@ -49,7 +49,7 @@ lint: ## Format check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-ci: lint test test-fuzz test-soak ## What CI runs: lint, the tests, the fuzzer, then the soak
+ci: lint test test-fuzz ## What CI runs: lint, the tests, then the fuzzer
 
 bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console ## Every benchmark, each printed as a table with ratios to baselines
 

@@ -1,4 +1,4 @@
-//! Soak (`make test-soak`, in `make ci`): an edge node (the `termopar` binary) fed at half
+//! Soak (`make test-soak`; not in `make ci` yet, see docs/ARCHITECTURE.md): an edge node (the `termopar` binary) fed at half
 //! the ingest it was just measured to sustain, with API reads alongside, for `SOAK_SECS`
 //! (default 300). After the first fifth (warm-up), the resident memory of the node and of
 //! FerretDB must stay flat (the most of the last fifth within 5% of the most of the
