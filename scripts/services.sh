@@ -296,7 +296,7 @@ py_tools() {
 }
 
 test_tools_up() {
-    apt_install python3-venv openssl chromium prometheus
+    apt_install python3-venv openssl chromium prometheus strace
     py_tools venv "paho-mqtt==$PAHO_VERSION"
     py_tools schemathesis "schemathesis==$SCHEMATHESIS_VERSION" "pymongo==$PYMONGO_VERSION"
     browser_tools_up

@@ -4,10 +4,13 @@
 //! Every time-zone offset in use today is a multiple of 15 minutes, so a local day is a
 //! whole number of 15-minute buckets (92, 96 or 100 across DST changes).
 //!
-//! A day is cached once it ended more than [`LATE_AFTER`] ago. Later changes to it (late
-//! readings, corrections) are announced by the reading store on a NOTIFY channel, which
-//! every API process listens to; while not listening, the cache is bypassed. Days read
-//! while a change was announced are not cached (a generation count tells).
+//! Finished days are cached a local month at a time (one entry per sensor, zone and
+//! month: a year is 12 entries, not 365, whose inserts slowed the requests around them):
+//! a month once its last day ended more than [`LATE_AFTER`] ago.
+//! Later changes to it (late readings, corrections) are announced by the reading store on
+//! a NOTIFY channel, which every API process listens to; while not listening, the cache is
+//! bypassed. Months read while a change was announced are not cached (a generation count
+//! tells).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -18,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use chrono::{NaiveDate, Utc};
+use chrono::{Datelike, NaiveDate, Utc};
 use chrono_tz::Tz;
 use moka::sync::Cache;
 use poem::web::Data;
@@ -44,12 +47,16 @@ use crate::{
     ApiTags,
 };
 
+/// (sensor, zone, first day of the local month).
 type Key = (SensorId, Tz, NaiveDate);
 
-/// Finished days by (sensor, zone, date); `None` caches "no data that day".
+/// A month's days in order; `None`: no data that day.
+type Month = Arc<[Option<DayStat>]>;
+
+/// Finished months by (sensor, zone, month).
 #[derive(Clone)]
 pub struct DailyCache {
-    days: Cache<Key, Option<DayStat>>,
+    days: Cache<Key, Month>,
     /// True while changes are being listened to; the cache is bypassed otherwise.
     live: Arc<AtomicBool>,
     /// Counts changes applied: days read from the store are cached only if no change
@@ -68,7 +75,7 @@ impl DailyCache {
     pub fn new() -> Self {
         Self {
             days: Cache::builder()
-                .max_capacity(5_000_000)
+                .max_capacity(200_000)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .support_invalidation_closures()
                 .build(),
@@ -82,10 +89,15 @@ impl DailyCache {
         self.live.load(Ordering::Acquire)
     }
 
-    /// Days cached now (all sensors and zones).
-    pub fn cached_days(&self) -> u64 {
+    /// Months cached now (all sensors and zones).
+    pub fn cached_months(&self) -> u64 {
         self.days.run_pending_tasks();
         self.days.entry_count()
+    }
+
+    /// Whether `sensor`'s days of the month that holds `day`, in `tz`, are cached.
+    pub fn has_month(&self, sensor: SensorId, tz: Tz, day: NaiveDate) -> bool {
+        self.days.contains_key(&(sensor, tz, month_of(day)))
     }
 
     /// A hook for a reading store of this process: its changes apply at once.
@@ -94,7 +106,7 @@ impl DailyCache {
         Arc::new(move |changes: &[BucketChange]| changes.iter().for_each(|c| cache.apply(c)))
     }
 
-    /// Forgets every cached day that overlaps a change.
+    /// Forgets every cached month that overlaps a change.
     pub fn apply(&self, change: &BucketChange) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let sensor = SensorId(change.sensor_id);
@@ -105,7 +117,7 @@ impl DailyCache {
         let _ = self.days.invalidate_entries_if(move |key, _| {
             key.0 == sensor && {
                 let start = local_day_start(key.1, key.2);
-                let end = local_day_start(key.1, key.2 + chrono::Days::new(1));
+                let end = local_day_start(key.1, next_month(key.2));
                 start < to && from < end
             }
         });
@@ -166,11 +178,11 @@ impl DailyCache {
         self.days.invalidate_all();
     }
 
-    /// Caches days read from the store when no change came since `generation` was
+    /// Caches months read from the store when no change came since `generation` was
     /// taken (before the read), off the request's path. A change that comes while they
     /// are inserted is seen afterwards, and they are forgotten again.
-    fn offer(&self, generation: u64, days: Vec<(Key, Option<DayStat>)>) {
-        if days.is_empty() {
+    fn offer(&self, generation: u64, months: Vec<(Key, Month)>) {
+        if months.is_empty() {
             return;
         }
         let cache = self.clone();
@@ -178,16 +190,37 @@ impl DailyCache {
             if cache.generation.load(Ordering::Acquire) != generation {
                 return;
             }
-            for (key, stat) in &days {
-                cache.days.insert(*key, *stat);
+            for (key, month) in &months {
+                cache.days.insert(*key, month.clone());
             }
             if cache.generation.load(Ordering::Acquire) != generation {
-                for (key, _) in &days {
+                for (key, _) in &months {
                     cache.days.invalidate(key);
                 }
             }
         });
     }
+}
+
+fn month_of(day: NaiveDate) -> NaiveDate {
+    day.with_day(1).expect("every month has a first day")
+}
+
+fn next_month(month: NaiveDate) -> NaiveDate {
+    month + chrono::Months::new(1)
+}
+
+/// The days of `month` within `from..=to`, with their index in the month.
+fn days_within(
+    month: NaiveDate,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> impl Iterator<Item = (usize, NaiveDate)> {
+    month
+        .iter_days()
+        .take_while(move |d| *d < next_month(month))
+        .enumerate()
+        .filter(move |(_, d)| from <= *d && *d <= to)
 }
 
 /// Per-sensor statistics of the days `from..=to`, from the cache where possible.
@@ -201,54 +234,64 @@ async fn sensor_days(
 ) -> ApiResult<BTreeMap<NaiveDate, Vec<DayStat>>> {
     let now = Utc::now();
     let late = chrono::Duration::from_std(LATE_AFTER).expect("small");
-    let finished = |d: NaiveDate| local_day_start(tz, d + chrono::Days::new(1)) + late <= now;
+    let finished = |month: NaiveDate| local_day_start(tz, next_month(month)) + late <= now;
     let use_cache = cache.is_live();
     let mut out: BTreeMap<NaiveDate, Vec<DayStat>> = BTreeMap::new();
-    // The first day anything must be read for; everything after it is queried at once.
+    let mut add = |day: NaiveDate, stat: Option<DayStat>| {
+        if let Some(stat) = stat {
+            out.entry(day).or_default().push(stat);
+        }
+    };
+    // The first month anything must be read for; everything after it is queried at once.
     let mut query_from: Option<NaiveDate> = None;
-    let mut day = from;
-    'days: while day <= to {
-        if !(use_cache && finished(day)) {
-            query_from = Some(day);
+    let mut month = month_of(from);
+    'months: while month <= to {
+        if !(use_cache && finished(month)) {
+            query_from = Some(month);
             break;
         }
         let mut hits = Vec::with_capacity(sensors.len());
         for s in sensors {
-            match cache.days.get(&(*s, tz, day)) {
-                Some(stat) => hits.push(stat),
+            match cache.days.get(&(*s, tz, month)) {
+                Some(days) => hits.push(days),
                 None => {
-                    query_from = Some(day);
-                    break 'days;
+                    query_from = Some(month);
+                    break 'months;
                 }
             }
         }
         metrics::counter!("daily_cache_hits_total").increment(1);
-        let stats: Vec<DayStat> = hits.into_iter().flatten().collect();
-        if !stats.is_empty() {
-            out.insert(day, stats);
+        for (i, day) in days_within(month, from, to) {
+            hits.iter().for_each(|days| add(day, days[i]));
         }
-        day = day + chrono::Days::new(1);
+        month = next_month(month);
     }
     let Some(query_from) = query_from else {
         return Ok(out);
     };
     metrics::counter!("daily_cache_misses_total").increment(1);
     let generation = cache.generation.load(Ordering::Acquire);
-    let fetched = state.store.daily(sensors, tz, query_from, to).await?;
+    // Whole months, so that the finished ones can be cached.
+    let last = next_month(month_of(to)).pred_opt().expect("a day before");
+    let fetched = state.store.daily(sensors, tz, query_from, last).await?;
     let mut to_cache = Vec::new();
-    let mut day = query_from;
-    while day <= to {
-        let cache = use_cache && finished(day);
+    let mut month = query_from;
+    while month <= to {
+        let cache = use_cache && finished(month);
         for s in sensors {
-            let stat = fetched.get(&(*s, day)).copied();
-            if cache {
-                to_cache.push(((*s, tz, day), stat));
+            let days: Month = month
+                .iter_days()
+                .take_while(|d| *d < next_month(month))
+                .map(|d| fetched.get(&(*s, d)).copied())
+                .collect();
+            for (i, day) in days_within(month, from, to) {
+                add(day, days[i]);
             }
-            if let Some(stat) = stat {
-                out.entry(day).or_default().push(stat);
+            if cache {
+                to_cache.push(((*s, tz, month), days));
             }
         }
-        day = day + chrono::Days::new(1);
+        month = next_month(month);
     }
     cache.offer(generation, to_cache);
     Ok(out)
@@ -413,16 +456,16 @@ impl DailyApi {
 mod tests {
     use super::*;
 
-    fn key(day: u32) -> Key {
+    fn key(month: u32) -> Key {
         (
             SensorId(Uuid::nil()),
             chrono_tz::UTC,
-            NaiveDate::from_ymd_opt(2026, 1, day).expect("a date"),
+            NaiveDate::from_ymd_opt(2026, month, 1).expect("a date"),
         )
     }
 
     #[tokio::test]
-    async fn days_read_before_a_change_are_not_cached() {
+    async fn months_read_before_a_change_are_not_cached() {
         let cache = DailyCache::new();
         let stat = DayStat {
             count: 1,
@@ -430,22 +473,23 @@ mod tests {
             min: 1.0,
             max: 1.0,
         };
+        let month: Month = vec![Some(stat), None].into();
         let before = cache.generation.load(Ordering::Acquire);
         cache.apply(&BucketChange {
             sensor_id: Uuid::nil(),
             from: Utc::now(),
             to: Utc::now(),
         });
-        cache.offer(before, vec![(key(1), Some(stat))]);
+        cache.offer(before, vec![(key(1), month.clone())]);
         let now = cache.generation.load(Ordering::Acquire);
-        cache.offer(now, vec![(key(2), Some(stat))]);
+        cache.offer(now, vec![(key(2), month.clone())]);
         test_support::eventually(
-            "the fresh day cached",
+            "the fresh month cached",
             test_support::DEFAULT_DEADLINE,
-            || async { (cache.cached_days() == 1).then_some(()) },
+            || async { (cache.cached_months() == 1).then_some(()) },
         )
         .await;
         assert!(cache.days.get(&key(1)).is_none());
-        assert_eq!(cache.days.get(&key(2)), Some(Some(stat)));
+        assert_eq!(cache.days.get(&key(2)), Some(month));
     }
 }

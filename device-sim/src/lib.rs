@@ -7,5 +7,5 @@ pub mod provision;
 pub mod publish;
 
 pub use profile::Profile;
-pub use provision::provision;
+pub use provision::{login, provision};
 pub use publish::{run, SimConfig, SimSensor, Summary};

@@ -56,6 +56,28 @@ impl Api {
     }
 }
 
+/// Logs in to the API at `base` (without `/api/v1`) and returns the access token.
+pub async fn login(
+    http: &reqwest::Client,
+    base: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let login = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the API at {base}"))?;
+    if !login.status().is_success() {
+        bail!("login as {email} failed: {}", login.status());
+    }
+    Ok(login.json::<Value>().await?["access_token"]
+        .as_str()
+        .context("no access_token in the login response")?
+        .to_owned())
+}
+
 /// Logs in as an admin and makes sure both demo clients exist with `per_client` sensors
 /// each (creating what is missing, reusing what is there). Returns the sensors; with
 /// `device_secrets`, each with its device secret (a sensor that existed gets a new one:
@@ -69,19 +91,7 @@ pub async fn provision(
 ) -> anyhow::Result<Vec<SimSensor>> {
     let http = reqwest::Client::new();
     let base = api_url.trim_end_matches('/').to_owned();
-    let login = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({ "email": email, "password": password }))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the API at {base}"))?;
-    if !login.status().is_success() {
-        bail!("login as {email} failed: {}", login.status());
-    }
-    let token = login.json::<Value>().await?["access_token"]
-        .as_str()
-        .context("no access_token in the login response")?
-        .to_owned();
+    let token = login(&http, &base, email, password).await?;
     let api = Api { http, base, token };
 
     let clients = api

@@ -155,18 +155,9 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
     let rate = (maximum / 2.0).max(1.0);
 
     // Half of it, with reads alongside.
-    let token = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&serde_json::json!({"email": "admin@soak.test", "password": "soak-admin-password"}))
-        .send()
+    let token = termopar_device_sim::login(&http, &base, "admin@soak.test", "soak-admin-password")
         .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .unwrap();
     let start_count = test_support::stored_count(&db.pool).await as f64;
     let start_in = messages_in(&http, &base).await;
     let t0 = Instant::now();

@@ -563,6 +563,87 @@ impl PrivateFerret {
     }
 }
 
+impl PrivateFerret {
+    /// Makes its disk read-only until the returned guard ends: from then on, every write
+    /// to its files (`pwrite64`), `fsync`, `fdatasync` and `ftruncate` fails with `EROFS`,
+    /// what a filesystem the kernel remounted read-only answers, until
+    /// [`ReadOnlyDisk::end`]. Done with `strace` fault injection: a real read-only remount
+    /// of the directory is refused while FerretDB holds its files open for writing
+    /// (`mount point is busy`). Reads, and its network writes (`write`), go on.
+    /// Returns once the first write has failed (so the fault is known to be in place).
+    pub async fn read_only_disk(&self) -> ReadOnlyDisk {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the private FerretDB is running")
+            .id();
+        let log = self
+            .dir
+            .join(format!("strace-{}.log", Uuid::new_v4().simple()));
+        let tracer = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-p", &pid.to_string()])
+            .args(["-e", "trace=pwrite64,fsync,fdatasync,ftruncate"])
+            .args([
+                "-e",
+                "inject=pwrite64,fsync,fdatasync,ftruncate:error=EROFS",
+            ])
+            .arg("-o")
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start strace (make services installs it)");
+        let fault = ReadOnlyDisk {
+            tracer: Some(tracer),
+            log,
+        };
+        eventually(
+            "a write of FerretDB failing with EROFS",
+            Duration::from_secs(60),
+            || async { (fault.failed_writes() > 0).then_some(()) },
+        )
+        .await;
+        fault
+    }
+}
+
+/// A FerretDB disk made read-only by [`PrivateFerret::read_only_disk`]; writable again
+/// when ended or dropped.
+pub struct ReadOnlyDisk {
+    tracer: Option<std::process::Child>,
+    log: std::path::PathBuf,
+}
+
+impl ReadOnlyDisk {
+    /// Writes refused so far.
+    pub fn failed_writes(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .map(|log| log.matches("EROFS").count())
+            .unwrap_or(0)
+    }
+
+    /// Makes the disk writable again (strace detaches on SIGINT) and returns the number
+    /// of writes refused.
+    pub fn end(mut self) -> usize {
+        self.detach();
+        self.failed_writes()
+    }
+
+    fn detach(&mut self) {
+        if let Some(mut tracer) = self.tracer.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &tracer.id().to_string()])
+                .status();
+            let _ = tracer.wait();
+        }
+    }
+}
+
+impl Drop for ReadOnlyDisk {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
 impl Drop for PrivateFerret {
     fn drop(&mut self) {
         self.kill();

@@ -130,6 +130,53 @@ async fn daily_averages_equal_a_brute_force_computation_in_every_zone() {
             .await;
         assert_eq!(again, sensor);
     }
+
+    // From the cache, whole months and cut ones: Adelaide (+10:30 until April 5, +9:30
+    // after), every month of the range cached by a first request, then windows that
+    // start and end inside months.
+    app.daily_cache_live().await;
+    let tz: Tz = "Australia/Adelaide".parse().unwrap();
+    let sensor_id = termopar_core::ids::SensorId(id(&a).parse().unwrap());
+    let path = |from: &str, to: &str| {
+        format!(
+            "/sensors/{}/daily-averages?from={from}&to={to}&tz=Australia/Adelaide",
+            id(&a)
+        )
+    };
+    let full = brute_force(&of_a, tz);
+    let within = |from: NaiveDate, to: NaiveDate| {
+        full.range(from..=to)
+            .map(|(d, v)| (*d, *v))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let months: Vec<NaiveDate> = (3..=10)
+        .map(|m| NaiveDate::from_ymd_opt(2026, m, 1).unwrap())
+        .collect();
+    test_support::eventually(
+        "Adelaide's months cached",
+        test_support::DEFAULT_DEADLINE,
+        || async {
+            let (_, got) = app.get(&path("2026-03-01", "2026-10-31"), &app.admin).await;
+            assert_matches(&got, &full, "sensor a in Adelaide");
+            let daily = &app.handles.daily;
+            months
+                .iter()
+                .all(|m| daily.has_month(sensor_id, tz, *m))
+                .then_some(())
+        },
+    )
+    .await;
+    for (from, to) in [
+        ("2026-03-28", "2026-04-07"),
+        ("2026-03-31", "2026-03-31"),
+        ("2026-10-24", "2026-10-30"),
+        ("2026-04-02", "2026-10-25"),
+    ] {
+        let (status, got) = app.get(&path(from, to), &app.admin).await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        let (from, to) = (from.parse().unwrap(), to.parse().unwrap());
+        assert_matches(&got, &within(from, to), &format!("Adelaide {from}..{to}"));
+    }
 }
 
 #[tokio::test]
@@ -218,13 +265,13 @@ async fn a_late_reading_in_a_cached_finished_day_shows_on_the_next_request() {
         id(&sensor)
     );
     assert_eq!(app.get(&path, &app.admin).await.1["items"][0]["count"], 1);
-    // The three finished days are cached (after an answer; the ingest's own change
-    // notice may arrive while one is computed, which then caches nothing: ask again).
+    // April is finished, so cached (after an answer; the ingest's own change notice may
+    // arrive while one is computed, which then caches nothing: ask again).
     test_support::eventually(
-        "the days cached",
+        "the month cached",
         test_support::DEFAULT_DEADLINE,
         || async {
-            if app.handles.daily.cached_days() == 3 {
+            if app.handles.daily.cached_months() == 1 {
                 return Some(());
             }
             app.get(&path, &app.admin).await;

@@ -536,6 +536,17 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         resp.bytes().await?;
         cold.push(t.elapsed());
     }
+    let mut slowest: Vec<(Duration, &String)> = cold.iter().copied().zip(&zones).collect();
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
+    eprintln!(
+        "daily averages, slowest uncached zones: {}",
+        slowest
+            .iter()
+            .take(8)
+            .map(|(t, z)| format!("{z} {}", ms(*t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let (p50, p99) = (percentile(&mut cold, 50.0), percentile(&mut cold, 99.0));
     let warm = percentile(&mut sample(&http, &daily, &token, 200).await?, 99.0);
     rows.push(Row {

@@ -406,17 +406,19 @@ impl ReadingStore {
         let (first, last) = (starts[0], starts[starts.len() - 1]);
         // Hours a day boundary falls inside (zones at :30 and :45): read as their four
         // buckets.
-        let split_buckets: Vec<DateTime<Utc>> = starts
+        let split_hours: Vec<DateTime<Utc>> = starts
             .iter()
             .filter(|s| s.timestamp().rem_euclid(3600) != 0)
-            .flat_map(|s| {
+            .map(|s| {
                 let hour = s.timestamp() - s.timestamp().rem_euclid(3600);
-                (0..4).map(move |q| DateTime::from_timestamp(hour + q * 900, 0).expect("in range"))
+                DateTime::from_timestamp(hour, 0).expect("in range")
             })
             .collect();
         let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
-        let cells = sqlx::query_as::<_, DayRow>(
-            "SELECT sensor_id, day, counts, sums, mins, maxs FROM reading_days
+        // The cells packed in one bytea (migration 12): a year's arrays element by element
+        // cost PostgreSQL ~6x more to send.
+        let cells = sqlx::query_as::<_, (Uuid, NaiveDate, Vec<u8>)>(
+            "SELECT sensor_id, day, packed FROM reading_days
              WHERE sensor_id = ANY($1) AND day >= $2 AND day <= $3
              ORDER BY sensor_id, day",
         )
@@ -425,19 +427,34 @@ impl ReadingStore {
         .bind(last.date_naive())
         .fetch_all(&self.pg);
         let buckets = async {
-            if split_buckets.is_empty() {
+            if split_hours.is_empty() {
                 return Ok(Vec::new());
             }
+            // One index range per split hour (fewer probes than one per bucket).
             sqlx::query_as::<_, (Uuid, DateTime<Utc>, i64, f64, f64, f64)>(
-                "SELECT sensor_id, bucket, count, sum::float8, min, max FROM reading_buckets
-                 WHERE sensor_id = ANY($1) AND bucket = ANY($2)",
+                "SELECT b.sensor_id, b.bucket, b.count, b.sum::float8, b.min, b.max
+                 FROM unnest($2::timestamptz[]) AS h(at)
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM reading_buckets
+                     WHERE sensor_id = ANY($1) AND bucket >= h.at
+                       AND bucket < h.at + interval '1 hour') b",
             )
             .bind(&ids)
-            .bind(&split_buckets)
+            .bind(&split_hours)
             .fetch_all(&self.pg)
             .await
         };
         let (cells, buckets) = tokio::try_join!(cells, buckets)?;
+        let cells = cells
+            .into_iter()
+            .map(|(sensor_id, day, packed)| {
+                DayRow::unpack(sensor_id, day, &packed).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the hourly cells of sensor {sensor_id} on {day} cannot be read"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         // Per sensor, a statistic per day (by index into `days`).
         let mut acc: HashMap<Uuid, Vec<Option<DayStat>>> = HashMap::new();
@@ -505,7 +522,7 @@ impl ReadingStore {
 }
 
 /// A sensor's UTC day in hourly cells.
-#[derive(sqlx::FromRow)]
+#[derive(Debug, PartialEq)]
 struct DayRow {
     sensor_id: Uuid,
     day: NaiveDate,
@@ -513,6 +530,61 @@ struct DayRow {
     sums: Vec<f64>,
     mins: Vec<f64>,
     maxs: Vec<f64>,
+}
+
+impl DayRow {
+    /// From `reading_days.packed`: the four arrays in PostgreSQL's binary array format,
+    /// one after the other. `None` if it is not that.
+    fn unpack(sensor_id: Uuid, day: NaiveDate, packed: &[u8]) -> Option<DayRow> {
+        let mut p = Packed(packed);
+        let row = DayRow {
+            sensor_id,
+            day,
+            counts: p.array(i64::from_be_bytes)?,
+            sums: p.array(f64::from_be_bytes)?,
+            mins: p.array(f64::from_be_bytes)?,
+            maxs: p.array(f64::from_be_bytes)?,
+        };
+        let len = row.counts.len();
+        (p.0.is_empty()
+            && [&row.sums, &row.mins, &row.maxs]
+                .iter()
+                .all(|a| a.len() == len))
+        .then_some(row)
+    }
+}
+
+/// Reads arrays of 8-byte elements in PostgreSQL's binary format (what `array_send`
+/// writes): dimensions, a has-nulls flag, the element type, each dimension's length and
+/// lower bound, then each element's length and bytes.
+struct Packed<'a>(&'a [u8]);
+
+impl Packed<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, tail) = self.0.split_first_chunk::<N>()?;
+        self.0 = tail;
+        Some(*head)
+    }
+
+    fn int(&mut self) -> Option<i32> {
+        self.take::<4>().map(i32::from_be_bytes)
+    }
+
+    fn array<T>(&mut self, element: impl Fn([u8; 8]) -> T) -> Option<Vec<T>> {
+        let (dimensions, _has_nulls, _element_type) = (self.int()?, self.int()?, self.int()?);
+        match dimensions {
+            0 => return Some(Vec::new()),
+            1 => {}
+            _ => return None,
+        }
+        let (len, _lower_bound) = (self.int()?, self.int()?);
+        (0..len)
+            .map(|_| match self.int()? {
+                8 => self.take::<8>().map(&element),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -575,5 +647,59 @@ mod tests {
         assert!(kept
             .iter()
             .all(|d| d.first_ts <= t0 + Duration::seconds(100)));
+    }
+
+    /// `array_send` of a one-dimensional array of 8-byte elements (oid 701: float8).
+    fn array_send(elements: &[[u8; 8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for header in [1, 0, 701, elements.len() as i32, 1] {
+            out.extend_from_slice(&i32::to_be_bytes(header));
+        }
+        for e in elements {
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(e);
+        }
+        out
+    }
+
+    #[test]
+    fn packed_cells_are_read_back_and_anything_else_is_refused() {
+        let (sensor, day) = (
+            Uuid::from_u128(7),
+            NaiveDate::from_ymd_opt(2026, 3, 1).unwrap(),
+        );
+        let floats = |v: [f64; 2]| v.map(f64::to_be_bytes);
+        let mut packed = array_send(&[3i64.to_be_bytes(), 0i64.to_be_bytes()]);
+        packed.extend(array_send(&floats([61.5, 0.0])));
+        packed.extend(array_send(&floats([20.25, f64::INFINITY])));
+        packed.extend(array_send(&floats([20.75, f64::NEG_INFINITY])));
+        assert_eq!(
+            DayRow::unpack(sensor, day, &packed),
+            Some(DayRow {
+                sensor_id: sensor,
+                day,
+                counts: vec![3, 0],
+                sums: vec![61.5, 0.0],
+                mins: vec![20.25, f64::INFINITY],
+                maxs: vec![20.75, f64::NEG_INFINITY],
+            })
+        );
+        // Cut short, one array missing, trailing bytes, arrays of unequal length.
+        assert_eq!(
+            DayRow::unpack(sensor, day, &packed[..packed.len() - 1]),
+            None
+        );
+        let three = packed.len() - array_send(&floats([0.0, 0.0])).len();
+        assert_eq!(DayRow::unpack(sensor, day, &packed[..three]), None);
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert_eq!(DayRow::unpack(sensor, day, &longer), None);
+        let mut uneven = packed[..three].to_vec();
+        uneven.extend(array_send(&floats([1.0, 2.0])[..1]));
+        assert_eq!(DayRow::unpack(sensor, day, &uneven), None);
+        // A NULL element (length -1) is not a cell.
+        let mut with_null = packed.clone();
+        with_null[20..24].copy_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(DayRow::unpack(sensor, day, &with_null), None);
     }
 }

@@ -45,19 +45,13 @@ struct Admin {
 impl Admin {
     async fn login(base: &str) -> Self {
         let http = reqwest::Client::new();
-        let login: Value = http
-            .post(format!("{base}/api/v1/auth/login"))
-            .json(&json!({"email": "admin@edge.test", "password": "edge-admin-pw"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
+        let token = termopar_device_sim::login(&http, base, "admin@edge.test", "edge-admin-pw")
             .await
             .unwrap();
         Self {
             http,
             base: base.to_owned(),
-            token: login["access_token"].as_str().unwrap().to_owned(),
+            token,
         }
     }
 

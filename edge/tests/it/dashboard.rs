@@ -119,16 +119,10 @@ async fn every_panel_of_the_dashboard_has_data_in_prometheus() {
     }));
 
     let http = reqwest::Client::new();
-    let login: Value = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({"email": admin.email, "password": secrecy::ExposeSecret::expose_secret(&admin.password)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let password = secrecy::ExposeSecret::expose_secret(&admin.password);
+    let token = termopar_device_sim::login(&http, &base, &admin.email, password)
         .await
         .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
     let create = |path: &'static str, body: Value| {
         let request = http
             .post(format!("{base}/api/v1{path}"))

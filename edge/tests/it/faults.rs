@@ -1,8 +1,9 @@
 //! Faults under load, on an edge node with stores of its own: FerretDB killed and
-//! restarted, PostgreSQL stopped and started again, while devices publish with QoS 1 and
-//! the webhook takes deliveries. Each ends with exact counts: every reading
-//! the broker acknowledged is stored once, every delivery answered is kept once, and no
-//! request got a 500 (what needs the store that is away answers 503).
+//! restarted, its disk made read-only for a while, PostgreSQL stopped and started again,
+//! while devices publish with QoS 1 and the webhook takes deliveries. Each ends with exact
+//! counts: every reading the broker acknowledged is stored once, every delivery answered
+//! is kept once, and no request got a 500 (what needs the store that is away answers
+//! 503).
 
 use std::{
     sync::{
@@ -14,7 +15,7 @@ use std::{
 
 use reqwest::StatusCode;
 use serde_json::json;
-use test_support::{eventually, PrivateFerret, PrivatePg, TestDb, TestMongo};
+use test_support::{eventually, PrivateFerret, PrivatePg, ReadOnlyDisk, TestDb, TestMongo};
 use uuid::Uuid;
 
 use crate::{
@@ -74,6 +75,9 @@ enum Store {
     Documents(PrivateFerret),
     /// PostgreSQL, stopped (`-m fast`) and started again.
     Postgres(PrivatePg),
+    /// FerretDB's disk made read-only for a while (its writes fail with `EROFS`), then
+    /// writable again; FerretDB itself keeps running.
+    ReadOnlyDisk(PrivateFerret, Option<ReadOnlyDisk>),
 }
 
 impl Store {
@@ -81,13 +85,15 @@ impl Store {
         match self {
             Store::Documents(_) => "document store restarted",
             Store::Postgres(_) => "PostgreSQL restarted",
+            Store::ReadOnlyDisk(..) => "document store's disk read-only",
         }
     }
 
-    fn take_away(&mut self) {
+    async fn take_away(&mut self) {
         match self {
             Store::Documents(ferret) => ferret.kill(),
             Store::Postgres(pg) => pg.stop(),
+            Store::ReadOnlyDisk(ferret, fault) => *fault = Some(ferret.read_only_disk().await),
         }
     }
 
@@ -95,6 +101,21 @@ impl Store {
         match self {
             Store::Documents(ferret) => ferret.restart().await,
             Store::Postgres(pg) => pg.start_again().await,
+            Store::ReadOnlyDisk(_, fault) => {
+                let fault = fault.take().expect("the disk was made read-only");
+                // Long enough for the consumer and the webhook relay to retry again and
+                // again.
+                let since = std::time::Instant::now();
+                eventually(
+                    "40 writes refused by the read-only disk",
+                    Duration::from_secs(60),
+                    || async { (fault.failed_writes() >= 40).then_some(()) },
+                )
+                .await;
+                eprintln!("read-only for {:?}", since.elapsed());
+                let refused = fault.end();
+                eprintln!("document store's disk read-only: {refused} writes refused with EROFS");
+            }
         }
     }
 }
@@ -107,6 +128,16 @@ async fn the_document_store_restarted_under_mqtt_and_webhook_load_loses_nothing(
         settings: ferret.settings("faults"),
     };
     restart_under_load(Store::Documents(ferret), &db, &mongo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_store_s_disk_read_only_under_mqtt_and_webhook_load_loses_nothing() {
+    let ferret = PrivateFerret::start(std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))).await;
+    let db = TestDb::new().await;
+    let mongo = TestMongo {
+        settings: ferret.settings("readonly"),
+    };
+    restart_under_load(Store::ReadOnlyDisk(ferret, None), &db, &mongo).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,18 +216,9 @@ async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
             .unwrap();
     wait_until_subscribed(&node, &sensors[0], db).await;
     let http = reqwest::Client::new();
-    let token = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({"email": "admin@edge.test", "password": "edge-admin-pw"}))
-        .send()
+    let token = termopar_device_sim::login(&http, &base, "admin@edge.test", "edge-admin-pw")
         .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .unwrap();
 
     // 800 readings/s in all: what a loaded CI machine still stores, so
     // the backlog the outage leaves drains at shutdown.
@@ -226,7 +248,7 @@ async fn restart_under_load(mut store: Store, db: &TestDb, mongo: &TestMongo) {
     };
     progress("load before the fault", 200, 40).await;
 
-    store.take_away();
+    store.take_away().await;
     // While it lasts, devices are still acknowledged (the broker holds their readings,
     // the consumer retries), deliveries are answered (200 while PostgreSQL keeps them,
     // else 503), and reads answer from the caches or with a 503, within seconds: never a
