@@ -9,7 +9,7 @@
 //!
 //! So edge mode keeps the log small and stops taking publishes before it can lose one:
 //! the front stops reading from its clients while the readings the log took (rumqttd's
-//! per-filter meter, pushed every second) exceed what the consumer finished (stored, or
+//! per-filter meter, pushed every 50 ms) exceed what the consumer finished (stored, or
 //! dead-lettered) by half the log. Devices then wait for their PUBACKs, which is MQTT's
 //! own flow control; nothing acknowledged is dropped.
 

@@ -509,6 +509,11 @@ impl PrivateFerret {
         ferret
     }
 
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Settings of a database named `database` on it.
     pub fn settings(&self, database: &str) -> MongoSettings {
         MongoSettings {

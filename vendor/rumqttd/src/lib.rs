@@ -255,4 +255,18 @@ pub enum MetricType {
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct MetricSettings {
     push_interval: u64,
+    // termopar: the interval in milliseconds, when set (instead of `push_interval`
+    // seconds): the front's hold-back reads the consumer's filter from the meters.
+    #[serde(default)]
+    push_interval_ms: Option<u64>,
+}
+
+impl MetricSettings {
+    // termopar: see `push_interval_ms`.
+    pub(crate) fn interval(&self) -> std::time::Duration {
+        match self.push_interval_ms {
+            Some(ms) => std::time::Duration::from_millis(ms.max(1)),
+            None => std::time::Duration::from_secs(self.push_interval),
+        }
+    }
 }

@@ -1,5 +1,4 @@
 use std::collections::HashMap;
-use std::time::Duration;
 
 use crate::{router::Event, MetricType};
 use crate::{ConnectionId, MetricSettings};
@@ -24,11 +23,11 @@ pub async fn start(
 
     let mut alerts_push_interval = config
         .get(&MetricType::Alerts)
-        .map(|interval| tokio::time::interval(Duration::from_secs(interval.push_interval)));
+        .map(|interval| tokio::time::interval(interval.interval()));
 
     let mut meters_push_interval = config
         .get(&MetricType::Meters)
-        .map(|interval| tokio::time::interval(Duration::from_secs(interval.push_interval)));
+        .map(|interval| tokio::time::interval(interval.interval()));
 
     loop {
         select! {
