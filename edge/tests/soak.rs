@@ -159,7 +159,8 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
     let load = tokio::spawn(termopar_device_sim::run(sim(rate, soak)));
     let reads: Arc<Mutex<Vec<(Duration, Duration)>>> = Arc::default();
     let reader = {
-        let (http, base, token, reads) = (http.clone(), base.clone(), token.clone(), reads.clone());
+        let (http, base, reads) = (http.clone(), base.clone(), reads.clone());
+        let mut token = token.clone();
         let sensor = sensors[0].sensor_id;
         tokio::spawn(async move {
             let paths = [
@@ -179,6 +180,19 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
                     .send()
                     .await
                     .unwrap();
+                // A soak longer than the access token's life (15 minutes) logs in again,
+                // as a client would; the expired call is not a read.
+                if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+                    token = termopar_device_sim::login(
+                        &http,
+                        &base,
+                        "admin@soak.test",
+                        "soak-admin-password",
+                    )
+                    .await
+                    .unwrap();
+                    continue;
+                }
                 assert!(response.status().is_success(), "{}", response.status());
                 reads.lock().unwrap().push((t0.elapsed(), asked.elapsed()));
             }
