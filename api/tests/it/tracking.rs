@@ -576,6 +576,13 @@ async fn sites_are_managed_per_tenant_and_other_tenants_get_404() {
         "storage_unavailable",
     );
     assert_eq!(app.get(&site_path, &operator_a).await.0, StatusCode::OK);
+    // Unlocked by a round trip, not by closing: a close returns before the server has
+    // ended the session and released its locks.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(termopar_core::backup::FENCE)
+        .execute(&mut backup)
+        .await
+        .unwrap();
     sqlx::Connection::close(backup).await.unwrap();
 
     // Deleting a site deletes its hits and counts.

@@ -577,6 +577,13 @@ async fn expiry_deletes_nothing_while_a_backup_holds_its_fence() {
     assert_eq!(stores.store.drop_fragments().await.unwrap(), 0);
     assert_eq!(segments.count_documents(doc! {}).await.unwrap(), before);
 
+    // Unlocked by a round trip, not by closing: a close returns before the server has
+    // ended the session and released its locks.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(termopar_core::backup::FENCE)
+        .execute(&mut backup)
+        .await
+        .unwrap();
     backup.close().await.unwrap();
     assert!(stores.store.expire_due().await.unwrap() > 0);
     assert_eq!(segments.count_documents(doc! {}).await.unwrap(), 0);
