@@ -22,7 +22,7 @@ use crate::eval::{reconcile, Change, Excursion, Point, Rule, Tracker};
 /// four times as far, down to the rule's start.
 const FIRST_LOOK_BACK: Duration = Duration::hours(1);
 
-/// The stored readings of sensors.
+/// The stored readings of sensors (with [`Book`], what an evaluation reads and writes).
 pub trait History {
     /// The error of a read.
     type Error;
@@ -116,16 +116,15 @@ impl Engine {
     /// Evaluates `rule` (id `rule_id`) on readings of `sensor` just stored: `fresh` were
     /// stored now, `again` were stored before (redeliveries). Both may be in any order.
     /// On an error the pair's state is dropped, so the next call recomputes it.
-    pub async fn evaluate<H: History, B: Book>(
+    pub async fn evaluate<S: History + Book>(
         &mut self,
         rule_id: Uuid,
         rule: &Rule,
         sensor: Uuid,
         fresh: &[Point],
         again: &[Point],
-        history: &H,
-        book: &B,
-    ) -> Result<Evaluated, EvalError<H::Error, B::Error>> {
+        stores: &S,
+    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
         let key = (rule_id, sensor);
         let Some(cursor) = self.cursors.remove(&key) else {
             // No state here: what was stored before may never have been evaluated.
@@ -133,7 +132,7 @@ impl Engine {
             let Some(earliest) = all.min_by_key(Point::key) else {
                 return Ok(Evaluated::default());
             };
-            return self.recompute(key, rule, earliest, history, book).await;
+            return self.recompute(key, rule, earliest, stores).await;
         };
         // A reading this process stored before was evaluated then.
         let mut points: Vec<Point> = fresh.to_vec();
@@ -148,12 +147,14 @@ impl Engine {
             .last()
             .is_some_and(|last| first.key() <= last.key())
         {
-            return self.recompute(key, rule, first, history, book).await;
+            return self.recompute(key, rule, first, stores).await;
         }
         let Cursor { mut tracker, open } = cursor;
         let computed = tracker.feed_all(rule, points);
         let stored: Vec<(Uuid, Excursion)> = open.into_iter().collect();
-        let changes = self.settle(key, tracker, &stored, &computed, book).await?;
+        let changes = self
+            .settle(key, tracker, &stored, &computed, stores)
+            .await?;
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -162,19 +163,18 @@ impl Engine {
     }
 
     /// Recomputes the pair from the last settling reading before `earliest`.
-    async fn recompute<H: History, B: Book>(
+    async fn recompute<S: History + Book>(
         &mut self,
         key: (Uuid, Uuid),
         rule: &Rule,
         earliest: Point,
-        history: &H,
-        book: &B,
-    ) -> Result<Evaluated, EvalError<H::Error, B::Error>> {
+        stores: &S,
+    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
         let (rule_id, sensor) = key;
         let mut back = FIRST_LOOK_BACK;
         let (mut tracker, points) = loop {
             let from = (earliest.ts - back).max(rule.from);
-            let points = history
+            let points = stores
                 .points(sensor, from)
                 .await
                 .map_err(EvalError::History)?;
@@ -190,11 +190,13 @@ impl Engine {
         };
         let after = tracker.last().map(|p| p.ts);
         let computed = tracker.feed_all(rule, points);
-        let stored = book
+        let stored = stores
             .touched(rule_id, sensor, after)
             .await
             .map_err(EvalError::Book)?;
-        let changes = self.settle(key, tracker, &stored, &computed, book).await?;
+        let changes = self
+            .settle(key, tracker, &stored, &computed, stores)
+            .await?;
         Ok(Evaluated {
             in_order: 0,
             recomputed: 1,

@@ -13,9 +13,12 @@ use termopar_alarms::{
 };
 use uuid::Uuid;
 
-/// The readings stored so far, by sensor, in measurement order.
+/// A reading's place: its sensor, then measurement order.
+type Place = (Uuid, (DateTime<Utc>, Uuid));
+
+/// The readings stored so far.
 #[derive(Default)]
-struct Stored(Mutex<BTreeMap<(Uuid, (DateTime<Utc>, Uuid)), Point>>);
+struct Stored(Mutex<BTreeMap<Place, Point>>);
 
 impl Stored {
     /// Stores `points`; returns those stored now and those stored before.
@@ -41,10 +44,18 @@ impl Stored {
     }
 }
 
-impl History for Stored {
+/// The readings and the alarms: what the engine reads and writes.
+#[derive(Default)]
+struct Stores {
+    readings: Stored,
+    alarms: Alarms,
+}
+
+impl History for Stores {
     type Error = Infallible;
     async fn points(&self, sensor: Uuid, from: DateTime<Utc>) -> Result<Vec<Point>, Infallible> {
         Ok(self
+            .readings
             .all(sensor)
             .into_iter()
             .filter(|p| p.ts >= from)
@@ -69,7 +80,7 @@ impl Alarms {
     }
 }
 
-impl Book for Alarms {
+impl Book for Stores {
     type Error = Infallible;
     async fn touched(
         &self,
@@ -77,7 +88,7 @@ impl Book for Alarms {
         sensor: Uuid,
         after: Option<DateTime<Utc>>,
     ) -> Result<Vec<(Uuid, Excursion)>, Infallible> {
-        let map = self.0.lock().unwrap();
+        let map = self.alarms.0.lock().unwrap();
         let mut out: Vec<(Uuid, Excursion)> = map
             .iter()
             .filter(|(_, (r, s, e, retracted))| {
@@ -98,7 +109,7 @@ impl Book for Alarms {
         sensor: Uuid,
         changes: &[Change<Uuid>],
     ) -> Result<(), Infallible> {
-        let mut map = self.0.lock().unwrap();
+        let mut map = self.alarms.0.lock().unwrap();
         for change in changes {
             match change {
                 Change::Open(id, e) => {
@@ -214,30 +225,29 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         let (rule_id, sensor) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let n = rng.gen_range(1..300);
         let stream = random_stream(&mut rng, n);
-        let stored = Stored::default();
-        let book = Alarms::default();
+        let stores = Stores::default();
         let mut engine = Engine::new();
         for batch in arrivals(&mut rng, &stream) {
             // The process restarts now and then, losing what it held in memory.
             if rng.gen_bool(0.05) {
                 engine = Engine::new();
             }
-            let (fresh, again) = stored.store(sensor, &batch);
+            let (fresh, again) = stores.readings.store(sensor, &batch);
             let done = engine
-                .evaluate(rule_id, &rule, sensor, &fresh, &again, &stored, &book)
+                .evaluate(rule_id, &rule, sensor, &fresh, &again, &stores)
                 .await
                 .unwrap();
             recomputed += done.recomputed;
             in_order += done.in_order;
-            let expected = excursions(&rule, &stored.all(sensor));
+            let expected = excursions(&rule, &stores.readings.all(sensor));
             assert_eq!(
-                book.live(rule_id, sensor),
+                stores.alarms.live(rule_id, sensor),
                 expected,
                 "seed {seed}, rule {rule:?}, after a batch of {}",
                 batch.len()
             );
         }
-        alarms_seen += book.live(rule_id, sensor).len();
+        alarms_seen += stores.alarms.live(rule_id, sensor).len();
     }
     // The streams exercised both paths and produced alarms.
     assert!(
