@@ -11,3 +11,164 @@
 
 pub mod engine;
 pub mod eval;
+mod routes;
+mod store;
+
+pub use routes::{AlarmRulesApi, AlarmsApi, CONSTRAINTS};
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    future::Future,
+    sync::Arc,
+};
+
+use sqlx::PgPool;
+use termopar_core::{
+    intake::Sink,
+    reading::Reading,
+    store::{DeadLetter, ReadingStore, StoreError, StoreOutcome},
+};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::{
+    engine::{Engine, EvalError},
+    eval::Point,
+    store::{PgStores, RuleSet},
+};
+
+/// The evaluator of a process: the rules and every rule and sensor's state. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Alarms(Arc<Inner>);
+
+struct Inner {
+    stores: PgStores,
+    rules: Mutex<RuleSet>,
+    engine: Mutex<Engine>,
+}
+
+impl Alarms {
+    /// An evaluator over these stores, with no state yet.
+    pub fn new(pg: PgPool, readings: ReadingStore) -> Self {
+        Self(Arc::new(Inner {
+            stores: PgStores { pg, readings },
+            rules: Mutex::new(RuleSet::default()),
+            engine: Mutex::new(Engine::new()),
+        }))
+    }
+
+    fn pg(&self) -> &PgPool {
+        &self.0.stores.pg
+    }
+
+    /// Makes the next evaluation in this process reload the rules (one changed here);
+    /// other processes notice within [`store::RULES_CHECK_EVERY`].
+    async fn rules_changed(&self) {
+        self.0.rules.lock().await.stale();
+    }
+
+    /// Evaluates the rules of the sensors of `readings`, just stored as `outcome` says
+    /// (refused ones left out). An error leaves the state of the pairs it concerned
+    /// dropped: call again with the same readings (stored again, they are redeliveries).
+    pub async fn evaluate(
+        &self,
+        readings: &[Reading],
+        outcome: &StoreOutcome,
+    ) -> Result<(), StoreError> {
+        // The engine first: no evaluation runs between a rule's reload and the
+        // forgetting of the state it had under its old definition.
+        let mut engine = self.0.engine.lock().await;
+        let mut rules = self.0.rules.lock().await;
+        for rule in rules.refresh(&self.0.stores.pg).await? {
+            engine.forget_rule(rule);
+        }
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let refused: HashSet<usize> = outcome.refused.iter().map(|(i, _)| *i).collect();
+        let again: HashSet<Uuid> = outcome.already_stored.iter().copied().collect();
+        // Per sensor: its client, the readings stored now and those stored before.
+        let mut sensors: BTreeMap<Uuid, (Uuid, Vec<Point>, Vec<Point>)> = BTreeMap::new();
+        for (i, r) in readings.iter().enumerate() {
+            if refused.contains(&i) {
+                continue;
+            }
+            let slot = sensors
+                .entry(r.sensor_id.0)
+                .or_insert_with(|| (r.client_id.0, Vec::new(), Vec::new()));
+            let point = Point {
+                ts: r.ts,
+                id: r.id,
+                value: r.temperature.get(),
+            };
+            if again.contains(&r.id) {
+                slot.2.push(point);
+            } else {
+                slot.1.push(point);
+            }
+        }
+        for (sensor, (client, fresh, again)) in sensors {
+            for loaded in rules.of(client, sensor) {
+                let done = engine
+                    .evaluate(
+                        loaded.id,
+                        &loaded.rule,
+                        sensor,
+                        &fresh,
+                        &again,
+                        &self.0.stores,
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        EvalError::History(e) => e,
+                        EvalError::Book(e) => StoreError::Postgres(e),
+                    })?;
+                let path = if done.recomputed > 0 {
+                    "recomputed"
+                } else {
+                    "in_order"
+                };
+                metrics::counter!("alarm_evaluations_total", "path" => path).increment(1);
+            }
+        }
+        metrics::gauge!("alarm_pairs_tracked").set(engine.len() as f64);
+        Ok(())
+    }
+}
+
+/// A reading store whose stores are evaluated by the alarm rules before they count as
+/// done: the consumer acknowledges a message (and HTTP ingest answers) only after its
+/// readings were both stored and evaluated, so a crash in between evaluates them when
+/// they come again.
+#[derive(Clone)]
+pub struct Alarming {
+    store: ReadingStore,
+    alarms: Alarms,
+}
+
+impl Alarming {
+    /// `store`, with `alarms` evaluating what it stores.
+    pub fn new(store: ReadingStore, alarms: Alarms) -> Self {
+        Self { store, alarms }
+    }
+}
+
+impl Sink for Alarming {
+    async fn store(&self, readings: &[Reading]) -> Result<StoreOutcome, StoreError> {
+        let outcome = self.store.store(readings).await?;
+        self.alarms.evaluate(readings, &outcome).await?;
+        Ok(outcome)
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        self.store.dead_letter(letters).await
+    }
+
+    fn maintain(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        Sink::maintain(&self.store, stop)
+    }
+}

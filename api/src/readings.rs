@@ -440,7 +440,7 @@ impl ReadingsApi {
                 received_at: Utc::now(),
             }])
             .await?;
-        let report = state.intake.commit(&state.store, &prepared).await?;
+        let report = state.intake.commit(&state.ingest, &prepared).await?;
         let report = IngestReport {
             accepted: report.stored,
             duplicates: report.duplicates,

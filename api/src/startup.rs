@@ -13,6 +13,7 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
+use termopar_alarms::{AlarmRulesApi, AlarmsApi};
 use termopar_chat::{Chat, ChatApi};
 use termopar_console::Console;
 use termopar_core::tasks::Tasks;
@@ -54,6 +55,7 @@ fn openapi() -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             SitesApi,
             TrackApi,
             AccessesApi,
+            (AlarmRulesApi, AlarmsApi),
             (
                 WebsiteLeadsApi,
                 WebsiteCustomersApi,
@@ -81,6 +83,7 @@ pub fn openapi_json() -> String {
         crate::sensors::CONSTRAINTS,
         crate::users::CONSTRAINTS,
         termopar_tracking::CONSTRAINTS,
+        termopar_alarms::CONSTRAINTS,
     ]
     .concat();
     termopar_web::openapi::refine(&openapi().spec(), &constraints)
@@ -159,6 +162,7 @@ fn routes(handles: Handles) -> BoxEndpoint<'static> {
         .with(NormalizePath::new(TrailingSlash::Trim))
         .around(move |next, req| limit_body(next, req, max_body))
         .with(AddData::new(handles.state.auth.clone()))
+        .with(AddData::new(handles.state.alarms.clone()))
         .with(AddData::new(handles.state))
         .with(AddData::new(handles.chat))
         .with(AddData::new(handles.tracking))

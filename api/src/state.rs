@@ -7,6 +7,7 @@ use std::{ops::Deref, sync::Arc, time::Duration};
 use moka::future::Cache;
 use mongodb::Database;
 use sqlx::PgPool;
+use termopar_alarms::{Alarming, Alarms};
 use termopar_core::{
     directory::SensorDirectory,
     intake::Intake,
@@ -41,6 +42,11 @@ pub struct Inner {
     pub store: ReadingStore,
     /// HTTP ingest: the same checks, parsing and dead letters as MQTT's.
     pub intake: Intake,
+    /// The alarm rules' evaluator of this process (HTTP ingest's, and in edge mode the
+    /// consumer's too: one state per rule and sensor).
+    pub alarms: Alarms,
+    /// Where ingest stores: [`Self::store`], evaluated by [`Self::alarms`].
+    pub ingest: Alarming,
     /// Client time zones (the default `tz` of daily averages).
     pub client_tz: Cache<Uuid, String>,
 }
@@ -60,7 +66,10 @@ impl AppState {
         let store = ReadingStore::with_tuning(pg.clone(), &mongo, settings.store.clone())
             .with_latest_cache(LatestCache::new(settings.latest_cache_ttl))
             .with_change_hook(on_change);
+        let alarms = Alarms::new(pg.clone(), store.clone());
         Self(Arc::new(Inner {
+            ingest: Alarming::new(store.clone(), alarms.clone()),
+            alarms,
             auth: Authenticator::new(&settings.auth, pg.clone()),
             pg,
             mongo,

@@ -26,10 +26,12 @@ async fn main() -> anyhow::Result<()> {
     );
     // Before anything new is stored: readings of a previous version are moved.
     store.prepare().await?;
+    // What it stores is evaluated by the alarm rules before it is acknowledged.
+    let alarms = termopar_alarms::Alarms::new(pg.clone(), store.clone());
     termopar_consumer::run(
         settings,
         SensorDirectory::new(pg),
-        store,
+        termopar_alarms::Alarming::new(store, alarms),
         shutdown::signal(),
     )
     .await

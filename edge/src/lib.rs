@@ -98,8 +98,9 @@ impl Edge {
         settings.consumer.broker = broker.direct_endpoint();
 
         // The consumer stores through the API's store, so the API's caches (latest
-        // readings, finished days, recent segments) follow what it commits at once.
-        let store = app.state().store.clone();
+        // readings, finished days, recent segments) follow what it commits at once, and
+        // its alarm evaluator (one state per rule and sensor, with HTTP ingest's).
+        let store = app.state().ingest.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
         let filter =
             termopar_core::topic::Topics::new(&settings.consumer.topic_prefix).readings_filter();

@@ -71,6 +71,10 @@ enum Filter<'a> {
     Text(&'static str, &'a str),
     /// Any of the columns contains the pattern (already a `%...%` LIKE pattern).
     Contains(&'static [&'static str], String),
+    /// The time `column` compared (`>=` or `<`) with the value.
+    Time(&'static str, &'static str, chrono::DateTime<chrono::Utc>),
+    /// `column IS NULL` (true) or `IS NOT NULL` (false).
+    Null(&'static str, bool),
 }
 
 /// The `ILIKE` pattern matching text that contains `needle` literally.
@@ -125,6 +129,31 @@ impl<'a> Listing<'a> {
         self
     }
 
+    /// Only rows whose time `column` is at or after `from` and before `to`, for those
+    /// given.
+    pub fn between(
+        mut self,
+        column: &'static str,
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Self {
+        if let Some(from) = from {
+            self.filters.push(Filter::Time(column, " >= ", from));
+        }
+        if let Some(to) = to {
+            self.filters.push(Filter::Time(column, " < ", to));
+        }
+        self
+    }
+
+    /// Only rows whose `column` is null (`Some(true)`) or not (`Some(false)`).
+    pub fn null(mut self, column: &'static str, null: Option<bool>) -> Self {
+        if let Some(null) = null {
+            self.filters.push(Filter::Null(column, null));
+        }
+        self
+    }
+
     /// Only rows where one of the text `columns` contains `q` (case-insensitive), when
     /// `q` is given and not blank. Served by the columns' trigram indexes. 422 for a `q`
     /// PostgreSQL cannot hold (a NUL character).
@@ -154,6 +183,9 @@ impl<'a> Listing<'a> {
             match filter {
                 Filter::Uuid(column, v) => q.push(column).push(" = ").push_bind(*v),
                 Filter::Text(column, v) => q.push(column).push(" = ").push_bind(*v),
+                Filter::Time(column, op, v) => q.push(column).push(op).push_bind(*v),
+                Filter::Null(column, true) => q.push(column).push(" IS NULL"),
+                Filter::Null(column, false) => q.push(column).push(" IS NOT NULL"),
                 Filter::Contains(columns, pattern) => {
                     q.push("(");
                     for (i, column) in columns.iter().enumerate() {

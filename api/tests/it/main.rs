@@ -1,6 +1,7 @@
 //! Integration tests of the API over real HTTP on port 0, each against its own fresh
 //! PostgreSQL database and MongoDB database.
 
+mod alarms;
 mod auth;
 mod authorization;
 mod clients;

@@ -111,16 +111,24 @@ async fn storing_the_same_readings_again_counts_them_once() {
     );
 
     let first = stores.store.store(&readings).await.unwrap();
-    let again = stores.store.store(&readings).await.unwrap();
+    let mut again = stores.store.store(&readings).await.unwrap();
     let doubled: Vec<_> = readings.iter().chain(readings.iter()).cloned().collect();
-    let within = stores.store.store(&doubled).await.unwrap();
+    let mut within = stores.store.store(&doubled).await.unwrap();
+    // Which were stored before, by id (in no particular order).
+    let mut ids: Vec<Uuid> = readings.iter().map(|r| r.id).collect();
+    ids.sort();
+    for outcome in [&mut again, &mut within] {
+        outcome.already_stored.sort();
+        assert_eq!(std::mem::take(&mut outcome.already_stored), ids);
+    }
 
     assert_eq!(
         first,
         StoreOutcome {
             inserted: 3,
             duplicates: 0,
-            refused: vec![]
+            refused: vec![],
+            already_stored: vec![]
         }
     );
     assert_eq!(
@@ -128,7 +136,8 @@ async fn storing_the_same_readings_again_counts_them_once() {
         StoreOutcome {
             inserted: 0,
             duplicates: 3,
-            refused: vec![]
+            refused: vec![],
+            already_stored: vec![]
         }
     );
     assert_eq!(
@@ -136,7 +145,8 @@ async fn storing_the_same_readings_again_counts_them_once() {
         StoreOutcome {
             inserted: 0,
             duplicates: 6,
-            refused: vec![]
+            refused: vec![],
+            already_stored: vec![]
         }
     );
     stores.assert_rollups_match_raw().await;

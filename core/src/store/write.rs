@@ -28,6 +28,9 @@ pub struct StoreOutcome {
     pub inserted: usize,
     /// Readings already stored before (redeliveries, replays).
     pub duplicates: usize,
+    /// The ids of readings stored before this call (repeats within the call count once,
+    /// and are not here).
+    pub already_stored: Vec<Uuid>,
     /// Readings that cannot be stored, by index into the input, with the reason (the
     /// document store refused them, or their sensor was deleted meanwhile). Callers
     /// dead-letter them; they are not retried.
@@ -192,11 +195,12 @@ impl ReadingStore {
         .bind(&reading_ids)
         .fetch_one(&self.pg)
         .await?;
-        let stored: HashSet<Uuid> = stored.into_iter().collect();
         let mut outcome = StoreOutcome {
             duplicates: stored.len(),
+            already_stored: stored.clone(),
             ..Default::default()
         };
+        let stored: HashSet<Uuid> = stored.into_iter().collect();
         let planned = if stored.is_empty() {
             all
         } else {

@@ -1,0 +1,682 @@
+//! `/alarm-rules` (operators edit, viewers read) and `/alarms` (the excursions found,
+//! newest first, acknowledged by operators with a comment), tenant-scoped.
+
+use chrono::{DateTime, Utc};
+use poem::web::Data;
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    Enum, Object, OpenApi,
+};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use termopar_web::{
+    openapi::Constraint,
+    pagination::{Listing, Page, PageParams},
+    responses::{Created, Deleted, Found},
+    validate, ApiError, ApiResult, BearerAuth,
+};
+
+use crate::Alarms;
+
+/// The alarms product's group in the OpenAPI document.
+#[derive(poem_openapi::Tags)]
+enum AlarmTags {
+    /// Alarms: rules on temperatures, and the excursions they found.
+    Alarms,
+}
+
+/// What a rule watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub(crate) enum RuleKind {
+    /// Above `threshold` °C.
+    Above,
+    /// Below `threshold` °C.
+    Below,
+    /// Outside `low`..`high` °C.
+    Outside,
+    /// Changing faster than `threshold` °C a minute, either way.
+    Rate,
+}
+
+impl RuleKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Above => "above",
+            Self::Below => "below",
+            Self::Outside => "outside",
+            Self::Rate => "rate",
+        }
+    }
+}
+
+/// How much an alarm matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub(crate) enum Severity {
+    /// For the record.
+    Info,
+    /// Someone should look.
+    Warning,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// An alarm rule.
+#[derive(Debug, Clone, Object, FromRow)]
+pub(crate) struct AlarmRule {
+    pub id: Uuid,
+    /// The client whose sensors it watches.
+    pub client_id: Uuid,
+    /// The one sensor it watches; absent: every sensor of the client.
+    pub sensor_id: Option<Uuid>,
+    pub name: String,
+    /// `above`, `below`, `outside` or `rate`.
+    pub kind: String,
+    /// °C for `above` and `below`; °C a minute for `rate`.
+    pub threshold: Option<f64>,
+    /// The band's low end, for `outside`.
+    pub low: Option<f64>,
+    /// The band's high end, for `outside`.
+    pub high: Option<f64>,
+    /// How long the condition must hold before it is an alarm, in seconds.
+    pub duration_secs: i32,
+    /// How far back inside the limit a reading must be to end an excursion.
+    pub hysteresis: f64,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    /// Disabled rules are not evaluated.
+    pub enabled: bool,
+    /// Readings measured before this are not evaluated by it (its creation).
+    pub effective_from: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+macro_rules! rule_columns {
+    () => {
+        "id, client_id, sensor_id, name, kind, threshold, low, high, duration_secs, \
+         hysteresis, severity, enabled, effective_from, created_at, updated_at"
+    };
+}
+
+/// A new alarm rule.
+#[derive(Debug, Object)]
+pub(crate) struct NewAlarmRule {
+    /// Owning client: admins give it or a `sensor_id`; operators may omit it.
+    pub client_id: Option<Uuid>,
+    /// One sensor of the client; absent: every sensor of the client.
+    pub sensor_id: Option<Uuid>,
+    /// Name (1 to 200 characters).
+    pub name: String,
+    pub kind: RuleKind,
+    /// °C for `above` and `below`; °C a minute (above 0) for `rate`.
+    pub threshold: Option<f64>,
+    /// For `outside`: the band's low end.
+    pub low: Option<f64>,
+    /// For `outside`: the band's high end.
+    pub high: Option<f64>,
+    /// Seconds the condition must hold (0, the default, to a year).
+    #[oai(validator(maximum(value = "31622400")))]
+    pub duration_secs: Option<u32>,
+    /// 0 (the default) or more; less than the band's half width for `outside` and less
+    /// than the threshold for `rate`.
+    pub hysteresis: Option<f64>,
+    /// Default `warning`.
+    pub severity: Option<Severity>,
+    /// Default true.
+    pub enabled: Option<bool>,
+}
+
+/// Changes to a rule; absent fields stay as they are. What it watches for cannot
+/// change (its past alarms were found by it): create another rule instead.
+#[derive(Debug, Object)]
+pub(crate) struct AlarmRulePatch {
+    pub name: Option<String>,
+    pub severity: Option<Severity>,
+    pub enabled: Option<bool>,
+}
+
+/// What the handlers check of the request bodies, for the OpenAPI document.
+pub const CONSTRAINTS: &[Constraint] = &[
+    Constraint::length("NewAlarmRule", "name", 1, 200),
+    Constraint::length("AlarmRulePatch", "name", 1, 200),
+    Constraint::length("Acknowledgement", "comment", 0, 2000),
+];
+
+fn finite(field: &str, v: f64) -> ApiResult<f64> {
+    if v.is_finite() && v.abs() <= 1e6 {
+        Ok(v)
+    } else {
+        Err(ApiError::validation(
+            field,
+            format!("{field} must be a number of at most 1e6"),
+        ))
+    }
+}
+
+/// A condition's numbers, checked.
+struct Numbers {
+    threshold: Option<f64>,
+    low: Option<f64>,
+    high: Option<f64>,
+    hysteresis: f64,
+}
+
+/// The condition's numbers, checked.
+fn condition(body: &NewAlarmRule) -> ApiResult<Numbers> {
+    let hysteresis = finite("hysteresis", body.hysteresis.unwrap_or(0.0))?;
+    if hysteresis < 0.0 {
+        return Err(ApiError::validation(
+            "hysteresis",
+            "hysteresis must be 0 or more",
+        ));
+    }
+    let absent = |field: &str, v: Option<f64>| match v {
+        Some(_) => Err(ApiError::validation(
+            field,
+            format!(
+                "{field} is not used by a rule of kind {}",
+                body.kind.as_str()
+            ),
+        )),
+        None => Ok(()),
+    };
+    let required = |field: &str, v: Option<f64>| {
+        v.ok_or_else(|| {
+            ApiError::validation(
+                field,
+                format!("a rule of kind {} needs {field}", body.kind.as_str()),
+            )
+        })
+        .and_then(|v| finite(field, v))
+    };
+    match body.kind {
+        RuleKind::Outside => {
+            absent("threshold", body.threshold)?;
+            let (low, high) = (required("low", body.low)?, required("high", body.high)?);
+            if low >= high {
+                return Err(ApiError::validation("high", "high must be above low"));
+            }
+            if 2.0 * hysteresis >= high - low {
+                return Err(ApiError::validation(
+                    "hysteresis",
+                    "hysteresis must be less than half the band's width",
+                ));
+            }
+            Ok(Numbers {
+                threshold: None,
+                low: Some(low),
+                high: Some(high),
+                hysteresis,
+            })
+        }
+        kind => {
+            absent("low", body.low)?;
+            absent("high", body.high)?;
+            let threshold = required("threshold", body.threshold)?;
+            if kind == RuleKind::Rate && threshold <= 0.0 {
+                return Err(ApiError::validation("threshold", "a rate must be above 0"));
+            }
+            if kind == RuleKind::Rate && hysteresis >= threshold {
+                return Err(ApiError::validation(
+                    "hysteresis",
+                    "hysteresis must be less than the rate",
+                ));
+            }
+            Ok(Numbers {
+                threshold: Some(threshold),
+                low: None,
+                high: None,
+                hysteresis,
+            })
+        }
+    }
+}
+
+/// Loads a rule the caller can see (404 otherwise, also for other tenants' rules).
+async fn visible_rule(alarms: &Alarms, auth: &BearerAuth, id: Uuid) -> ApiResult<AlarmRule> {
+    sqlx::query_as::<_, AlarmRule>(concat!(
+        "SELECT ",
+        rule_columns!(),
+        " FROM alarm_rules WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(alarms.pg())
+    .await?
+    .filter(|r| auth.0.sees_client(r.client_id))
+    .ok_or_else(|| ApiError::not_found("alarm rule"))
+}
+
+/// Alarm rules.
+pub struct AlarmRulesApi;
+
+#[OpenApi(prefix_path = "/alarm-rules", tag = "AlarmTags::Alarms")]
+impl AlarmRulesApi {
+    /// Create a rule (admins, and operators for their client). It evaluates readings
+    /// measured from now on.
+    #[oai(path = "/", method = "post", operation_id = "createAlarmRule")]
+    #[tracing::instrument(skip_all)]
+    async fn create(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        body: Json<NewAlarmRule>,
+    ) -> ApiResult<Created<AlarmRule>> {
+        let name = validate::name("name", &body.name, 200)?;
+        let Numbers {
+            threshold,
+            low,
+            high,
+            hysteresis,
+        } = condition(&body)?;
+        // An admin naming only the sensor gets the sensor's client.
+        let sensor_client = match body.sensor_id {
+            Some(sensor) => Some(
+                sqlx::query_scalar::<_, Uuid>("SELECT client_id FROM sensors WHERE id = $1")
+                    .bind(sensor)
+                    .fetch_optional(alarms.pg())
+                    .await?
+                    .filter(|c| auth.0.sees_client(*c))
+                    .ok_or_else(|| ApiError::validation("sensor_id", "no such sensor"))?,
+            ),
+            None => None,
+        };
+        let asked = body.client_id.or(if auth.0.is_admin() {
+            sensor_client
+        } else {
+            None
+        });
+        let client_id = auth.0.client_for_new(asked, "alarm rules")?;
+        if sensor_client.is_some_and(|c| c != client_id) {
+            return Err(ApiError::validation(
+                "sensor_id",
+                "the sensor belongs to another client",
+            ));
+        }
+        let rule = sqlx::query_as::<_, AlarmRule>(concat!(
+            "INSERT INTO alarm_rules (id, client_id, sensor_id, name, kind, threshold, low, high,
+                 duration_secs, hysteresis, severity, enabled)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+            rule_columns!()
+        ))
+        .bind(Uuid::now_v7())
+        .bind(client_id)
+        .bind(body.sensor_id)
+        .bind(name)
+        .bind(body.kind.as_str())
+        .bind(threshold)
+        .bind(low)
+        .bind(high)
+        .bind(body.duration_secs.unwrap_or(0) as i32)
+        .bind(hysteresis)
+        .bind(body.severity.unwrap_or(Severity::Warning).as_str())
+        .bind(body.enabled.unwrap_or(true))
+        .fetch_one(alarms.pg())
+        .await
+        .map_err(|e| match termopar_core::db::sqlstate(&e).as_deref() {
+            Some("23503") => ApiError::validation("client_id", "no such client"),
+            _ => e.into(),
+        })?;
+        alarms.rules_changed().await;
+        tracing::info!(rule_id = %rule.id, client_id = %rule.client_id, "alarm rule created");
+        Ok(Created::Created(Json(rule)))
+    }
+
+    /// List rules, newest first. Operators and viewers see their client's only.
+    #[oai(path = "/", method = "get", operation_id = "listAlarmRules")]
+    #[tracing::instrument(skip_all)]
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        /// Only rules of this client.
+        client_id: Query<Option<Uuid>>,
+        /// Only rules of this sensor (not those on all of its client's sensors).
+        sensor_id: Query<Option<Uuid>>,
+        /// Only those whose name contains this text (case-insensitive).
+        q: Query<Option<String>>,
+        /// Page number, from 1.
+        #[oai(validator(minimum(value = "1")))]
+        page: Query<Option<u32>>,
+        /// Items per page (1 to 1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        page_size: Query<Option<u32>>,
+    ) -> ApiResult<Found<Page<AlarmRule>>> {
+        let params = PageParams::new(page.0, page_size.0);
+        let Ok(scope) = auth.0.list_scope(client_id.0) else {
+            return Ok(Found::Ok(Json(params.page(Vec::new(), 0))));
+        };
+        let page = Listing::new("alarm_rules", rule_columns!(), "created_at DESC, id DESC")
+            .uuid("client_id", scope)
+            .uuid("sensor_id", sensor_id.0)
+            .search(&["name"], q.0.as_deref())?
+            .page::<AlarmRule, _>(alarms.pg(), params)
+            .await?;
+        Ok(Found::Ok(Json(page)))
+    }
+
+    /// Get a rule.
+    #[oai(path = "/:id", method = "get", operation_id = "getAlarmRule")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn get(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> ApiResult<Found<AlarmRule>> {
+        Ok(Found::Ok(Json(visible_rule(&alarms, &auth, id.0).await?)))
+    }
+
+    /// Rename a rule, change its severity, enable or disable it (admins, and operators
+    /// of its client).
+    #[oai(path = "/:id", method = "patch", operation_id = "updateAlarmRule")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn update(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        body: Json<AlarmRulePatch>,
+    ) -> ApiResult<Found<AlarmRule>> {
+        let current = visible_rule(&alarms, &auth, id.0).await?;
+        auth.0.require_manager_of(current.client_id)?;
+        let name = body
+            .name
+            .as_deref()
+            .map(|n| validate::name("name", n, 200))
+            .transpose()?;
+        let rule = sqlx::query_as::<_, AlarmRule>(concat!(
+            "UPDATE alarm_rules SET name = coalesce($2, name), severity = coalesce($3, severity),
+                 enabled = coalesce($4, enabled), updated_at = now()
+             WHERE id = $1 RETURNING ",
+            rule_columns!()
+        ))
+        .bind(id.0)
+        .bind(name)
+        .bind(body.severity.map(Severity::as_str))
+        .bind(body.enabled)
+        .fetch_optional(alarms.pg())
+        .await?
+        .ok_or_else(|| ApiError::not_found("alarm rule"))?;
+        alarms.rules_changed().await;
+        Ok(Found::Ok(Json(rule)))
+    }
+
+    /// Delete a rule with its alarms (admins, and operators of its client).
+    #[oai(path = "/:id", method = "delete", operation_id = "deleteAlarmRule")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn delete(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> ApiResult<Deleted> {
+        let current = visible_rule(&alarms, &auth, id.0).await?;
+        auth.0.require_manager_of(current.client_id)?;
+        let deleted = sqlx::query("DELETE FROM alarm_rules WHERE id = $1")
+            .bind(id.0)
+            .execute(alarms.pg())
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(ApiError::not_found("alarm rule"));
+        }
+        alarms.rules_changed().await;
+        tracing::info!(rule_id = %id.0, "alarm rule deleted");
+        Ok(Deleted::Deleted)
+    }
+}
+
+/// State of an alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub(crate) enum AlarmState {
+    /// The excursion lasts.
+    Active,
+    /// It ended.
+    Cleared,
+    /// Late readings showed it was no excursion.
+    Retracted,
+}
+
+impl AlarmState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Cleared => "cleared",
+            Self::Retracted => "retracted",
+        }
+    }
+}
+
+/// An alarm: one excursion of one sensor under one rule.
+#[derive(Debug, Clone, Object, FromRow)]
+pub(crate) struct Alarm {
+    pub id: Uuid,
+    pub rule_id: Uuid,
+    /// The rule's name.
+    pub rule_name: String,
+    pub client_id: Uuid,
+    pub sensor_id: Uuid,
+    /// `info`, `warning` or `critical` (the rule's, when it opened).
+    pub severity: String,
+    /// `active`, `cleared` or `retracted`.
+    pub state: String,
+    /// When the excursion began (the first reading of it).
+    pub started_at: DateTime<Utc>,
+    /// When it became an alarm (the reading that was `duration_secs` into it).
+    pub confirmed_at: DateTime<Utc>,
+    /// When it ended (the reading back inside the limits).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// How long it lasted, or has lasted until now, in seconds.
+    pub duration_secs: f64,
+    /// The most extreme value (°C, or °C a minute for rate rules).
+    pub peak: f64,
+    pub peak_at: DateTime<Utc>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<Uuid>,
+    pub ack_comment: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+macro_rules! alarm_columns {
+    () => {
+        "a.id, a.rule_id, r.name AS rule_name, a.client_id, a.sensor_id, a.severity, a.state, \
+         a.started_at, a.confirmed_at, a.ended_at, \
+         extract(epoch FROM coalesce(a.ended_at, greatest(now(), a.started_at)) - a.started_at)::float8 \
+         AS duration_secs, a.peak, a.peak_at, a.acknowledged_at, a.acknowledged_by, \
+         a.ack_comment, a.created_at, a.updated_at"
+    };
+}
+
+/// An event in an alarm's history.
+#[derive(Debug, Clone, Object, FromRow)]
+pub(crate) struct AlarmEvent {
+    pub id: i64,
+    /// `opened`, `cleared`, `reopened`, `retracted` or `acknowledged`.
+    pub kind: String,
+    /// When it happened (event time for what readings decided).
+    pub at: DateTime<Utc>,
+    /// When termopar recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// Who did it (acknowledgements).
+    pub user_id: Option<Uuid>,
+    pub comment: Option<String>,
+}
+
+/// An acknowledgement.
+#[derive(Debug, Object)]
+pub(crate) struct Acknowledgement {
+    /// Why, or what was done (at most 2000 characters).
+    pub comment: Option<String>,
+}
+
+async fn visible_alarm(alarms: &Alarms, auth: &BearerAuth, id: Uuid) -> ApiResult<Alarm> {
+    sqlx::query_as::<_, Alarm>(concat!(
+        "SELECT ",
+        alarm_columns!(),
+        " FROM alarms a JOIN alarm_rules r ON r.id = a.rule_id WHERE a.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(alarms.pg())
+    .await?
+    .filter(|a| auth.0.sees_client(a.client_id))
+    .ok_or_else(|| ApiError::not_found("alarm"))
+}
+
+/// Alarms.
+pub struct AlarmsApi;
+
+#[OpenApi(prefix_path = "/alarms", tag = "AlarmTags::Alarms")]
+impl AlarmsApi {
+    /// List alarms, newest first (by when they began). Operators and viewers see their
+    /// client's only.
+    #[oai(path = "/", method = "get", operation_id = "listAlarms")]
+    #[tracing::instrument(skip_all)]
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        /// Only alarms of this client.
+        client_id: Query<Option<Uuid>>,
+        /// Only alarms of this sensor.
+        sensor_id: Query<Option<Uuid>>,
+        /// Only alarms of this rule.
+        rule_id: Query<Option<Uuid>>,
+        /// Only alarms in this state.
+        state: Query<Option<AlarmState>>,
+        /// Only alarms of this severity.
+        severity: Query<Option<Severity>>,
+        /// Only acknowledged alarms (true) or only unacknowledged ones (false).
+        acknowledged: Query<Option<bool>>,
+        /// Only alarms that began at or after this.
+        from: Query<Option<DateTime<Utc>>>,
+        /// Only alarms that began before this.
+        to: Query<Option<DateTime<Utc>>>,
+        /// Page number, from 1.
+        #[oai(validator(minimum(value = "1")))]
+        page: Query<Option<u32>>,
+        /// Items per page (1 to 1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        page_size: Query<Option<u32>>,
+    ) -> ApiResult<Found<Page<Alarm>>> {
+        let params = PageParams::new(page.0, page_size.0);
+        let Ok(scope) = auth.0.list_scope(client_id.0) else {
+            return Ok(Found::Ok(Json(params.page(Vec::new(), 0))));
+        };
+        let page = Listing::new(
+            "alarms a JOIN alarm_rules r ON r.id = a.rule_id",
+            alarm_columns!(),
+            "a.started_at DESC, a.id DESC",
+        )
+        .uuid("a.client_id", scope)
+        .uuid("a.sensor_id", sensor_id.0)
+        .uuid("a.rule_id", rule_id.0)
+        .text("a.state", state.0.map(AlarmState::as_str))
+        .text("a.severity", severity.0.map(Severity::as_str))
+        .null("a.acknowledged_at", acknowledged.0.map(|ack| !ack))
+        .between("a.started_at", from.0, to.0)
+        .page::<Alarm, _>(alarms.pg(), params)
+        .await?;
+        Ok(Found::Ok(Json(page)))
+    }
+
+    /// Get an alarm.
+    #[oai(path = "/:id", method = "get", operation_id = "getAlarm")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn get(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> ApiResult<Found<Alarm>> {
+        Ok(Found::Ok(Json(visible_alarm(&alarms, &auth, id.0).await?)))
+    }
+
+    /// An alarm's history, oldest first.
+    #[oai(path = "/:id/events", method = "get", operation_id = "listAlarmEvents")]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn events(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> ApiResult<Found<Vec<AlarmEvent>>> {
+        visible_alarm(&alarms, &auth, id.0).await?;
+        let events = sqlx::query_as::<_, AlarmEvent>(
+            "SELECT id, kind, at, recorded_at, user_id, comment FROM alarm_events
+             WHERE alarm_id = $1 ORDER BY id",
+        )
+        .bind(id.0)
+        .fetch_all(alarms.pg())
+        .await?;
+        Ok(Found::Ok(Json(events)))
+    }
+
+    /// Acknowledge an alarm, with a comment (admins, and operators of its client). An
+    /// alarm is acknowledged once.
+    #[oai(
+        path = "/:id/acknowledge",
+        method = "post",
+        operation_id = "acknowledgeAlarm"
+    )]
+    #[tracing::instrument(skip_all, fields(id = %id.0))]
+    async fn acknowledge(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        body: Json<Acknowledgement>,
+    ) -> ApiResult<Found<Alarm>> {
+        let current = visible_alarm(&alarms, &auth, id.0).await?;
+        auth.0.require_manager_of(current.client_id)?;
+        let comment = body
+            .comment
+            .as_deref()
+            .map(|c| validate::text("comment", c, 2000))
+            .transpose()?;
+        let mut tx = alarms.pg().begin().await?;
+        let done = sqlx::query(
+            "UPDATE alarms SET acknowledged_at = now(), acknowledged_by = $2, ack_comment = $3,
+                 updated_at = now()
+             WHERE id = $1 AND acknowledged_at IS NULL",
+        )
+        .bind(id.0)
+        .bind(auth.0.user_id)
+        .bind(&comment)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if done == 0 {
+            return Err(ApiError::conflict("the alarm was acknowledged already"));
+        }
+        sqlx::query(
+            "INSERT INTO alarm_events (alarm_id, client_id, kind, at, user_id, comment)
+             VALUES ($1, $2, 'acknowledged', now(), $3, $4)",
+        )
+        .bind(id.0)
+        .bind(current.client_id)
+        .bind(auth.0.user_id)
+        .bind(&comment)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Found::Ok(Json(visible_alarm(&alarms, &auth, id.0).await?)))
+    }
+}

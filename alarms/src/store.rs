@@ -1,0 +1,377 @@
+//! The engine over the real stores: readings from the [`ReadingStore`], alarms and their
+//! events in PostgreSQL, and the rules, reloaded when they change.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration as StdDuration, Instant},
+};
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{FromRow, PgPool};
+use termopar_core::{
+    ids::SensorId,
+    store::{HistoryQuery, Position, ReadingStore, StoreError},
+};
+use uuid::Uuid;
+
+use crate::{
+    engine::{Book, History},
+    eval::{Change, Condition, Excursion, Point, Rule},
+};
+
+/// Readings per page when reading a sensor's history back.
+const HISTORY_PAGE: usize = 5000;
+/// How often the evaluator looks whether the rules changed. A rule it learns of late
+/// loses nothing: it starts without state, so its first evaluation reads every reading
+/// since the rule's creation.
+pub(crate) const RULES_CHECK_EVERY: StdDuration = StdDuration::from_millis(250);
+
+/// A rule as stored.
+#[derive(Debug, Clone, FromRow)]
+pub(crate) struct RuleRow {
+    pub id: Uuid,
+    pub client_id: Uuid,
+    pub sensor_id: Option<Uuid>,
+    pub kind: String,
+    pub threshold: Option<f64>,
+    pub low: Option<f64>,
+    pub high: Option<f64>,
+    pub duration_secs: i32,
+    pub hysteresis: f64,
+    pub effective_from: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl RuleRow {
+    /// Its semantics (`None` for a row the table's checks should have refused).
+    pub(crate) fn rule(&self) -> Option<Rule> {
+        let condition = match self.kind.as_str() {
+            "above" => Condition::Above {
+                threshold: self.threshold?,
+            },
+            "below" => Condition::Below {
+                threshold: self.threshold?,
+            },
+            "outside" => Condition::Outside {
+                low: self.low?,
+                high: self.high?,
+            },
+            "rate" => Condition::Rate {
+                per_minute: self.threshold?,
+            },
+            _ => return None,
+        };
+        Some(Rule {
+            condition,
+            duration: Duration::seconds(i64::from(self.duration_secs)),
+            hysteresis: self.hysteresis,
+            from: self.effective_from,
+        })
+    }
+}
+
+/// A rule the evaluator holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub id: Uuid,
+    pub rule: Rule,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The enabled rules, by what they watch.
+#[derive(Debug, Default)]
+pub(crate) struct RuleSet {
+    version: Option<i64>,
+    checked: Option<Instant>,
+    by_sensor: HashMap<Uuid, Vec<Arc<Loaded>>>,
+    by_client: HashMap<Uuid, Vec<Arc<Loaded>>>,
+}
+
+impl RuleSet {
+    /// The rules watching `sensor` of `client`.
+    pub(crate) fn of(&self, client: Uuid, sensor: Uuid) -> impl Iterator<Item = &Arc<Loaded>> {
+        let one = self.by_sensor.get(&sensor).into_iter().flatten();
+        let all = self.by_client.get(&client).into_iter().flatten();
+        one.chain(all)
+    }
+
+    /// Looks at the rules again at the next [`RuleSet::refresh`].
+    pub(crate) fn stale(&mut self) {
+        self.checked = None;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_sensor.is_empty() && self.by_client.is_empty()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Loaded>> {
+        self.by_sensor
+            .values()
+            .chain(self.by_client.values())
+            .flatten()
+    }
+
+    /// Reloads the rules if they changed since the last look (at most every
+    /// [`RULES_CHECK_EVERY`]); returns the ids of rules that changed or went away, whose
+    /// state must be forgotten.
+    pub(crate) async fn refresh(&mut self, pg: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
+        if self
+            .checked
+            .is_some_and(|at| at.elapsed() < RULES_CHECK_EVERY)
+        {
+            return Ok(Vec::new());
+        }
+        let version: i64 = sqlx::query_scalar("SELECT version FROM alarm_rules_version")
+            .fetch_one(pg)
+            .await?;
+        self.checked = Some(Instant::now());
+        if self.version == Some(version) {
+            return Ok(Vec::new());
+        }
+        // Read in one snapshot with the version, so a change after it bumps it again.
+        let mut tx = pg.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM alarm_rules_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows: Vec<RuleRow> = sqlx::query_as(
+            "SELECT id, client_id, sensor_id, kind, threshold, low, high, duration_secs,
+                    hysteresis, effective_from, updated_at
+             FROM alarm_rules WHERE enabled",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let before: HashMap<Uuid, DateTime<Utc>> =
+            self.all().map(|r| (r.id, r.updated_at)).collect();
+        let mut next = RuleSet {
+            version: Some(version),
+            checked: self.checked,
+            ..Default::default()
+        };
+        for row in rows {
+            let Some(rule) = row.rule() else {
+                tracing::error!(rule_id = %row.id, kind = row.kind, "alarm rule not understood; skipped");
+                continue;
+            };
+            let loaded = Arc::new(Loaded {
+                id: row.id,
+                rule,
+                updated_at: row.updated_at,
+            });
+            match row.sensor_id {
+                Some(sensor) => next.by_sensor.entry(sensor).or_default().push(loaded),
+                None => next
+                    .by_client
+                    .entry(row.client_id)
+                    .or_default()
+                    .push(loaded),
+            }
+        }
+        let after: HashMap<Uuid, DateTime<Utc>> =
+            next.all().map(|r| (r.id, r.updated_at)).collect();
+        let changed = before
+            .into_iter()
+            .filter(|(id, at)| after.get(id) != Some(at))
+            .map(|(id, _)| id)
+            .collect();
+        metrics::gauge!("alarm_rules_loaded").set(after.len() as f64);
+        *self = next;
+        Ok(changed)
+    }
+}
+
+/// The readings and alarms an evaluation reads and writes.
+#[derive(Clone)]
+pub(crate) struct PgStores {
+    pub pg: PgPool,
+    pub readings: ReadingStore,
+}
+
+impl History for PgStores {
+    type Error = StoreError;
+
+    async fn points(&self, sensor: Uuid, from: DateTime<Utc>) -> Result<Vec<Point>, StoreError> {
+        let mut out = Vec::new();
+        let mut position = Position::Offset(0);
+        loop {
+            let page = self
+                .readings
+                .history(&HistoryQuery {
+                    sensor: SensorId(sensor),
+                    from: Some(from),
+                    to: None,
+                    position,
+                    limit: HISTORY_PAGE,
+                })
+                .await?;
+            out.extend(page.readings.iter().map(|r| Point {
+                ts: r.ts,
+                id: r.id,
+                value: r.temperature.get(),
+            }));
+            match (page.more, page.readings.last()) {
+                (true, Some(last)) => position = Position::After(last.ts, last.id),
+                _ => break,
+            }
+        }
+        out.reverse();
+        metrics::counter!("alarm_history_readings_total").increment(out.len() as u64);
+        Ok(out)
+    }
+}
+
+/// An alarm's facts as stored.
+type StoredRow = (
+    Uuid,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    f64,
+    DateTime<Utc>,
+);
+
+impl Book for PgStores {
+    type Error = sqlx::Error;
+
+    async fn touched(
+        &self,
+        rule: Uuid,
+        sensor: Uuid,
+        after: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(Uuid, Excursion)>, sqlx::Error> {
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            "SELECT id, started_at, confirmed_at, ended_at, peak, peak_at FROM alarms
+             WHERE rule_id = $1 AND sensor_id = $2 AND state <> 'retracted'
+               AND ($3::timestamptz IS NULL OR ended_at IS NULL OR ended_at > $3)
+             ORDER BY started_at, id",
+        )
+        .bind(rule)
+        .bind(sensor)
+        .bind(after)
+        .fetch_all(&self.pg)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, start, confirmed_at, end, peak, peak_at)| {
+                (
+                    id,
+                    Excursion {
+                        start,
+                        confirmed_at,
+                        end,
+                        peak,
+                        peak_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn apply(
+        &self,
+        rule: Uuid,
+        sensor: Uuid,
+        changes: &[Change<Uuid>],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pg.begin().await?;
+        for change in changes {
+            match change {
+                Change::Open(id, e) => {
+                    // The rule's client and severity; nothing when the rule or the sensor
+                    // was deleted meanwhile.
+                    let inserted = sqlx::query(
+                        "INSERT INTO alarms (id, rule_id, client_id, sensor_id, severity, state,
+                             started_at, confirmed_at, ended_at, peak, peak_at)
+                         SELECT $1, r.id, r.client_id, s.id, r.severity,
+                                CASE WHEN $5::timestamptz IS NULL THEN 'active' ELSE 'cleared' END,
+                                $3, $4, $5, $6, $7
+                         FROM alarm_rules r JOIN sensors s ON s.id = $8
+                         WHERE r.id = $2",
+                    )
+                    .bind(id)
+                    .bind(rule)
+                    .bind(e.start)
+                    .bind(e.confirmed_at)
+                    .bind(e.end)
+                    .bind(e.peak)
+                    .bind(e.peak_at)
+                    .bind(sensor)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if inserted == 1 {
+                        event(&mut tx, *id, "opened", Some(e.confirmed_at)).await?;
+                        if let Some(end) = e.end {
+                            event(&mut tx, *id, "cleared", Some(end)).await?;
+                        }
+                        metrics::counter!("alarms_opened_total").increment(1);
+                    }
+                }
+                Change::Update(id, e) => {
+                    let was: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+                        "UPDATE alarms a SET started_at = $2, confirmed_at = $3, ended_at = $4,
+                             peak = $5, peak_at = $6, updated_at = now(),
+                             state = CASE WHEN $4::timestamptz IS NULL THEN 'active' ELSE 'cleared' END
+                         FROM (SELECT id, ended_at FROM alarms WHERE id = $1 FOR UPDATE) old
+                         WHERE a.id = old.id
+                         RETURNING old.ended_at",
+                    )
+                    .bind(id)
+                    .bind(e.start)
+                    .bind(e.confirmed_at)
+                    .bind(e.end)
+                    .bind(e.peak)
+                    .bind(e.peak_at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    match (was, e.end) {
+                        (Some(None), Some(end)) => {
+                            event(&mut tx, *id, "cleared", Some(end)).await?;
+                            metrics::counter!("alarms_cleared_total").increment(1);
+                        }
+                        (Some(Some(_)), None) => event(&mut tx, *id, "reopened", None).await?,
+                        _ => {}
+                    }
+                }
+                Change::Retract(id) => {
+                    let retracted = sqlx::query(
+                        "UPDATE alarms SET state = 'retracted', updated_at = now()
+                         WHERE id = $1 AND state <> 'retracted'",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if retracted == 1 {
+                        event(&mut tx, *id, "retracted", None).await?;
+                        metrics::counter!("alarms_retracted_total").increment(1);
+                    }
+                }
+            }
+        }
+        tx.commit().await
+    }
+}
+
+/// Records an event of alarm `id`, at `at` (event time) or now.
+async fn event(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    kind: &str,
+    at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO alarm_events (alarm_id, client_id, kind, at)
+         SELECT id, client_id, $2, coalesce($3, now()) FROM alarms WHERE id = $1",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(at)
+    .execute(tx)
+    .await?;
+    Ok(())
+}

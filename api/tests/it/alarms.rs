@@ -1,0 +1,379 @@
+//! Alarms over real HTTP and the real stores: an excursion posted as readings opens an
+//! alarm at once (ingest answers after evaluating), late readings change its verdict,
+//! redeliveries change nothing, operators acknowledge, tenants see only their own.
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::harness::{assert_error, id, TestApp};
+
+/// A reading with a fixed id, so that it can be sent again.
+fn reading(id: Uuid, ts: DateTime<Utc>, temperature: f64) -> Value {
+    json!({ "id": id, "ts": ts.to_rfc3339(), "temperature": temperature })
+}
+
+impl TestApp {
+    /// Creates a rule with `token`; returns it.
+    async fn create_rule(&self, token: &str, body: Value) -> Value {
+        let (status, rule) = self.post("/alarm-rules", token, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{rule}");
+        rule
+    }
+
+    /// Makes `rule` evaluate readings from `from` on (rules start at their creation;
+    /// the tests post readings of the past).
+    async fn backdate_rule(&self, rule: &Value, from: DateTime<Utc>) {
+        sqlx::query("UPDATE alarm_rules SET effective_from = $2 WHERE id = $1")
+            .bind(Uuid::parse_str(id(rule)).unwrap())
+            .bind(from)
+            .execute(&self.state.pg)
+            .await
+            .unwrap();
+    }
+
+    /// Posts readings of `sensor`; they are stored (and evaluated) when this returns.
+    async fn ingested(&self, sensor: &Value, readings: Value) -> Value {
+        let (status, report) = self.ingest(sensor, readings).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{report}");
+        report
+    }
+
+    /// The alarms `token` sees at `query` (a query string).
+    async fn alarms(&self, token: &str, query: &str) -> Vec<Value> {
+        let (status, page) = self.get(&format!("/alarms{query}"), token).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        page["items"].as_array().unwrap().clone()
+    }
+
+    /// The kinds of an alarm's events, oldest first.
+    async fn alarm_events(&self, alarm: &str, token: &str) -> Vec<String> {
+        let (status, events) = self.get(&format!("/alarms/{alarm}/events"), token).await;
+        assert_eq!(status, StatusCode::OK, "{events}");
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn at(v: &Value, field: &str) -> DateTime<Utc> {
+    v[field].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_excursion_is_one_alarm_whose_verdict_follows_late_readings() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let (_, operator) = app.user_with_token("operator", Some(id(&client))).await;
+    let (_, viewer) = app.user_with_token("viewer", Some(id(&client))).await;
+    let rule = app
+        .create_rule(
+            &operator,
+            json!({
+                "sensor_id": id(&sensor), "name": "Room 1 too warm", "kind": "above",
+                "threshold": 8.0, "duration_secs": 600, "hysteresis": 0.5,
+                "severity": "critical"
+            }),
+        )
+        .await;
+    assert_eq!(rule["client_id"], client["id"]);
+    let base = (Utc::now() - Duration::hours(2)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let m = |minutes: i64| base + Duration::minutes(minutes);
+
+    // Above 8 from minute 1; 7.8 is inside the hysteresis and ends nothing; 11 minutes
+    // in, it is an alarm, active.
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), m(0), 5.0),
+            reading(Uuid::new_v4(), m(1), 8.5),
+            reading(Uuid::new_v4(), m(5), 7.8),
+            reading(Uuid::new_v4(), m(8), 9.0),
+            reading(Uuid::new_v4(), m(12), 9.5),
+        ]),
+    )
+    .await;
+    let active = app.alarms(&viewer, "?state=active").await;
+    assert_eq!(active.len(), 1, "{active:?}");
+    let alarm = &active[0];
+    let alarm_id = id(alarm).to_owned();
+    assert_eq!(alarm["rule_id"], rule["id"]);
+    assert_eq!(alarm["rule_name"], "Room 1 too warm");
+    assert_eq!(alarm["severity"], "critical");
+    assert_eq!(alarm["sensor_id"], sensor["id"]);
+    assert_eq!(at(alarm, "started_at"), m(1));
+    assert_eq!(at(alarm, "confirmed_at"), m(12));
+    assert!(alarm["ended_at"].is_null());
+    assert_eq!(alarm["peak"], 9.5);
+    assert!(
+        alarm["duration_secs"].as_f64().unwrap() >= 7_000.0,
+        "{alarm}"
+    );
+
+    // A late reading inside it raises its peak; sent again, it changes nothing.
+    let late = reading(Uuid::new_v4(), m(3), 10.5);
+    app.ingested(&sensor, json!([late.clone()])).await;
+    let (_, after_late) = app.get(&format!("/alarms/{alarm_id}"), &viewer).await;
+    assert_eq!(after_late["peak"], 10.5);
+    assert_eq!(at(&after_late, "peak_at"), m(3));
+    let (status, again) = app.ingest(&sensor, json!([late])).await;
+    assert_eq!((status, &again["duplicates"]), (StatusCode::OK, &json!(1)));
+    let (_, mut after_again) = app.get(&format!("/alarms/{alarm_id}"), &viewer).await;
+    // All the same (`updated_at` too: nothing was written) but the time it has lasted.
+    let mut after_late = after_late;
+    for alarm in [&mut after_late, &mut after_again] {
+        alarm.as_object_mut().unwrap().remove("duration_secs");
+    }
+    assert_eq!(after_again, after_late);
+
+    // Back below 7.5: cleared, at the reading's time.
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), m(20), 7.0)]))
+        .await;
+    let (_, cleared) = app.get(&format!("/alarms/{alarm_id}"), &viewer).await;
+    assert_eq!(cleared["state"], "cleared");
+    assert_eq!(at(&cleared, "ended_at"), m(20));
+    assert_eq!(cleared["duration_secs"], 19.0 * 60.0);
+    assert_eq!(
+        app.alarm_events(&alarm_id, &viewer).await,
+        ["opened", "cleared"]
+    );
+
+    // A late reading at minute 6, back in range, splits the run into two shorter than
+    // ten minutes: it was no excursion. The alarm stays, retracted, for the record.
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), m(6), 7.0)]))
+        .await;
+    let (_, retracted) = app.get(&format!("/alarms/{alarm_id}"), &viewer).await;
+    assert_eq!(retracted["state"], "retracted");
+    assert_eq!(
+        app.alarm_events(&alarm_id, &viewer).await,
+        ["opened", "cleared", "retracted"]
+    );
+    assert!(app.alarms(&viewer, "?state=active").await.is_empty());
+    assert_eq!(app.alarms(&viewer, "").await.len(), 1);
+
+    // Viewers read; operators acknowledge, once, with a comment.
+    let ack = format!("/alarms/{alarm_id}/acknowledge");
+    assert_error(
+        &app.post(&ack, &viewer, json!({"comment": "seen"})).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (status, acked) = app
+        .post(&ack, &operator, json!({"comment": "door left open"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{acked}");
+    assert_eq!(acked["ack_comment"], "door left open");
+    assert!(acked["acknowledged_at"].is_string());
+    assert_error(
+        &app.post(&ack, &operator, json!({})).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    assert_eq!(
+        app.alarm_events(&alarm_id, &viewer).await,
+        ["opened", "cleared", "retracted", "acknowledged"]
+    );
+    assert_eq!(app.alarms(&viewer, "?acknowledged=false").await.len(), 0);
+    assert_eq!(app.alarms(&viewer, "?acknowledged=true").await.len(), 1);
+
+    // Another tenant sees none of it.
+    let other = app.create_client("Other").await;
+    let (_, stranger) = app.user_with_token("operator", Some(id(&other))).await;
+    assert!(app.alarms(&stranger, "").await.is_empty());
+    assert_error(
+        &app.get(&format!("/alarms/{alarm_id}"), &stranger).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &app.post(&ack, &stranger, json!({})).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &app.get(&format!("/alarm-rules/{}", id(&rule)), &stranger)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let (_, rules) = app.get("/alarm-rules", &stranger).await;
+    assert_eq!(rules["total"], 0);
+}
+
+#[tokio::test]
+async fn a_client_wide_rule_watches_every_sensor_of_its_client_and_no_other() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Pharmacy").await;
+    let other = app.create_client("Bakery").await;
+    let fridges = [
+        app.create_sensor(id(&client), "Fridge A").await,
+        app.create_sensor(id(&client), "Fridge B").await,
+    ];
+    let oven = app.create_sensor(id(&other), "Oven").await;
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({
+                "client_id": id(&client), "name": "Vaccines 2-8 °C", "kind": "outside",
+                "low": 2.0, "high": 8.0, "hysteresis": 0.2
+            }),
+        )
+        .await;
+    assert!(rule["sensor_id"].is_null());
+    assert_eq!(rule["severity"], "warning");
+    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let m = |minutes: i64| base + Duration::minutes(minutes);
+    for (sensor, value) in [(&fridges[0], 9.0), (&fridges[1], 1.0), (&oven, 200.0)] {
+        app.ingested(
+            sensor,
+            json!([
+                reading(Uuid::new_v4(), m(0), 5.0),
+                reading(Uuid::new_v4(), m(1), value)
+            ]),
+        )
+        .await;
+    }
+    let alarms = app.alarms(&app.admin, "?state=active").await;
+    let mut sensors: Vec<&str> = alarms
+        .iter()
+        .map(|a| a["sensor_id"].as_str().unwrap())
+        .collect();
+    sensors.sort();
+    let mut expected = vec![id(&fridges[0]), id(&fridges[1])];
+    expected.sort();
+    assert_eq!(sensors, expected);
+    let peaks: Vec<f64> = alarms.iter().map(|a| a["peak"].as_f64().unwrap()).collect();
+    assert!(peaks.contains(&9.0) && peaks.contains(&1.0), "{peaks:?}");
+
+    // Disabled, it opens nothing more; the alarms it opened stay.
+    let (status, _) = app
+        .patch(
+            &format!("/alarm-rules/{}", id(&rule)),
+            &app.admin,
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.ingested(
+        &fridges[0],
+        json!([
+            reading(Uuid::new_v4(), m(2), 5.0),
+            reading(Uuid::new_v4(), m(3), 12.0)
+        ]),
+    )
+    .await;
+    assert_eq!(app.alarms(&app.admin, "").await.len(), 2);
+    // Filters.
+    let of_a = app
+        .alarms(&app.admin, &format!("?sensor_id={}", id(&fridges[0])))
+        .await;
+    assert_eq!(of_a.len(), 1);
+    assert!(app
+        .alarms(&app.admin, "?severity=critical")
+        .await
+        .is_empty());
+    let since = (Utc::now() + Duration::minutes(1)).to_rfc3339();
+    assert!(app
+        .alarms(&app.admin, &format!("?from={}", urlencode(&since)))
+        .await
+        .is_empty());
+
+    // Deleting the rule deletes its alarms.
+    assert_eq!(
+        app.delete(&format!("/alarm-rules/{}", id(&rule)), &app.admin)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert!(app.alarms(&app.admin, "").await.is_empty());
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test]
+async fn rules_that_cannot_be_evaluated_are_refused_with_the_field_at_fault() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let other = app.create_client("Other").await;
+    let foreign = app.create_sensor(id(&other), "Theirs").await;
+    let (_, operator) = app.user_with_token("operator", Some(id(&client))).await;
+    let (_, viewer) = app.user_with_token("viewer", Some(id(&client))).await;
+    let cases = [
+        (json!({"name": "x", "kind": "outside", "high": 8.0}), "low"),
+        (
+            json!({"name": "x", "kind": "outside", "low": 8.0, "high": 2.0}),
+            "high",
+        ),
+        (
+            json!({"name": "x", "kind": "outside", "low": 2.0, "high": 8.0, "threshold": 5.0}),
+            "threshold",
+        ),
+        (
+            json!({"name": "x", "kind": "outside", "low": 2.0, "high": 8.0, "hysteresis": 3.0}),
+            "hysteresis",
+        ),
+        (json!({"name": "x", "kind": "above"}), "threshold"),
+        (
+            json!({"name": "x", "kind": "above", "threshold": 8.0, "low": 1.0}),
+            "low",
+        ),
+        (
+            json!({"name": "x", "kind": "above", "threshold": 1e300}),
+            "threshold",
+        ),
+        (
+            json!({"name": "x", "kind": "rate", "threshold": 0.0}),
+            "threshold",
+        ),
+        (
+            json!({"name": "x", "kind": "rate", "threshold": 1.0, "hysteresis": 1.0}),
+            "hysteresis",
+        ),
+        (
+            json!({"name": "x", "kind": "below", "threshold": 2.0, "hysteresis": -1.0}),
+            "hysteresis",
+        ),
+        (
+            json!({"name": "", "kind": "below", "threshold": 2.0}),
+            "name",
+        ),
+        (
+            json!({"name": "x", "kind": "below", "threshold": 2.0, "sensor_id": id(&foreign)}),
+            "sensor_id",
+        ),
+    ];
+    for (body, field) in cases {
+        let got = app.post("/alarm-rules", &operator, body.clone()).await;
+        assert_error(&got, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(got.1["field"], field, "{body}: {}", got.1);
+    }
+    let bad_kind = app
+        .post(
+            "/alarm-rules",
+            &operator,
+            json!({"name": "x", "kind": "sideways", "threshold": 1.0}),
+        )
+        .await;
+    assert!(bad_kind.0.is_client_error(), "{bad_kind:?}");
+    assert_error(
+        &app.post(
+            "/alarm-rules",
+            &viewer,
+            json!({"name": "x", "kind": "below", "threshold": 2.0}),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (_, rules) = app.get("/alarm-rules", &app.admin).await;
+    assert_eq!(rules["total"], 0);
+}
