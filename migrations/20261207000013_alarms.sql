@@ -9,8 +9,9 @@ CREATE TABLE alarm_rules (
     -- One sensor of the client, or NULL: every sensor of the client.
     sensor_id      uuid        REFERENCES sensors (id) ON DELETE CASCADE,
     name           text        NOT NULL CHECK (char_length(name) BETWEEN 1 AND 200),
-    -- 'above' / 'below' a threshold, 'outside' a band, 'rate' of change (°C a minute).
-    kind           text        NOT NULL CHECK (kind IN ('above', 'below', 'outside', 'rate')),
+    -- 'above' / 'below' a threshold, 'outside' a band, 'rate' of change (°C a minute),
+    -- 'no_data' for longer than the duration.
+    kind           text        NOT NULL CHECK (kind IN ('above', 'below', 'outside', 'rate', 'no_data')),
     threshold      double precision,
     low            double precision,
     high           double precision,
@@ -28,6 +29,8 @@ CREATE TABLE alarm_rules (
         WHEN 'outside' THEN low IS NOT NULL AND high IS NOT NULL AND low < high
                             AND threshold IS NULL
         WHEN 'rate' THEN threshold > 0 AND low IS NULL AND high IS NULL
+        WHEN 'no_data' THEN duration_secs > 0 AND threshold IS NULL AND low IS NULL
+                            AND high IS NULL
         ELSE threshold IS NOT NULL AND low IS NULL AND high IS NULL
     END)
 );
@@ -80,6 +83,9 @@ CREATE TABLE alarms (
 -- Lists are newest first (by start), per client or for everyone.
 CREATE INDEX alarms_client_started ON alarms (client_id, started_at DESC, id DESC);
 CREATE INDEX alarms_started ON alarms (started_at DESC, id DESC);
+-- A rule has at most one excursion in progress per sensor (evaluators in two processes
+-- cannot both open it).
+CREATE UNIQUE INDEX alarms_one_active ON alarms (rule_id, sensor_id) WHERE state = 'active';
 -- What an evaluation may touch: a rule and sensor's alarms not retracted.
 CREATE INDEX alarms_rule_sensor ON alarms (rule_id, sensor_id, started_at)
     WHERE state <> 'retracted';

@@ -16,7 +16,7 @@ use std::{collections::HashMap, future::Future};
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
-use crate::eval::{reconcile, Change, Excursion, Point, Rule, Tracker};
+use crate::eval::{reconcile, Change, Condition, Excursion, Point, Rule, Tracker};
 
 /// How far back the first look for a settling reading goes; each further look goes
 /// four times as far, down to the rule's start.
@@ -113,47 +113,99 @@ impl Engine {
         self.cursors.is_empty()
     }
 
-    /// Evaluates `rule` (id `rule_id`) on readings of `sensor` just stored: `fresh` were
-    /// stored now, `again` were stored before (redeliveries). Both may be in any order.
-    /// On an error the pair's state is dropped, so the next call recomputes it.
+    /// Evaluates `pair` on readings of its sensor just stored: `fresh` were stored now,
+    /// `again` were stored before (redeliveries); both in any order. `now` is the clock's
+    /// time (no-data rules: the silence since the last reading). On an error the pair's
+    /// state is dropped, so the next call recomputes it.
     pub async fn evaluate<S: History + Book>(
         &mut self,
-        rule_id: Uuid,
-        rule: &Rule,
-        sensor: Uuid,
+        pair: Pair<'_>,
         fresh: &[Point],
         again: &[Point],
+        now: DateTime<Utc>,
         stores: &S,
     ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
-        let key = (rule_id, sensor);
-        let Some(cursor) = self.cursors.remove(&key) else {
+        let Some(cursor) = self.cursors.remove(&pair.key()) else {
             // No state here: what was stored before may never have been evaluated.
             let all = fresh.iter().chain(again).copied();
             let Some(earliest) = all.min_by_key(Point::key) else {
                 return Ok(Evaluated::default());
             };
-            return self.recompute(key, rule, earliest, stores).await;
+            return self.recompute(pair, earliest.key(), now, stores).await;
         };
         // A reading this process stored before was evaluated then.
         let mut points: Vec<Point> = fresh.to_vec();
         points.sort_by_key(Point::key);
         points.dedup_by_key(|p| p.id);
         let Some(first) = points.first().copied() else {
-            self.cursors.insert(key, cursor);
-            return Ok(Evaluated::default());
+            // Nothing new, but the clock moved on.
+            let latest = cursor.tracker.last().map(|p| p.ts);
+            self.cursors.insert(pair.key(), cursor);
+            return match latest {
+                Some(latest) => self.tick(pair, latest, now, stores).await,
+                None => Ok(Evaluated::default()),
+            };
         };
         if cursor
             .tracker
             .last()
             .is_some_and(|last| first.key() <= last.key())
         {
-            return self.recompute(key, rule, first, stores).await;
+            return self.recompute(pair, first.key(), now, stores).await;
         }
         let Cursor { mut tracker, open } = cursor;
-        let computed = tracker.feed_all(rule, points);
-        let stored: Vec<(Uuid, Excursion)> = open.into_iter().collect();
+        let after = tracker.last().map(|p| p.ts);
+        let mut computed = tracker.feed_all(pair.rule, points);
+        computed.extend(tracker.silence(pair.rule, now));
+        let stored = match pair.rule.condition {
+            // A silence may have been opened by the clock, in any process.
+            Condition::NoData => stores
+                .touched(pair.rule_id, pair.sensor, after)
+                .await
+                .map_err(EvalError::Book)?,
+            _ => open.into_iter().collect(),
+        };
         let changes = self
-            .settle(key, tracker, &stored, &computed, stores)
+            .settle(pair, tracker, &stored, &computed, stores)
+            .await?;
+        Ok(Evaluated {
+            in_order: 1,
+            recomputed: 0,
+            changes,
+        })
+    }
+
+    /// For a no-data rule (nothing for others): opens the silence of `pair`'s sensor if it lasted longer than
+    /// the rule's duration at `now`. `latest` is the sensor's newest stored reading (a
+    /// newer one than this process saw means another process evaluated it: the state
+    /// here is recomputed).
+    pub async fn tick<S: History + Book>(
+        &mut self,
+        pair: Pair<'_>,
+        latest: DateTime<Utc>,
+        now: DateTime<Utc>,
+        stores: &S,
+    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+        if pair.rule.condition != Condition::NoData {
+            return Ok(Evaluated::default());
+        }
+        let cursor = self
+            .cursors
+            .remove(&pair.key())
+            .filter(|c| c.tracker.last().is_some_and(|last| last.ts >= latest));
+        let Some(Cursor { tracker, .. }) = cursor else {
+            // From the last reading on, whatever its time.
+            let beyond = (DateTime::<Utc>::MAX_UTC, Uuid::max());
+            return self.recompute(pair, beyond, now, stores).await;
+        };
+        let after = tracker.last().map(|p| p.ts);
+        let computed: Vec<Excursion> = tracker.silence(pair.rule, now).into_iter().collect();
+        let stored = stores
+            .touched(pair.rule_id, pair.sensor, after)
+            .await
+            .map_err(EvalError::Book)?;
+        let changes = self
+            .settle(pair, tracker, &stored, &computed, stores)
             .await?;
         Ok(Evaluated {
             in_order: 1,
@@ -165,20 +217,22 @@ impl Engine {
     /// Recomputes the pair from the last settling reading before `earliest`.
     async fn recompute<S: History + Book>(
         &mut self,
-        key: (Uuid, Uuid),
-        rule: &Rule,
-        earliest: Point,
+        pair: Pair<'_>,
+        earliest: (DateTime<Utc>, Uuid),
+        now: DateTime<Utc>,
         stores: &S,
     ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
-        let (rule_id, sensor) = key;
+        let rule = pair.rule;
+        // The readings' times are bounded by the clock (and a few minutes of skew).
+        let until = earliest.0.min(now + Duration::days(1));
         let mut back = FIRST_LOOK_BACK;
         let (mut tracker, points) = loop {
-            let from = (earliest.ts - back).max(rule.from);
+            let from = (until - back).max(rule.from);
             let points = stores
-                .points(sensor, from)
+                .points(pair.sensor, from)
                 .await
                 .map_err(EvalError::History)?;
-            let before = points.partition_point(|p| p.key() < earliest.key());
+            let before = points.partition_point(|p| p.key() < earliest);
             let settling = (0..before)
                 .rev()
                 .find(|&i| rule.settles(i.checked_sub(1).map(|j| &points[j]), &points[i]));
@@ -189,13 +243,14 @@ impl Engine {
             }
         };
         let after = tracker.last().map(|p| p.ts);
-        let computed = tracker.feed_all(rule, points);
+        let mut computed = tracker.feed_all(rule, points);
+        computed.extend(tracker.silence(rule, now));
         let stored = stores
-            .touched(rule_id, sensor, after)
+            .touched(pair.rule_id, pair.sensor, after)
             .await
             .map_err(EvalError::Book)?;
         let changes = self
-            .settle(key, tracker, &stored, &computed, stores)
+            .settle(pair, tracker, &stored, &computed, stores)
             .await?;
         Ok(Evaluated {
             in_order: 0,
@@ -207,7 +262,7 @@ impl Engine {
     /// Writes what `computed` changes of `stored`, then keeps the pair's new state.
     async fn settle<H, B: Book>(
         &mut self,
-        key: (Uuid, Uuid),
+        pair: Pair<'_>,
         tracker: Tracker,
         stored: &[(Uuid, Excursion)],
         computed: &[Excursion],
@@ -215,7 +270,7 @@ impl Engine {
     ) -> Result<usize, EvalError<H, B::Error>> {
         let (changes, keys) = reconcile(stored, computed, Uuid::now_v7);
         if !changes.is_empty() {
-            book.apply(key.0, key.1, &changes)
+            book.apply(pair.rule_id, pair.sensor, &changes)
                 .await
                 .map_err(EvalError::Book)?;
         }
@@ -223,7 +278,24 @@ impl Engine {
             (Some(open), Some(last), Some(id)) if last.end.is_none() => Some((*id, open)),
             _ => None,
         };
-        self.cursors.insert(key, Cursor { tracker, open });
+        self.cursors.insert(pair.key(), Cursor { tracker, open });
         Ok(changes.len())
+    }
+}
+
+/// A rule and one sensor it watches.
+#[derive(Debug, Clone, Copy)]
+pub struct Pair<'a> {
+    /// The rule's id.
+    pub rule_id: Uuid,
+    /// What it says.
+    pub rule: &'a Rule,
+    /// The sensor.
+    pub sensor: Uuid,
+}
+
+impl Pair<'_> {
+    fn key(&self) -> (Uuid, Uuid) {
+        (self.rule_id, self.sensor)
     }
 }

@@ -12,6 +12,9 @@
 //! reading still inside it is at least the rule's duration after its start; a run that
 //! ended sooner was never an alarm. Between readings the temperature is taken to stay
 //! what was last measured.
+//!
+//! No-data rules are about the gaps between readings instead: each gap longer than the
+//! rule's duration is an excursion from the reading before it to the one after it.
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
@@ -46,6 +49,11 @@ pub enum Condition {
     /// Changing faster than `per_minute` °C a minute (either way) between one reading and
     /// the one before it.
     Rate { per_minute: f64 },
+    /// No reading for longer than the rule's duration: a silence from one reading to the
+    /// next (in event time), or from the last one to now (by the clock, see
+    /// [`Tracker::silence`]). A sensor is silent only after its first reading the rule
+    /// saw: one that never reported is not watched yet.
+    NoData,
 }
 
 /// A rule's semantics: its condition, how long it must hold, and its hysteresis.
@@ -95,12 +103,14 @@ impl Rule {
                 let minutes = (p.ts - prev.ts).num_milliseconds() as f64 / 60_000.0;
                 (minutes > 0.0).then(|| (p.value - prev.value).abs() / minutes)
             }
+            Condition::NoData => Some((p.ts - prev?.ts).num_milliseconds() as f64 / 1000.0),
             _ => Some(p.value),
         }
     }
 
     fn enters(&self, q: f64) -> bool {
         match self.condition {
+            Condition::NoData => q > self.duration.num_milliseconds() as f64 / 1000.0,
             Condition::Above { threshold } => q > threshold,
             Condition::Below { threshold } => q < threshold,
             Condition::Outside { low, high } => q < low || q > high,
@@ -111,6 +121,7 @@ impl Rule {
     fn exits(&self, q: f64) -> bool {
         let h = self.hysteresis;
         match self.condition {
+            Condition::NoData => true,
             Condition::Above { threshold } => q <= threshold - h,
             Condition::Below { threshold } => q >= threshold + h,
             Condition::Outside { low, high } => q >= low + h && q <= high - h,
@@ -121,16 +132,16 @@ impl Rule {
     /// How extreme `q` is (greater: more), to pick a run's peak.
     fn score(&self, q: f64) -> f64 {
         match self.condition {
-            Condition::Above { .. } | Condition::Rate { .. } => q,
+            Condition::Above { .. } | Condition::Rate { .. } | Condition::NoData => q,
             Condition::Below { .. } => -q,
             Condition::Outside { low, high } => (q - high).max(low - q),
         }
     }
 
     /// Whether the state after `p` is known without the readings before `prev`: `p`
-    /// ends any run (so no run is open after it).
+    /// ends any run (so no run is open after it). Every reading ends a silence.
     pub fn settles(&self, prev: Option<&Point>, p: &Point) -> bool {
-        self.measure(prev, p).is_some_and(|q| self.exits(q))
+        self.condition == Condition::NoData || self.measure(prev, p).is_some_and(|q| self.exits(q))
     }
 }
 
@@ -189,6 +200,20 @@ impl Tracker {
             return None;
         }
         debug_assert!(self.prev.is_none_or(|prev| prev.key() < p.key()));
+        if rule.condition == Condition::NoData {
+            let gap = self.prev.and_then(|prev| {
+                let secs = rule.measure(Some(&prev), &p)?;
+                rule.enters(secs).then(|| Excursion {
+                    start: prev.ts,
+                    confirmed_at: prev.ts + rule.duration,
+                    end: Some(p.ts),
+                    peak: secs,
+                    peak_at: prev.ts,
+                })
+            });
+            self.prev = Some(p);
+            return gap;
+        }
         let q = rule.measure(self.prev.as_ref(), &p);
         self.prev = Some(p);
         let q = q?;
@@ -222,6 +247,20 @@ impl Tracker {
         }
     }
 
+    /// For a no-data rule, the silence open at `now` (by the clock): from the last
+    /// reading, when longer than the rule's duration. Its peak is the duration (the
+    /// silence's length is known when it ends).
+    pub fn silence(&self, rule: &Rule, now: DateTime<Utc>) -> Option<Excursion> {
+        let last = self.prev?;
+        (rule.condition == Condition::NoData && now - last.ts > rule.duration).then(|| Excursion {
+            start: last.ts,
+            confirmed_at: last.ts + rule.duration,
+            end: None,
+            peak: rule.duration.num_milliseconds() as f64 / 1000.0,
+            peak_at: last.ts,
+        })
+    }
+
     /// Feeds `points` (in order); returns the excursions they touched: every one that
     /// ended among them, then the one still open, if any (including one that started
     /// before them).
@@ -239,12 +278,17 @@ impl Tracker {
     }
 }
 
-/// The rule's excursions over `points` (any order, repeats allowed): the semantics.
-pub fn excursions(rule: &Rule, points: &[Point]) -> Vec<Excursion> {
+/// The rule's excursions over `points` (any order, repeats allowed) as the clock says
+/// `now`: the semantics. `now` matters to no-data rules only (the silence since the last
+/// reading).
+pub fn excursions(rule: &Rule, points: &[Point], now: DateTime<Utc>) -> Vec<Excursion> {
     let mut sorted = points.to_vec();
     sorted.sort_by_key(Point::key);
     sorted.dedup_by_key(|p| p.id);
-    Tracker::default().feed_all(rule, sorted)
+    let mut tracker = Tracker::default();
+    let mut found = tracker.feed_all(rule, sorted);
+    found.extend(tracker.silence(rule, now));
+    found
 }
 
 /// What to do to the stored alarms of a rule and sensor so that they say what a

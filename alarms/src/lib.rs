@@ -27,12 +27,13 @@ use termopar_core::{
     intake::Sink,
     reading::Reading,
     store::{DeadLetter, ReadingStore, StoreError, StoreOutcome},
+    tasks::Tasks,
 };
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::{
-    engine::{Engine, EvalError},
+    engine::{Engine, EvalError, Pair},
     eval::Point,
     store::{PgStores, RuleSet},
 };
@@ -108,22 +109,18 @@ impl Alarms {
                 slot.1.push(point);
             }
         }
+        let now = chrono::Utc::now();
         for (sensor, (client, fresh, again)) in sensors {
             for loaded in rules.of(client, sensor) {
+                let pair = Pair {
+                    rule_id: loaded.id,
+                    rule: &loaded.rule,
+                    sensor,
+                };
                 let done = engine
-                    .evaluate(
-                        loaded.id,
-                        &loaded.rule,
-                        sensor,
-                        &fresh,
-                        &again,
-                        &self.0.stores,
-                    )
+                    .evaluate(pair, &fresh, &again, now, &self.0.stores)
                     .await
-                    .map_err(|e| match e {
-                        EvalError::History(e) => e,
-                        EvalError::Book(e) => StoreError::Postgres(e),
-                    })?;
+                    .map_err(store_error)?;
                 let path = if done.recomputed > 0 {
                     "recomputed"
                 } else {
@@ -134,6 +131,67 @@ impl Alarms {
         }
         metrics::gauge!("alarm_pairs_tracked").set(engine.len() as f64);
         Ok(())
+    }
+}
+
+/// How often the clock of no-data rules looks for silent sensors.
+pub const CLOCK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Alarms {
+    /// Opens the alarms of no-data rules whose sensors went silent by `now`; returns
+    /// how many pairs it looked at. Errors are logged (the next tick tries again).
+    pub async fn tick(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize, StoreError> {
+        let mut engine = self.0.engine.lock().await;
+        let mut rules = self.0.rules.lock().await;
+        for rule in rules.refresh(&self.0.stores.pg).await? {
+            engine.forget_rule(rule);
+        }
+        if !rules.watches_silence() {
+            return Ok(0);
+        }
+        let silent = store::silent(&self.0.stores.pg, now).await?;
+        for (rule_id, sensor, latest) in &silent {
+            let Some(loaded) = rules.get(*rule_id) else {
+                continue;
+            };
+            let pair = Pair {
+                rule_id: *rule_id,
+                rule: &loaded.rule,
+                sensor: *sensor,
+            };
+            if let Err(e) = engine.tick(pair, *latest, now, &self.0.stores).await {
+                metrics::counter!("alarm_tick_errors_total").increment(1);
+                tracing::warn!(rule_id = %rule_id, sensor_id = %sensor, error = %e, "no-data check failed");
+            }
+        }
+        Ok(silent.len())
+    }
+
+    /// Runs [`Alarms::tick`] every `every` on `tasks` until they stop: the clock of
+    /// no-data rules. One process of a deployment runs it (the API).
+    pub fn start_clock(&self, tasks: &Tasks, every: std::time::Duration) {
+        let alarms = self.clone();
+        tasks.spawn("alarm clock", move |mut stop| async move {
+            loop {
+                tokio::select! {
+                    _ = stop.requested() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(e) = alarms.tick(chrono::Utc::now()).await {
+                    metrics::counter!("alarm_tick_errors_total").increment(1);
+                    tracing::warn!(error = %e, "no-data check failed; next tick tries again");
+                }
+            }
+        });
+    }
+}
+
+/// An evaluation's error as the store's (what the consumer retries, and what the API
+/// answers 503 for).
+fn store_error(e: EvalError<StoreError, sqlx::Error>) -> StoreError {
+    match e {
+        EvalError::History(e) => e,
+        EvalError::Book(e) => StoreError::Postgres(e),
     }
 }
 

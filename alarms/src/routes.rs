@@ -39,6 +39,8 @@ pub(crate) enum RuleKind {
     Outside,
     /// Changing faster than `threshold` °C a minute, either way.
     Rate,
+    /// No reading for longer than `duration_secs` (after the sensor's first reading).
+    NoData,
 }
 
 impl RuleKind {
@@ -48,6 +50,7 @@ impl RuleKind {
             Self::Below => "below",
             Self::Outside => "outside",
             Self::Rate => "rate",
+            Self::NoData => "no_data",
         }
     }
 }
@@ -83,7 +86,7 @@ pub(crate) struct AlarmRule {
     /// The one sensor it watches; absent: every sensor of the client.
     pub sensor_id: Option<Uuid>,
     pub name: String,
-    /// `above`, `below`, `outside` or `rate`.
+    /// `above`, `below`, `outside`, `rate` or `no_data`.
     pub kind: String,
     /// °C for `above` and `below`; °C a minute for `rate`.
     pub threshold: Option<f64>,
@@ -91,7 +94,8 @@ pub(crate) struct AlarmRule {
     pub low: Option<f64>,
     /// The band's high end, for `outside`.
     pub high: Option<f64>,
-    /// How long the condition must hold before it is an alarm, in seconds.
+    /// How long the condition must hold before it is an alarm (for `no_data`: the
+    /// silence), in seconds.
     pub duration_secs: i32,
     /// How far back inside the limit a reading must be to end an excursion.
     pub hysteresis: f64,
@@ -204,6 +208,29 @@ fn condition(body: &NewAlarmRule) -> ApiResult<Numbers> {
         .and_then(|v| finite(field, v))
     };
     match body.kind {
+        RuleKind::NoData => {
+            absent("threshold", body.threshold)?;
+            absent("low", body.low)?;
+            absent("high", body.high)?;
+            if body.duration_secs.unwrap_or(0) == 0 {
+                return Err(ApiError::validation(
+                    "duration_secs",
+                    "a no_data rule needs the silence's length, duration_secs, above 0",
+                ));
+            }
+            if hysteresis != 0.0 {
+                return Err(ApiError::validation(
+                    "hysteresis",
+                    "a no_data rule has no hysteresis",
+                ));
+            }
+            Ok(Numbers {
+                threshold: None,
+                low: None,
+                high: None,
+                hysteresis,
+            })
+        }
         RuleKind::Outside => {
             absent("threshold", body.threshold)?;
             let (low, high) = (required("low", body.low)?, required("high", body.high)?);

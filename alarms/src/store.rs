@@ -60,6 +60,7 @@ impl RuleRow {
             "rate" => Condition::Rate {
                 per_minute: self.threshold?,
             },
+            "no_data" => Condition::NoData,
             _ => return None,
         };
         Some(Rule {
@@ -86,6 +87,7 @@ pub(crate) struct RuleSet {
     checked: Option<Instant>,
     by_sensor: HashMap<Uuid, Vec<Arc<Loaded>>>,
     by_client: HashMap<Uuid, Vec<Arc<Loaded>>>,
+    by_id: HashMap<Uuid, Arc<Loaded>>,
 }
 
 impl RuleSet {
@@ -94,6 +96,18 @@ impl RuleSet {
         let one = self.by_sensor.get(&sensor).into_iter().flatten();
         let all = self.by_client.get(&client).into_iter().flatten();
         one.chain(all)
+    }
+
+    /// The rule `id`, if enabled.
+    pub(crate) fn get(&self, id: Uuid) -> Option<&Arc<Loaded>> {
+        self.by_id.get(&id)
+    }
+
+    /// Whether some enabled rule is a no-data rule.
+    pub(crate) fn watches_silence(&self) -> bool {
+        self.by_id
+            .values()
+            .any(|r| r.rule.condition == Condition::NoData)
     }
 
     /// Looks at the rules again at the next [`RuleSet::refresh`].
@@ -162,6 +176,7 @@ impl RuleSet {
                 rule,
                 updated_at: row.updated_at,
             });
+            next.by_id.insert(row.id, Arc::clone(&loaded));
             match row.sensor_id {
                 Some(sensor) => next.by_sensor.entry(sensor).or_default().push(loaded),
                 None => next
@@ -374,4 +389,26 @@ async fn event(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// The sensors gone silent under a no-data rule at `now` with no alarm open for it yet:
+/// (rule, sensor, the sensor's newest reading).
+pub(crate) async fn silent(
+    pg: &PgPool,
+    now: DateTime<Utc>,
+) -> Result<Vec<(Uuid, Uuid, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id, s.id, l.ts
+         FROM alarm_rules r
+         JOIN sensors s ON s.id = r.sensor_id OR (r.sensor_id IS NULL AND s.client_id = r.client_id)
+         JOIN sensor_latest l ON l.sensor_id = s.id
+         WHERE r.kind = 'no_data' AND r.enabled
+           AND l.ts >= r.effective_from
+           AND l.ts + make_interval(secs => r.duration_secs) < $1
+           AND NOT EXISTS (SELECT 1 FROM alarms a
+                           WHERE a.rule_id = r.id AND a.sensor_id = s.id AND a.state = 'active')",
+    )
+    .bind(now)
+    .fetch_all(pg)
+    .await
 }

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, convert::Infallible, sync::Mutex};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use termopar_alarms::{
-    engine::{Book, Engine, History},
+    engine::{Book, Engine, History, Pair},
     eval::{excursions, Change, Condition, Excursion, Point, Rule},
 };
 use uuid::Uuid;
@@ -75,9 +75,15 @@ impl Alarms {
             .filter(|(r, s, _, retracted)| *r == rule && *s == sensor && !retracted)
             .map(|(_, _, e, _)| *e)
             .collect();
-        out.sort_by_key(|e| e.start);
-        out
+        sorted(out)
     }
+}
+
+/// Excursions in a fixed order (two may start at the same time when readings share
+/// it).
+fn sorted(mut excursions: Vec<Excursion>) -> Vec<Excursion> {
+    excursions.sort_by_key(|e| (e.start, e.end.is_none(), e.end));
+    excursions
 }
 
 impl Book for Stores {
@@ -136,7 +142,8 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn random_rule(rng: &mut StdRng) -> Rule {
-    let condition = match rng.gen_range(0..4) {
+    let condition = match rng.gen_range(0..5) {
+        4 => Condition::NoData,
         0 => Condition::Above { threshold: 8.0 },
         1 => Condition::Below { threshold: 2.0 },
         2 => Condition::Outside {
@@ -147,7 +154,11 @@ fn random_rule(rng: &mut StdRng) -> Rule {
     };
     Rule {
         condition,
-        duration: Duration::minutes([0, 1, 5, 10, 30][rng.gen_range(0..5)]),
+        duration: match condition {
+            // Longer than most gaps between readings, shorter than some.
+            Condition::NoData => Duration::minutes([1, 5, 10][rng.gen_range(0..3)]),
+            _ => Duration::minutes([0, 1, 5, 10, 30][rng.gen_range(0..5)]),
+        },
         hysteresis: [0.0, 0.3, 1.0][rng.gen_range(0..3)],
         // Sometimes the rule starts after the first readings.
         from: t0() + Duration::minutes([0, 0, 45][rng.gen_range(0..3)]),
@@ -227,25 +238,45 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         let stream = random_stream(&mut rng, n);
         let stores = Stores::default();
         let mut engine = Engine::new();
+        let pair = Pair {
+            rule_id,
+            rule: &rule,
+            sensor,
+        };
+        // The clock: at or after the newest reading delivered, sometimes well after.
+        let mut now = t0();
         for batch in arrivals(&mut rng, &stream) {
             // The process restarts now and then, losing what it held in memory.
             if rng.gen_bool(0.05) {
                 engine = Engine::new();
             }
+            let newest = batch.iter().map(|p| p.ts).max().unwrap();
+            now = now.max(newest) + Duration::seconds(rng.gen_range(0..120));
             let (fresh, again) = stores.readings.store(sensor, &batch);
             let done = engine
-                .evaluate(rule_id, &rule, sensor, &fresh, &again, &stores)
+                .evaluate(pair, &fresh, &again, now, &stores)
                 .await
                 .unwrap();
             recomputed += done.recomputed;
             in_order += done.in_order;
-            let expected = excursions(&rule, &stores.readings.all(sensor));
+            let expected = sorted(excursions(&rule, &stores.readings.all(sensor), now));
             assert_eq!(
                 stores.alarms.live(rule_id, sensor),
                 expected,
                 "seed {seed}, rule {rule:?}, after a batch of {}",
                 batch.len()
             );
+            // The clock moves on without readings; no-data rules hear of it.
+            if rng.gen_bool(0.3) {
+                now += Duration::minutes(rng.gen_range(0..20));
+                let latest = stores.readings.all(sensor).last().unwrap().ts;
+                engine.tick(pair, latest, now, &stores).await.unwrap();
+                assert_eq!(
+                    stores.alarms.live(rule_id, sensor),
+                    sorted(excursions(&rule, &stores.readings.all(sensor), now)),
+                    "seed {seed}, rule {rule:?}, at a tick"
+                );
+            }
         }
         alarms_seen += stores.alarms.live(rule_id, sensor).len();
     }
@@ -285,7 +316,7 @@ fn a_run_shorter_than_the_duration_is_no_alarm_and_hysteresis_keeps_one_excursio
         at(41, 8.4),
     ];
     assert_eq!(
-        excursions(&rule, &points),
+        excursions(&rule, &points, at(41, 0.0).ts),
         vec![Excursion {
             start: at(20, 0.0).ts,
             confirmed_at: at(30, 0.0).ts,
@@ -297,7 +328,7 @@ fn a_run_shorter_than_the_duration_is_no_alarm_and_hysteresis_keeps_one_excursio
     // The last run (from minute 41) is not an alarm yet; 10 minutes on it is, and open.
     let mut more = points.to_vec();
     more.push(at(51, 8.9));
-    let last = *excursions(&rule, &more).last().unwrap();
+    let last = *excursions(&rule, &more, at(51, 0.0).ts).last().unwrap();
     assert_eq!(
         (last.start, last.end, last.peak),
         (at(41, 0.0).ts, None, 8.9)
@@ -318,9 +349,47 @@ fn rates_are_measured_between_consecutive_readings() {
         value: v,
     };
     // +1 °C in 30 s is 2 °C a minute; then 0.1 in a minute ends it.
-    let found = excursions(&rule, &[at(0, 4.0), at(60, 4.2), at(90, 5.2), at(150, 5.3)]);
+    let found = excursions(
+        &rule,
+        &[at(0, 4.0), at(60, 4.2), at(90, 5.2), at(150, 5.3)],
+        at(150, 0.0).ts,
+    );
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].start, at(90, 0.0).ts);
     assert_eq!(found[0].end, Some(at(150, 0.0).ts));
     assert!((found[0].peak - 2.0).abs() < 1e-9);
+}
+
+#[test]
+fn silences_longer_than_the_duration_are_excursions_the_last_one_open_by_the_clock() {
+    let rule = Rule {
+        condition: Condition::NoData,
+        duration: Duration::minutes(10),
+        hysteresis: 0.0,
+        from: t0(),
+    };
+    let at = |m: i64| Point {
+        ts: t0() + Duration::minutes(m),
+        id: Uuid::from_u128(m as u128),
+        value: 5.0,
+    };
+    let points = [at(0), at(10), at(25), at(30)];
+    let minute = |m: i64| t0() + Duration::minutes(m);
+    // Ten minutes of silence is not more than ten; fifteen is.
+    assert_eq!(
+        excursions(&rule, &points, minute(40)),
+        vec![Excursion {
+            start: minute(10),
+            confirmed_at: minute(20),
+            end: Some(minute(25)),
+            peak: 900.0,
+            peak_at: minute(10),
+        }]
+    );
+    let now = excursions(&rule, &points, minute(41));
+    assert_eq!(now.len(), 2);
+    assert_eq!(
+        (now[1].start, now[1].confirmed_at, now[1].end),
+        (minute(30), minute(40), None)
+    );
 }

@@ -283,6 +283,10 @@ impl Application {
         let chat = Chat::start(&settings.webhook, pg.clone(), &mongo, &tasks);
         let tracking = Tracking::start(&settings.tracking, pg.clone(), &mongo, &tasks);
         let state = AppState::new(settings, pg.clone(), mongo, daily.hook());
+        // The clock of no-data alarms runs here (in edge mode, beside the consumer).
+        state
+            .alarms
+            .start_clock(&tasks, termopar_alarms::CLOCK_EVERY);
         let console = Console::new(
             settings.console.clone(),
             pg.clone(),

@@ -377,3 +377,65 @@ async fn rules_that_cannot_be_evaluated_are_refused_with_the_field_at_fault() {
     let (_, rules) = app.get("/alarm-rules", &app.admin).await;
     assert_eq!(rules["total"], 0);
 }
+
+#[tokio::test]
+async fn a_sensor_silent_longer_than_a_no_data_rule_allows_opens_an_alarm_by_the_clock() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let quiet = app.create_sensor(id(&client), "Never reported").await;
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({
+                "client_id": id(&client), "name": "Silent", "kind": "no_data",
+                "duration_secs": 1
+            }),
+        )
+        .await;
+    assert_error(
+        &app.post(
+            "/alarm-rules",
+            &app.admin,
+            json!({"client_id": id(&client), "name": "x", "kind": "no_data"}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    let first = Utc::now().trunc_subsecs(3);
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), first, 5.0)]))
+        .await;
+    // No reading follows: the clock opens the alarm a second after the reading.
+    let alarm = test_support::eventually(
+        "the silence alarm",
+        test_support::DEFAULT_DEADLINE,
+        || async { app.alarms(&app.admin, "?state=active").await.pop() },
+    )
+    .await;
+    assert_eq!(alarm["rule_id"], rule["id"]);
+    assert_eq!(alarm["sensor_id"], sensor["id"]);
+    assert_eq!(at(&alarm, "started_at"), first);
+    assert_eq!(at(&alarm, "confirmed_at"), first + Duration::seconds(1));
+    // The sensor that never reported is not watched yet.
+    assert!(app
+        .alarms(&app.admin, &format!("?sensor_id={}", id(&quiet)))
+        .await
+        .is_empty());
+
+    // The next reading ends the silence, at its own time.
+    let next = Utc::now().trunc_subsecs(3);
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), next, 5.1)]))
+        .await;
+    let (_, cleared) = app
+        .get(&format!("/alarms/{}", id(&alarm)), &app.admin)
+        .await;
+    assert_eq!(cleared["state"], "cleared", "{cleared}");
+    assert_eq!(at(&cleared, "ended_at"), next);
+    let silence = (next - first).num_milliseconds() as f64 / 1000.0;
+    assert_eq!(cleared["peak"].as_f64().unwrap(), silence);
+    assert_eq!(
+        app.alarm_events(id(&alarm), &app.admin).await,
+        ["opened", "cleared"]
+    );
+}
