@@ -70,7 +70,7 @@ struct Alarms(Mutex<BTreeMap<Uuid, (Uuid, Uuid, Excursion, bool)>>);
 impl Alarms {
     fn live(&self, rule: Uuid, sensor: Uuid) -> Vec<Excursion> {
         let map = self.0.lock().unwrap();
-        let mut out: Vec<Excursion> = map
+        let out: Vec<Excursion> = map
             .values()
             .filter(|(r, s, _, retracted)| *r == rule && *s == sensor && !retracted)
             .map(|(_, _, e, _)| *e)
