@@ -21,6 +21,14 @@ CREATE TABLE alarm_rules (
     hysteresis     double precision NOT NULL DEFAULT 0 CHECK (hysteresis >= 0),
     severity       text        NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     enabled        boolean     NOT NULL DEFAULT true,
+    -- Who hears of its alarms opening, clearing, reopening or being retracted: e-mail
+    -- addresses, and a URL posted to (signed with HMAC-SHA256 when it has a secret).
+    emails         text[]      NOT NULL DEFAULT '{}' CHECK (cardinality(emails) <= 20),
+    webhook_url    text        CHECK (char_length(webhook_url) <= 2000),
+    webhook_secret text        CHECK (char_length(webhook_secret) BETWEEN 16 AND 200),
+    -- After a notified opening, openings of the same sensor under the rule are not
+    -- notified for this long (nor what follows them): a flapping sensor is heard once.
+    quiet_secs     integer     NOT NULL DEFAULT 0 CHECK (quiet_secs BETWEEN 0 AND 604800),
     -- Readings measured before this are not the rule's business: its creation.
     effective_from timestamptz NOT NULL DEFAULT now(),
     created_at     timestamptz NOT NULL DEFAULT now(),
@@ -100,7 +108,21 @@ CREATE TABLE alarm_events (
     at           timestamptz NOT NULL,
     recorded_at  timestamptz NOT NULL DEFAULT now(),
     user_id      uuid        REFERENCES users (id) ON DELETE SET NULL,
-    comment      text
+    comment      text,
+    -- Whether notifications were enqueued for it (in its transaction).
+    notified     boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX alarm_events_alarm ON alarm_events (alarm_id, id);
 CREATE INDEX alarm_events_client ON alarm_events (client_id, id);
+
+-- What a notification job delivered, per channel and target: a retried job sends only
+-- what its earlier attempts did not.
+CREATE TABLE alarm_deliveries (
+    event_id      bigint      NOT NULL REFERENCES alarm_events (id) ON DELETE CASCADE,
+    -- 'email' or 'webhook'.
+    channel       text        NOT NULL CHECK (channel IN ('email', 'webhook')),
+    -- The address, or the URL.
+    target        text        NOT NULL,
+    delivered_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_id, channel, target)
+);

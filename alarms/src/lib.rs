@@ -11,6 +11,7 @@
 
 pub mod engine;
 pub mod eval;
+pub mod notify;
 mod routes;
 mod store;
 

@@ -103,6 +103,15 @@ pub(crate) struct AlarmRule {
     pub severity: String,
     /// Disabled rules are not evaluated.
     pub enabled: bool,
+    /// Who is e-mailed when its alarms open, clear, reopen or are retracted.
+    pub emails: Vec<String>,
+    /// Where those notifications are posted as JSON.
+    pub webhook_url: Option<String>,
+    /// Whether the posts are signed (`X-Termopar-Signature`); the secret is never shown.
+    pub has_webhook_secret: bool,
+    /// After a notified opening, further openings of the same sensor under this rule are
+    /// not notified for this long, in seconds.
+    pub quiet_secs: i32,
     /// Readings measured before this are not evaluated by it (its creation).
     pub effective_from: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -112,7 +121,9 @@ pub(crate) struct AlarmRule {
 macro_rules! rule_columns {
     () => {
         "id, client_id, sensor_id, name, kind, threshold, low, high, duration_secs, \
-         hysteresis, severity, enabled, effective_from, created_at, updated_at"
+         hysteresis, severity, enabled, emails, webhook_url, \
+         webhook_secret IS NOT NULL AS has_webhook_secret, quiet_secs, effective_from, \
+         created_at, updated_at"
     };
 }
 
@@ -142,6 +153,86 @@ pub(crate) struct NewAlarmRule {
     pub severity: Option<Severity>,
     /// Default true.
     pub enabled: Option<bool>,
+    #[oai(flatten)]
+    pub recipients: Recipients,
+}
+
+/// Who hears of a rule's alarms.
+#[derive(Debug, Object)]
+pub(crate) struct Recipients {
+    /// E-mail addresses (at most 20).
+    pub emails: Option<Vec<String>>,
+    /// An http(s) URL the notifications are posted to as JSON (empty to remove it).
+    pub webhook_url: Option<String>,
+    /// 16 to 200 characters keying the posts' HMAC-SHA256 signature (empty to remove
+    /// it).
+    pub webhook_secret: Option<String>,
+    /// Seconds after a notified opening during which openings of the same sensor are
+    /// not notified (0, the default, to a week).
+    #[oai(validator(maximum(value = "604800")))]
+    pub quiet_secs: Option<u32>,
+}
+
+/// A rule's recipients, checked: `None` for what the request left as it is, and
+/// `Some(None)` for what it removed.
+struct CheckedRecipients {
+    emails: Option<Vec<String>>,
+    webhook_url: Option<Option<String>>,
+    webhook_secret: Option<Option<String>>,
+}
+
+fn recipients(r: &Recipients) -> ApiResult<CheckedRecipients> {
+    let emails = match &r.emails {
+        Some(list) if list.len() > 20 => {
+            return Err(ApiError::validation("emails", "at most 20 addresses"))
+        }
+        Some(list) => {
+            let mut out: Vec<String> = Vec::with_capacity(list.len());
+            for e in list {
+                let e = e.trim().to_owned();
+                validate::email(&e).map_err(|_| {
+                    ApiError::validation("emails", format!("{e:?} is not an e-mail address"))
+                })?;
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+            Some(out)
+        }
+        None => None,
+    };
+    let webhook_url = match r.webhook_url.as_deref().map(str::trim) {
+        Some("") => Some(None),
+        Some(u) => {
+            let parsed = url::Url::parse(u).ok().filter(|p| {
+                matches!(p.scheme(), "http" | "https") && p.host_str().is_some() && u.len() <= 2000
+            });
+            if parsed.is_none() {
+                return Err(ApiError::validation(
+                    "webhook_url",
+                    "webhook_url must be an http(s) URL of at most 2000 characters",
+                ));
+            }
+            Some(Some(u.to_owned()))
+        }
+        None => None,
+    };
+    let webhook_secret = match r.webhook_secret.as_deref() {
+        Some("") => Some(None),
+        Some(secret) if !(16..=200).contains(&secret.chars().count()) => {
+            return Err(ApiError::validation(
+                "webhook_secret",
+                "webhook_secret must be 16 to 200 characters",
+            ))
+        }
+        Some(secret) => Some(Some(secret.to_owned())),
+        None => None,
+    };
+    Ok(CheckedRecipients {
+        emails,
+        webhook_url,
+        webhook_secret,
+    })
 }
 
 /// Changes to a rule; absent fields stay as they are. What it watches for cannot
@@ -151,6 +242,8 @@ pub(crate) struct AlarmRulePatch {
     pub name: Option<String>,
     pub severity: Option<Severity>,
     pub enabled: Option<bool>,
+    #[oai(flatten)]
+    pub recipients: Recipients,
 }
 
 /// What the handlers check of the request bodies, for the OpenAPI document.
@@ -333,10 +426,13 @@ impl AlarmRulesApi {
                 "the sensor belongs to another client",
             ));
         }
+        let to = recipients(&body.recipients)?;
         let rule = sqlx::query_as::<_, AlarmRule>(concat!(
             "INSERT INTO alarm_rules (id, client_id, sensor_id, name, kind, threshold, low, high,
-                 duration_secs, hysteresis, severity, enabled)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+                 duration_secs, hysteresis, severity, enabled, emails, webhook_url,
+                 webhook_secret, quiet_secs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             RETURNING ",
             rule_columns!()
         ))
         .bind(Uuid::now_v7())
@@ -351,6 +447,10 @@ impl AlarmRulesApi {
         .bind(hysteresis)
         .bind(body.severity.unwrap_or(Severity::Warning).as_str())
         .bind(body.enabled.unwrap_or(true))
+        .bind(to.emails.unwrap_or_default())
+        .bind(to.webhook_url.flatten())
+        .bind(to.webhook_secret.flatten())
+        .bind(body.recipients.quiet_secs.unwrap_or(0) as i32)
         .fetch_one(alarms.pg())
         .await
         .map_err(|e| match termopar_core::db::sqlstate(&e).as_deref() {
@@ -408,8 +508,8 @@ impl AlarmRulesApi {
         Ok(Found::Ok(Json(visible_rule(&alarms, &auth, id.0).await?)))
     }
 
-    /// Rename a rule, change its severity, enable or disable it (admins, and operators
-    /// of its client).
+    /// Rename a rule, change its severity or recipients, enable or disable it (admins,
+    /// and operators of its client).
     #[oai(path = "/:id", method = "patch", operation_id = "updateAlarmRule")]
     #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn update(
@@ -426,9 +526,13 @@ impl AlarmRulesApi {
             .as_deref()
             .map(|n| validate::name("name", n, 200))
             .transpose()?;
+        let to = recipients(&body.recipients)?;
         let rule = sqlx::query_as::<_, AlarmRule>(concat!(
             "UPDATE alarm_rules SET name = coalesce($2, name), severity = coalesce($3, severity),
-                 enabled = coalesce($4, enabled), updated_at = now()
+                 enabled = coalesce($4, enabled), emails = coalesce($5, emails),
+                 webhook_url = CASE WHEN $6 THEN $7 ELSE webhook_url END,
+                 webhook_secret = CASE WHEN $8 THEN $9 ELSE webhook_secret END,
+                 quiet_secs = coalesce($10, quiet_secs), updated_at = now()
              WHERE id = $1 RETURNING ",
             rule_columns!()
         ))
@@ -436,6 +540,12 @@ impl AlarmRulesApi {
         .bind(name)
         .bind(body.severity.map(Severity::as_str))
         .bind(body.enabled)
+        .bind(to.emails)
+        .bind(to.webhook_url.is_some())
+        .bind(to.webhook_url.flatten())
+        .bind(to.webhook_secret.is_some())
+        .bind(to.webhook_secret.flatten())
+        .bind(body.recipients.quiet_secs.map(|q| q as i32))
         .fetch_optional(alarms.pg())
         .await?
         .ok_or_else(|| ApiError::not_found("alarm rule"))?;

@@ -372,22 +372,58 @@ impl Book for PgStores {
     }
 }
 
-/// Records an event of alarm `id`, at `at` (event time) or now.
+/// Records an event of alarm `id`, at `at` (event time) or now, and enqueues its
+/// notifications in the same transaction when the rule has recipients: an opening
+/// unless another opening of the same rule and sensor was notified within the rule's
+/// quiet period, and what follows an opening only if the opening was notified.
 async fn event(
     tx: &mut sqlx::PgConnection,
     id: Uuid,
     kind: &str,
     at: Option<DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO alarm_events (alarm_id, client_id, kind, at)
-         SELECT id, client_id, $2, coalesce($3, now()) FROM alarms WHERE id = $1",
+    let recorded: Option<(i64, bool, bool, bool)> = sqlx::query_as(
+        "WITH a AS (
+             SELECT a.id, a.client_id, a.rule_id, a.sensor_id, r.quiet_secs,
+                    cardinality(r.emails) > 0 AS by_email, r.webhook_url IS NOT NULL AS by_webhook
+             FROM alarms a JOIN alarm_rules r ON r.id = a.rule_id WHERE a.id = $1
+         ), decided AS (
+             SELECT a.*, (a.by_email OR a.by_webhook) AND CASE
+                 WHEN $2 = 'opened' THEN NOT EXISTS (
+                     SELECT 1 FROM alarms o JOIN alarm_events e ON e.alarm_id = o.id
+                     WHERE o.rule_id = a.rule_id AND o.sensor_id = a.sensor_id
+                       AND e.kind = 'opened' AND e.notified
+                       AND e.recorded_at > now() - make_interval(secs => a.quiet_secs))
+                 ELSE EXISTS (
+                     SELECT 1 FROM alarm_events e
+                     WHERE e.alarm_id = a.id AND e.kind = 'opened' AND e.notified)
+             END AS notify
+             FROM a
+         )
+         INSERT INTO alarm_events (alarm_id, client_id, kind, at, notified)
+         SELECT id, client_id, $2, coalesce($3, now()), notify FROM decided
+         RETURNING id, notified, (SELECT by_email FROM decided), (SELECT by_webhook FROM decided)",
     )
     .bind(id)
     .bind(kind)
     .bind(at)
-    .execute(tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    let Some((event_id, true, by_email, by_webhook)) = recorded else {
+        return Ok(());
+    };
+    let notice = [crate::notify::Notice {
+        event_id,
+        enqueued_at: Utc::now(),
+    }];
+    for (wanted, queue) in [
+        (by_email, crate::notify::EMAIL),
+        (by_webhook, crate::notify::WEBHOOK),
+    ] {
+        if wanted {
+            termopar_leads::jobs::push(tx, queue, &notice, crate::notify::MAX_ATTEMPTS).await?;
+        }
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use termopar_chat::{Chat, ChatApi};
 use termopar_console::Console;
 use termopar_core::tasks::Tasks;
 use termopar_leads::{
+    jobs::{Wakeups, QUEUES},
     CrmCustomersApi, CrmLeadsApi, JobsApi, Leads, MarketingLeadsApi, WebsiteCustomersApi,
     WebsiteLeadsApi,
 };
@@ -196,7 +197,9 @@ pub async fn run_workers(
     let tasks = Tasks::new();
     let jwt = termopar_web::tokens::Jwt::new(&settings.auth);
     let api_url = format!("http://{}", settings.addr);
-    termopar_leads::run_workers(&settings.leads, &pg, jwt, &api_url, &tasks)?;
+    let wakeups = Wakeups::start(&tasks, &pg, &QUEUES);
+    termopar_leads::run_workers(&settings.leads, &pg, jwt, &api_url, &tasks, &wakeups)?;
+    termopar_alarms::notify::start_workers(&settings.leads, &pg, &tasks, &wakeups)?;
     tracing::info!("job workers running");
     shutdown.await;
     tasks.shutdown(DRAIN_GRACE).await;
@@ -292,6 +295,15 @@ impl Application {
             pg.clone(),
             state.auth.jwt().clone(),
         );
+        // The job system's workers (the lead pipeline's and the alarms' notifications),
+        // woken by one listener.
+        let wakeups = settings
+            .leads
+            .workers
+            .then(|| Wakeups::start(&tasks, &pg, &QUEUES));
+        if let Some(wakeups) = &wakeups {
+            termopar_alarms::notify::start_workers(&settings.leads, &pg, &tasks, wakeups)?;
+        }
         let leads = Leads::start(
             &settings.leads,
             pg,
@@ -299,6 +311,7 @@ impl Application {
             state.auth.jwt().clone(),
             &format!("http://{addr}"),
             &tasks,
+            wakeups.as_ref(),
         )?;
         Ok(Self {
             listener,

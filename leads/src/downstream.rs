@@ -20,7 +20,7 @@ use termopar_web::tokens::{Jwt, TokenType};
 use crate::{
     jobs::{Job, Queue},
     records::{self, Record},
-    settings::{LeadsSettings, SmtpTls},
+    settings::{LeadsSettings, SmtpSettings, SmtpTls},
 };
 
 /// The account the workers call marketing and the CRM as: an admin without a password
@@ -40,6 +40,28 @@ pub(crate) struct Downstream {
     service: Mutex<Option<(Uuid, i32)>>,
 }
 
+/// A transport to the SMTP server of `smtp`, and the sender it names.
+pub fn mailer(
+    smtp: &SmtpSettings,
+) -> anyhow::Result<(AsyncSmtpTransport<Tokio1Executor>, Mailbox)> {
+    let mut mailer = match smtp.tls {
+        SmtpTls::None => {
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.as_str())
+        }
+        SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
+        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
+    }
+    .port(smtp.port)
+    .timeout(Some(smtp.timeout));
+    if let Some((user, password)) = &smtp.credentials {
+        mailer = mailer.credentials(Credentials::new(
+            user.clone(),
+            password.expose_secret().to_owned(),
+        ));
+    }
+    Ok((mailer.build(), smtp.from.parse()?))
+}
+
 impl Downstream {
     /// `api_url` is where this API answers: the default of both systems' base URLs.
     pub(crate) fn new(
@@ -48,22 +70,7 @@ impl Downstream {
         jwt: Jwt,
         api_url: &str,
     ) -> anyhow::Result<Self> {
-        let smtp = &settings.smtp;
-        let mut mailer = match smtp.tls {
-            SmtpTls::None => {
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.as_str())
-            }
-            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
-        }
-        .port(smtp.port)
-        .timeout(Some(smtp.timeout));
-        if let Some((user, password)) = &smtp.credentials {
-            mailer = mailer.credentials(Credentials::new(
-                user.clone(),
-                password.expose_secret().to_owned(),
-            ));
-        }
+        let (mailer, from) = mailer(&settings.smtp)?;
         let base = |url: &Option<String>| {
             url.as_deref()
                 .unwrap_or(api_url)
@@ -78,8 +85,8 @@ impl Downstream {
             jwt,
             marketing_url: base(&settings.marketing_url),
             crm_url: base(&settings.crm_url),
-            mailer: mailer.build(),
-            from: smtp.from.parse()?,
+            mailer,
+            from,
             service: Mutex::new(None),
         })
     }

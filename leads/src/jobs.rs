@@ -19,15 +19,23 @@ use uuid::Uuid;
 
 use termopar_core::tasks::Tasks;
 
-use crate::{downstream::Downstream, settings::LeadsSettings, wake::Wakeups};
+pub use crate::wake::Wakeups;
+use crate::{downstream::Downstream, settings::LeadsSettings};
 
-/// The queues: the seed's flow, in order, and the no-op queue.
-pub const QUEUES: [&str; 5] = [
+/// The queues of the alarms' notifications (run by `termopar-alarms` on this job
+/// system): an e-mail, a webhook.
+pub const ALARM_QUEUES: [&str; 2] = ["alarm_email", "alarm_webhook"];
+
+/// Every queue of the job system (the dashboard's): the seed's flow, in order, the
+/// no-op queue, and the alarms'.
+pub const QUEUES: [&str; 7] = [
     Queue::LeadToMarketing.name(),
     Queue::LeadToCrm.name(),
     Queue::QualifiedEmail.name(),
     Queue::CustomerToCrm.name(),
     Queue::Noop.name(),
+    ALARM_QUEUES[0],
+    ALARM_QUEUES[1],
 ];
 
 /// One arrow of the flow, or the no-op queue.
@@ -80,6 +88,17 @@ pub async fn enqueue(
     jobs: &[Job],
     max_attempts: u32,
 ) -> Result<(), sqlx::Error> {
+    push(db, queue.name(), jobs, max_attempts).await
+}
+
+/// Enqueues `jobs` (any payload) on the queue named `queue`, within the caller's
+/// transaction.
+pub async fn push<J: Serialize>(
+    db: &mut PgConnection,
+    queue: &'static str,
+    jobs: &[J],
+    max_attempts: u32,
+) -> Result<(), sqlx::Error> {
     let tasks = jobs
         .iter()
         .map(|job| {
@@ -89,37 +108,37 @@ pub async fn enqueue(
                 .build()
         })
         .collect::<Vec<_>>();
-    apalis_postgres::queries::push_tasks(db, queue.name(), tasks)
+    apalis_postgres::queries::push_tasks(db, queue, tasks)
         .await
         .map_err(|e| match e {
             apalis_postgres::Error::Database(e) => e,
             other => sqlx::Error::Protocol(other.to_string()),
         })?;
-    metrics::counter!("jobs_enqueued_total", "queue" => queue.name()).increment(jobs.len() as u64);
+    metrics::counter!("jobs_enqueued_total", "queue" => queue).increment(jobs.len() as u64);
     Ok(())
 }
 
-/// Runs `work` for one job, recording its metrics: latency from enqueue to start,
-/// success, and failure (a retry to come, or dead at the last attempt).
-async fn observe<F, Fut>(
-    queue: Queue,
-    job: Job,
+/// Runs `work` for one job of `queue` enqueued at `enqueued_at`, recording its metrics:
+/// latency from enqueue to start, success, and failure (a retry to come, or dead at the
+/// last attempt or when `work` aborted).
+pub async fn observe<Fut>(
+    queue: &'static str,
+    enqueued_at: DateTime<Utc>,
     attempt: &Attempt,
     max_attempts: u32,
-    work: F,
+    work: Fut,
 ) -> Result<(), BoxDynError>
 where
-    F: FnOnce(Job) -> Fut,
     Fut: std::future::Future<Output = Result<(), BoxDynError>>,
 {
-    let q = queue.name();
+    let q = queue;
     if attempt.current() <= 1 {
-        let waited = (Utc::now() - job.enqueued_at).to_std().unwrap_or_default();
+        let waited = (Utc::now() - enqueued_at).to_std().unwrap_or_default();
         metrics::histogram!("jobs_start_latency_seconds", "queue" => q)
             .record(waited.as_secs_f64());
     }
     let started = std::time::Instant::now();
-    let result = work(job).await;
+    let result = work.await;
     metrics::histogram!("jobs_run_seconds", "queue" => q).record(started.elapsed().as_secs_f64());
     match &result {
         Ok(()) => metrics::counter!("jobs_succeeded_total", "queue" => q).increment(1),
@@ -152,9 +171,14 @@ async fn run(
     queue: Queue,
 ) -> Result<(), BoxDynError> {
     let w = (*worker).clone();
-    observe(queue, job, &attempt, w.max_attempts, |job| async move {
-        w.downstream.carry(queue, &job).await
-    })
+    let enqueued_at = job.enqueued_at;
+    observe(
+        queue.name(),
+        enqueued_at,
+        &attempt,
+        w.max_attempts,
+        async move { w.downstream.carry(queue, &job).await },
+    )
     .await
 }
 
@@ -188,9 +212,13 @@ async fn customer_to_crm(
 
 async fn noop(job: Job, worker: Data<Worker>, attempt: Attempt) -> Result<(), BoxDynError> {
     let max_attempts = worker.max_attempts;
-    observe(Queue::Noop, job, &attempt, max_attempts, |_| async {
-        Ok(())
-    })
+    observe(
+        Queue::Noop.name(),
+        job.enqueued_at,
+        &attempt,
+        max_attempts,
+        async { Ok(()) },
+    )
     .await
 }
 
@@ -205,97 +233,102 @@ pub(crate) async fn migrate(pg: &PgPool) -> anyhow::Result<()> {
 
 /// Starts one worker per queue on `tasks`; each stops taking jobs when asked and
 /// finishes the ones it holds.
-pub(crate) fn start_workers(tasks: &Tasks, pg: &PgPool, settings: &LeadsSettings, worker: Worker) {
-    let wakeups = Wakeups::start(tasks, pg, &QUEUES);
-    fn spawn<F, Fut>(
-        tasks: &Tasks,
-        pg: &PgPool,
-        settings: &LeadsSettings,
-        wakeups: &Wakeups,
-        worker: Worker,
-        queue: Queue,
-        handler: F,
-    ) where
-        F: Fn(Job, Data<Worker>, Attempt) -> Fut + Send + Sync + Clone + 'static,
-        Fut: std::future::Future<Output = Result<(), BoxDynError>> + Send + 'static,
-    {
-        let config = Config::default()
-            .queue(queue.name())
-            .batch_size(settings.concurrency)
-            .heartbeat_interval(settings.orphan_after / 3)
-            .missed_heartbeats(3);
-        // Woken when a job of the queue is enqueued (see `wake`); polled every second
-        // too, for retried jobs and ones re-enqueued from dead workers.
-        let strategy = Strategy::new()
-            .apply(wakeups.strategy(queue.name()))
-            .interval(Duration::from_secs(1));
-        let backend = PostgresStorage::<Job>::new(pg)
-            .with_config(config)
-            .poll_with_strategy(strategy);
-        let backoff = ExponentialBackoffMaker::new(
-            settings.backoff,
-            settings.backoff_max,
-            0.5,
-            HasherRng::default(),
-        )
-        .expect("backoff bounds were validated")
-        .make_backoff();
-        let name = format!("{}-{}", queue.name(), Uuid::new_v4().simple());
-        let retries = settings.max_attempts.saturating_sub(1) as usize;
-        let concurrency = settings.concurrency;
-        let built = WorkerBuilder::new(name)
-            .backend(backend)
-            .data(worker)
-            .retry(RetryPolicy::retries(retries).with_backoff(backoff))
-            .concurrency(concurrency)
-            .build(handler);
-        tasks.spawn(queue.name(), move |mut stop| async move {
-            let stopped = async move {
-                stop.requested().await;
-                Ok::<(), std::io::Error>(())
-            };
-            if let Err(e) = built.run_until(stopped).await {
-                tracing::error!(queue = queue.name(), error = %e, "job worker stopped");
-            }
-        });
+pub(crate) fn start_workers(
+    tasks: &Tasks,
+    pg: &PgPool,
+    settings: &LeadsSettings,
+    wakeups: &Wakeups,
+    worker: Worker,
+) {
+    let queues: [(Queue, Handler); 5] = [
+        (Queue::LeadToMarketing, |j, w, a| {
+            Box::pin(lead_to_marketing(j, w, a))
+        }),
+        (Queue::LeadToCrm, |j, w, a| Box::pin(lead_to_crm(j, w, a))),
+        (Queue::QualifiedEmail, |j, w, a| {
+            Box::pin(qualified_email(j, w, a))
+        }),
+        (Queue::CustomerToCrm, |j, w, a| {
+            Box::pin(customer_to_crm(j, w, a))
+        }),
+        (Queue::Noop, |j, w, a| Box::pin(noop(j, w, a))),
+    ];
+    for (queue, handler) in queues {
+        spawn_worker(
+            tasks,
+            pg,
+            settings,
+            wakeups,
+            queue.name(),
+            worker.clone(),
+            handler,
+        );
     }
-    spawn(
-        tasks,
-        pg,
-        settings,
-        &wakeups,
-        worker.clone(),
-        Queue::LeadToMarketing,
-        lead_to_marketing,
-    );
-    spawn(
-        tasks,
-        pg,
-        settings,
-        &wakeups,
-        worker.clone(),
-        Queue::LeadToCrm,
-        lead_to_crm,
-    );
-    spawn(
-        tasks,
-        pg,
-        settings,
-        &wakeups,
-        worker.clone(),
-        Queue::QualifiedEmail,
-        qualified_email,
-    );
-    spawn(
-        tasks,
-        pg,
-        settings,
-        &wakeups,
-        worker.clone(),
-        Queue::CustomerToCrm,
-        customer_to_crm,
-    );
-    spawn(tasks, pg, settings, &wakeups, worker, Queue::Noop, noop);
+}
+
+/// A lead job's handler.
+type Handler =
+    fn(
+        Job,
+        Data<Worker>,
+        Attempt,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxDynError>> + Send>>;
+
+/// Starts a worker of `queue` on `tasks`, running `handler` (with `data`) for its jobs
+/// of payload `J`: woken by `wakeups` when one is enqueued, polled every second too (for
+/// retries and jobs of dead workers), retried with `settings`' backoff. It stops taking
+/// jobs when asked and finishes the ones it holds.
+pub fn spawn_worker<J, D, F, Fut>(
+    tasks: &Tasks,
+    pg: &PgPool,
+    settings: &LeadsSettings,
+    wakeups: &Wakeups,
+    queue: &'static str,
+    data: D,
+    handler: F,
+) where
+    J: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'static,
+    D: Clone + Send + Sync + 'static,
+    F: Fn(J, Data<D>, Attempt) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxDynError>> + Send + 'static,
+{
+    let config = Config::default()
+        .queue(queue)
+        .batch_size(settings.concurrency)
+        .heartbeat_interval(settings.orphan_after / 3)
+        .missed_heartbeats(3);
+    let strategy = Strategy::new()
+        .apply(wakeups.strategy(queue))
+        .interval(Duration::from_secs(1));
+    let backend = PostgresStorage::<J>::new(pg)
+        .with_config(config)
+        .poll_with_strategy(strategy);
+    let backoff = ExponentialBackoffMaker::new(
+        settings.backoff,
+        settings.backoff_max,
+        0.5,
+        HasherRng::default(),
+    )
+    .expect("backoff bounds were validated")
+    .make_backoff();
+    let name = format!("{queue}-{}", Uuid::new_v4().simple());
+    let retries = settings.max_attempts.saturating_sub(1) as usize;
+    let concurrency = settings.concurrency;
+    let built = WorkerBuilder::new(name)
+        .backend(backend)
+        .data(data)
+        .retry(RetryPolicy::retries(retries).with_backoff(backoff))
+        .concurrency(concurrency)
+        .build(handler);
+    tasks.spawn(queue, move |mut stop| async move {
+        let stopped = async move {
+            stop.requested().await;
+            Ok::<(), std::io::Error>(())
+        };
+        if let Err(e) = built.run_until(stopped).await {
+            tracing::error!(queue, error = %e, "job worker stopped");
+        }
+    });
 }
 
 /// Decodes a job's payload as stored (for the dashboard).

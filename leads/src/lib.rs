@@ -31,6 +31,7 @@ use termopar_web::tokens::Jwt;
 use uuid::Uuid;
 
 pub use dashboard::{page, JobsApi};
+pub use downstream::mailer;
 pub use routes::{
     CrmCustomersApi, CrmLeadsApi, MarketingLeadsApi, WebsiteCustomersApi, WebsiteLeadsApi,
 };
@@ -53,7 +54,8 @@ struct Inner {
 }
 
 /// Starts one job worker per queue on `tasks` (what `Leads::start` does when
-/// `JOBS_WORKERS` is on, and what `termopar-api workers` runs alone). `api_url` is the
+/// `JOBS_WORKERS` is on, and what `termopar-api workers` runs alone), woken by
+/// `wakeups` (the job system's one listener, see [`jobs::Wakeups`]). `api_url` is the
 /// default base URL of marketing and the CRM; `jwt` signs the workers' tokens for them.
 pub fn run_workers(
     settings: &LeadsSettings,
@@ -61,20 +63,22 @@ pub fn run_workers(
     jwt: Jwt,
     api_url: &str,
     tasks: &Tasks,
+    wakeups: &jobs::Wakeups,
 ) -> anyhow::Result<()> {
     let downstream = downstream::Downstream::new(pg.clone(), settings, jwt, api_url)?;
     let worker = jobs::Worker {
         downstream: Arc::new(downstream),
         max_attempts: settings.max_attempts,
     };
-    jobs::start_workers(tasks, pg, settings, worker);
+    jobs::start_workers(tasks, pg, settings, wakeups, worker);
     Ok(())
 }
 
 impl Leads {
-    /// Starts the job workers on `tasks` when `settings.workers` is on. `api_url` is
-    /// where this API answers (the default of marketing's and the CRM's base URLs);
-    /// `jwt` signs the workers' tokens for them.
+    /// Starts the job workers on `tasks` when given the job system's `wakeups` (the API
+    /// starts them when `settings.workers` is on). `api_url` is where this API answers
+    /// (the default of marketing's and the CRM's base URLs); `jwt` signs the workers'
+    /// tokens for them.
     pub fn start(
         settings: &LeadsSettings,
         pg: PgPool,
@@ -82,9 +86,10 @@ impl Leads {
         jwt: Jwt,
         api_url: &str,
         tasks: &Tasks,
+        wakeups: Option<&jobs::Wakeups>,
     ) -> anyhow::Result<Self> {
-        if settings.workers {
-            run_workers(settings, &pg, jwt, api_url, tasks)?;
+        if let Some(wakeups) = wakeups {
+            run_workers(settings, &pg, jwt, api_url, tasks, wakeups)?;
         }
         let limiter = termopar_web::rate::PerKey::new(settings.rate_per_site);
         Ok(Self(Arc::new(Inner {

@@ -33,13 +33,13 @@ const CHANNEL: &str = "apalis::job::insert";
 
 /// Wake-ups per queue, fed by one listener.
 #[derive(Clone, Default)]
-pub(crate) struct Wakeups {
+pub struct Wakeups {
     queues: Arc<HashMap<&'static str, Arc<Notify>>>,
 }
 
 impl Wakeups {
     /// Listens on `pg` (one connection) for the jobs of `queues`, until `tasks` stop.
-    pub(crate) fn start(tasks: &Tasks, pg: &PgPool, queues: &[&'static str]) -> Self {
+    pub fn start(tasks: &Tasks, pg: &PgPool, queues: &[&'static str]) -> Self {
         let wakeups = Self {
             queues: Arc::new(
                 queues

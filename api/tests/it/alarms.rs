@@ -7,7 +7,10 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::{assert_error, id, TestApp};
+use crate::{
+    harness::{assert_error, id, TestApp},
+    sinks::{Hook, SmtpSink, WebhookSink},
+};
 
 /// A reading with a fixed id, so that it can be sent again.
 fn reading(id: Uuid, ts: DateTime<Utc>, temperature: f64) -> Value {
@@ -438,4 +441,105 @@ async fn a_sensor_silent_longer_than_a_no_data_rule_allows_opens_an_alarm_by_the
         app.alarm_events(id(&alarm), &app.admin).await,
         ["opened", "cleared"]
     );
+}
+
+#[tokio::test]
+async fn each_state_change_is_notified_once_by_email_and_signed_webhook_through_retries() {
+    let smtp = SmtpSink::start().await;
+    // Down for its first two posts: the opening's notification is retried.
+    let receiver = WebhookSink::start(2).await;
+    let app = TestApp::spawn_with(|s| {
+        s.leads.smtp.port = smtp.port;
+        s.leads.backoff = std::time::Duration::from_millis(20);
+        s.leads.backoff_max = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let client = app.create_client("Cold rooms").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let secret = "a-webhook-secret-of-some-length";
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({
+                "sensor_id": id(&sensor), "name": "Too warm", "kind": "above",
+                "threshold": 8.0, "emails": ["ops@example.com", "boss@example.com"],
+                "webhook_url": receiver.url, "webhook_secret": secret,
+                "quiet_secs": 3600
+            }),
+        )
+        .await;
+    assert_eq!(rule["has_webhook_secret"], true);
+    assert!(rule.get("webhook_secret").is_none(), "{rule}");
+    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let m = |minutes: i64| base + Duration::minutes(minutes);
+
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), m(0), 5.0),
+            reading(Uuid::new_v4(), m(1), 9.0)
+        ]),
+    )
+    .await;
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), m(2), 7.0)]))
+        .await;
+    // Opened and cleared: two e-mails each (one per recipient), two posts delivered.
+    app.jobs_once("alarm_email", "done", 2).await;
+    app.jobs_once("alarm_webhook", "done", 2).await;
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 4, "{mails:?}");
+    for to in ["ops@example.com", "boss@example.com"] {
+        let theirs: Vec<_> = mails.iter().filter(|m| m.recipients == [to]).collect();
+        assert_eq!(theirs.len(), 2, "{to}: {mails:?}");
+        assert!(theirs
+            .iter()
+            .any(|m| m.data.contains("ALARM: Too warm on Room 1")));
+        assert!(theirs
+            .iter()
+            .any(|m| m.data.contains("Cleared: Too warm on Room 1")));
+    }
+    let hooks = receiver.hooks();
+    let delivered: Vec<&Hook> = hooks.iter().filter(|h| h.status == 204).collect();
+    let mut kinds: Vec<&str> = delivered.iter().map(|h| h.event.as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["cleared", "opened"], "{hooks:?}");
+    // The two failed posts were sent again, with the same delivery id, until one went
+    // through; none was delivered twice.
+    assert_eq!(hooks.len(), 4, "{hooks:?}");
+    for hook in &hooks {
+        let same: Vec<u16> = hooks
+            .iter()
+            .filter(|h| h.delivery == hook.delivery)
+            .map(|h| h.status)
+            .collect();
+        assert_eq!(same.iter().filter(|&&s| s == 204).count(), 1, "{hooks:?}");
+        assert_eq!(same.last(), Some(&204), "{hooks:?}");
+    }
+    for hook in &delivered {
+        let signature = termopar_alarms::notify::sign(secret, &hook.timestamp, &hook.body);
+        assert_eq!(hook.signature.as_deref(), Some(signature.as_str()));
+        let body: Value = serde_json::from_slice(&hook.body).unwrap();
+        assert_eq!(body["rule"]["id"], rule["id"]);
+        assert_eq!(body["sensor"]["name"], "Room 1");
+        assert_eq!(body["alarm"]["peak"], 9.0);
+        assert_eq!(body["event"]["kind"], hook.event);
+        assert_eq!(body["event"]["id"].to_string(), hook.delivery);
+    }
+
+    // Within the quiet period, the sensor's next excursion is recorded but not notified:
+    // no job is enqueued for it (jobs are enqueued with the event, in its transaction).
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), m(3), 9.5),
+            reading(Uuid::new_v4(), m(4), 6.0)
+        ]),
+    )
+    .await;
+    assert_eq!(app.alarms(&app.admin, "").await.len(), 2);
+    let (_, jobs) = app.get("/jobs?queue=alarm_email", &app.admin).await;
+    assert_eq!(jobs["total"], 2, "{jobs}");
+    let (_, jobs) = app.get("/jobs?queue=alarm_webhook", &app.admin).await;
+    assert_eq!(jobs["total"], 2, "{jobs}");
 }

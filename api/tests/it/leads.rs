@@ -2,100 +2,19 @@
 //! HTTP, a qualified lead's e-mail to a real SMTP server (a sink speaking SMTP over TCP),
 //! retries, dead jobs and the dashboard, idempotency, tenants.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use test_support::{eventually, free_port, DEFAULT_DEADLINE};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    harness::{assert_error, id, read, TestApp},
+    sinks::SmtpSink,
 };
 
-use crate::harness::{assert_error, id, read, TestApp};
-
 const ORIGIN: &str = "https://shop.example.com";
-
-/// A mail received by the sink.
-#[derive(Debug, Clone)]
-struct Mail {
-    recipients: Vec<String>,
-    data: String,
-}
-
-/// An SMTP server that keeps what it is sent: enough of RFC 5321 for lettre.
-struct SmtpSink {
-    port: u16,
-    mails: Arc<Mutex<Vec<Mail>>>,
-}
-
-impl SmtpSink {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mails = Arc::new(Mutex::new(Vec::new()));
-        let kept = mails.clone();
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(Self::session(conn, kept.clone()));
-            }
-        });
-        Self { port, mails }
-    }
-
-    async fn session(conn: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) {
-        let (read, mut write) = conn.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let mut recipients = Vec::new();
-        let _ = write.write_all(b"220 sink ESMTP\r\n").await;
-        while let Ok(Some(line)) = lines.next_line().await {
-            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-            let answer: &[u8] = match verb.as_str() {
-                "EHLO" | "HELO" => b"250 sink\r\n",
-                "MAIL" => {
-                    recipients.clear();
-                    b"250 OK\r\n"
-                }
-                "RCPT" => {
-                    let to = line.split(['<', '>']).nth(1).unwrap_or("").to_owned();
-                    recipients.push(to);
-                    b"250 OK\r\n"
-                }
-                "DATA" => {
-                    let _ = write.write_all(b"354 go on\r\n").await;
-                    let mut data = String::new();
-                    while let Ok(Some(l)) = lines.next_line().await {
-                        if l == "." {
-                            break;
-                        }
-                        data.push_str(&l);
-                        data.push('\n');
-                    }
-                    mails.lock().unwrap().push(Mail {
-                        recipients: std::mem::take(&mut recipients),
-                        data,
-                    });
-                    b"250 queued\r\n"
-                }
-                "QUIT" => {
-                    let _ = write.write_all(b"221 bye\r\n").await;
-                    return;
-                }
-                _ => b"250 OK\r\n",
-            };
-            if write.write_all(answer).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    fn mails(&self) -> Vec<Mail> {
-        self.mails.lock().unwrap().clone()
-    }
-}
 
 /// Forwards connections on `port` to `to` once started: a system that comes back.
 async fn forward(port: u16, to: String) {
@@ -141,7 +60,7 @@ impl TestApp {
     }
 
     /// Jobs of `queue` in `state`, once there are `n`.
-    async fn jobs_once(&self, queue: &str, state: &str, n: usize) -> Vec<Value> {
+    pub(crate) async fn jobs_once(&self, queue: &str, state: &str, n: usize) -> Vec<Value> {
         eventually(
             &format!("{n} {state} jobs of {queue}"),
             DEFAULT_DEADLINE,

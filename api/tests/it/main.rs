@@ -15,6 +15,7 @@ mod lifecycle;
 mod operations;
 mod readings;
 mod sensors;
+mod sinks;
 mod tracking;
 mod users;
 mod webhook;

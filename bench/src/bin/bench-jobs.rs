@@ -212,7 +212,8 @@ async fn apalis_run(total: usize, paced_total: usize, rate: u32) -> anyhow::Resu
     let tasks = Tasks::new();
     let settings = termopar_api::settings::LeadsSettings::from_env()?;
     let jwt = termopar_web::tokens::Jwt::new(&termopar_web::settings::AuthSettings::default());
-    termopar_leads::run_workers(&settings, &pg, jwt, "http://127.0.0.1:9", &tasks)?;
+    let wakeups = termopar_leads::jobs::Wakeups::start(&tasks, &pg, &termopar_leads::jobs::QUEUES);
+    termopar_leads::run_workers(&settings, &pg, jwt, "http://127.0.0.1:9", &tasks, &wakeups)?;
 
     let started = Instant::now();
     burst(&pg, total, apalis_enqueue).await?;
