@@ -48,6 +48,8 @@ struct Inner {
     stores: PgStores,
     rules: Mutex<RuleSet>,
     engine: Mutex<Engine>,
+    /// The application's stop signal, once its tasks run (live feeds end with it).
+    stop: std::sync::OnceLock<termopar_core::tasks::Stop>,
 }
 
 impl Alarms {
@@ -57,11 +59,17 @@ impl Alarms {
             stores: PgStores { pg, readings },
             rules: Mutex::new(RuleSet::default()),
             engine: Mutex::new(Engine::new()),
+            stop: std::sync::OnceLock::new(),
         }))
     }
 
     fn pg(&self) -> &PgPool {
         &self.0.stores.pg
+    }
+
+    /// The application's stop signal, once its tasks run.
+    fn stop(&self) -> Option<termopar_core::tasks::Stop> {
+        self.0.stop.get().cloned()
     }
 
     /// Makes the next evaluation in this process reload the rules (one changed here);
@@ -169,8 +177,10 @@ impl Alarms {
     }
 
     /// Runs [`Alarms::tick`] every `every` on `tasks` until they stop: the clock of
-    /// no-data rules. One process of a deployment runs it (the API).
+    /// no-data rules. One process of a deployment runs it (the API); its live feeds end
+    /// when the tasks stop too.
     pub fn start_clock(&self, tasks: &Tasks, every: std::time::Duration) {
+        let _ = self.0.stop.set(tasks.stop_signal());
         let alarms = self.clone();
         tasks.spawn("alarm clock", move |mut stop| async move {
             loop {

@@ -2,10 +2,11 @@
 //! newest first, acknowledged by operators with a comment), tenant-scoped.
 
 use chrono::{DateTime, Utc};
+use futures::{stream::BoxStream, StreamExt};
 use poem::web::Data;
 use poem_openapi::{
     param::{Path, Query},
-    payload::Json,
+    payload::{EventStream, Json},
     Enum, Object, OpenApi,
 };
 use sqlx::FromRow;
@@ -656,6 +657,48 @@ pub(crate) struct AlarmEvent {
     pub comment: Option<String>,
 }
 
+/// An event of the live feed.
+#[derive(Debug, Clone, Object, FromRow)]
+pub(crate) struct FeedEvent {
+    /// The event's id (the `id:` of its SSE message, for `Last-Event-ID`).
+    pub id: i64,
+    /// `opened`, `cleared`, `reopened`, `retracted` or `acknowledged`.
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub alarm_id: Uuid,
+    pub client_id: Uuid,
+    pub sensor_id: Uuid,
+    pub rule_id: Uuid,
+    pub rule_name: String,
+    pub severity: String,
+    /// The alarm's state now.
+    pub state: String,
+}
+
+/// How often a live feed looks for new events.
+const FEED_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The events after `after` that `scope` sees (all for `None`), oldest first.
+async fn events_after(
+    pg: &sqlx::PgPool,
+    scope: Option<Uuid>,
+    after: i64,
+) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.id, e.kind, e.at, a.id AS alarm_id, a.client_id, a.sensor_id, a.rule_id,
+                r.name AS rule_name, a.severity, a.state
+         FROM alarm_events e
+         JOIN alarms a ON a.id = e.alarm_id
+         JOIN alarm_rules r ON r.id = a.rule_id
+         WHERE e.id > $1 AND ($2::uuid IS NULL OR e.client_id = $2)
+         ORDER BY e.id LIMIT 500",
+    )
+    .bind(after)
+    .bind(scope)
+    .fetch_all(pg)
+    .await
+}
+
 /// An acknowledgement.
 #[derive(Debug, Object)]
 pub(crate) struct Acknowledgement {
@@ -732,6 +775,70 @@ impl AlarmsApi {
         .page::<Alarm, _>(alarms.pg(), params)
         .await?;
         Ok(Found::Ok(Json(page)))
+    }
+
+    /// The live feed: every alarm event the caller may see, as server-sent events, from
+    /// the one after `after` (or the `Last-Event-ID` a reconnecting browser sends), or
+    /// from now on.
+    #[oai(path = "/feed", method = "get", operation_id = "alarmFeed")]
+    #[tracing::instrument(skip_all)]
+    async fn feed(
+        &self,
+        alarms: Data<&Alarms>,
+        auth: BearerAuth,
+        /// Start after this event id.
+        after: Query<Option<i64>>,
+        /// What a reconnecting `EventSource` sends: the last event it got.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: poem_openapi::param::Header<Option<i64>>,
+    ) -> ApiResult<EventStream<BoxStream<'static, FeedEvent>>> {
+        let pg = alarms.pg().clone();
+        let scope = auth.0.tenant_scope();
+        let start = match last_event_id.0.or(after.0) {
+            Some(id) => id,
+            None => {
+                sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM alarm_events")
+                    .fetch_one(&pg)
+                    .await?
+            }
+        };
+        let stop = alarms.stop();
+        let stream = futures::stream::unfold(
+            (start, std::collections::VecDeque::new(), stop),
+            move |(mut cursor, mut pending, mut stop)| {
+                let pg = pg.clone();
+                async move {
+                    loop {
+                        if let Some(event) = pending.pop_front() {
+                            return Some((event, (cursor, pending, stop)));
+                        }
+                        let found = events_after(&pg, scope, cursor).await.ok()?;
+                        if let Some(last) = found.last() {
+                            cursor = last.id;
+                            pending.extend(found);
+                            continue;
+                        }
+                        let stopping = async {
+                            match stop.as_mut() {
+                                Some(stop) => stop.requested().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            () = stopping => return None,
+                            () = tokio::time::sleep(FEED_EVERY) => {}
+                        }
+                    }
+                }
+            },
+        );
+        metrics::counter!("alarm_feeds_opened_total").increment(1);
+        Ok(EventStream::new(stream.boxed())
+            .keep_alive(std::time::Duration::from_secs(15))
+            .to_event(|event| {
+                use poem_openapi::types::ToJSON;
+                poem::web::sse::Event::message(event.to_json_string()).id(event.id.to_string())
+            }))
     }
 
     /// Get an alarm.

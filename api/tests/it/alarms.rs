@@ -543,3 +543,103 @@ async fn each_state_change_is_notified_once_by_email_and_signed_webhook_through_
     let (_, jobs) = app.get("/jobs?queue=alarm_webhook", &app.admin).await;
     assert_eq!(jobs["total"], 2, "{jobs}");
 }
+
+/// The `data:` of the SSE messages in `text` that are complete.
+fn sse_messages(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .and_then(|data| serde_json::from_str(data.trim()).ok())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_live_feed_streams_a_tenants_alarm_events_as_they_happen_and_resumes() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let other = app.create_client("Other").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let (_, viewer) = app.user_with_token("viewer", Some(id(&client))).await;
+    let (_, stranger) = app.user_with_token("viewer", Some(id(&other))).await;
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
+        )
+        .await;
+    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let open = |token: &str, last: Option<&str>| {
+        let mut req = app.request(reqwest::Method::GET, "/alarms/feed", Some(token));
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        req.send()
+    };
+    let mut mine = open(&viewer, None).await.unwrap();
+    assert_eq!(mine.status(), StatusCode::OK);
+    assert!(mine.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut theirs = open(&stranger, None).await.unwrap();
+
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), base, 9.0),
+            reading(Uuid::new_v4(), base + Duration::minutes(1), 5.0)
+        ]),
+    )
+    .await;
+    // Opened, then cleared, in order, as they were recorded.
+    let mut text = String::new();
+    let events = tokio::time::timeout(test_support::DEFAULT_DEADLINE, async {
+        loop {
+            let chunk = mine.chunk().await.unwrap().expect("the feed stays open");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            let events = sse_messages(&text);
+            if events.len() >= 2 {
+                return events;
+            }
+        }
+    })
+    .await
+    .expect("two events on the feed");
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["opened", "cleared"]);
+    assert_eq!(events[0]["rule_name"], "Too warm");
+    assert_eq!(events[0]["sensor_id"], sensor["id"]);
+    assert!(text.contains(&format!("id: {}", events[0]["id"])), "{text}");
+
+    // A browser reconnecting with the last id it got gets what followed it.
+    let first = events[0]["id"].to_string();
+    let mut again = open(&viewer, Some(&first)).await.unwrap();
+    let resumed = tokio::time::timeout(test_support::DEFAULT_DEADLINE, async {
+        let mut text = String::new();
+        loop {
+            let chunk = again.chunk().await.unwrap().expect("the feed stays open");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            if let Some(event) = sse_messages(&text).pop() {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the event after the last one seen");
+    assert_eq!(resumed["kind"], "cleared");
+
+    // Another tenant's feed got nothing (its next message would be a keep-alive).
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(600), theirs.chunk()).await;
+    assert!(
+        nothing.is_err()
+            || nothing
+                .unwrap()
+                .unwrap()
+                .is_none_or(|c| !c.windows(5).any(|w| w == b"data:")),
+        "another tenant saw an event"
+    );
+}
