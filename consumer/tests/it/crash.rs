@@ -11,7 +11,11 @@ use uuid::Uuid;
 
 use crate::harness::*;
 
-fn consumer_process(stores: &Stores, endpoint: &MqttEndpoint, client_id: &str) -> ChildGuard {
+pub(crate) fn consumer_process(
+    stores: &Stores,
+    endpoint: &MqttEndpoint,
+    client_id: &str,
+) -> ChildGuard {
     let child = Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
         .envs(stores.consumer_env())
         .env(
