@@ -13,7 +13,7 @@ CARGO ?= cargo
 # than 5432 when a cluster not ours holds it); a URL already in the environment wins.
 WITH_SERVICES = set -a && eval "$$(scripts/services.sh env)" && set +a &&
 
-.PHONY: help services services-down services-status run simulate test test-fuzz test-soak lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console docker-build images up down
+.PHONY: help services services-down services-status run simulate test test-fuzz test-soak lint fmt ci bench bench-build bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console bench-alarms docker-build images up down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ fmt: ## Format the code
 
 ci: lint test test-fuzz ## What CI runs: lint, the tests, then the fuzzer
 
-bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console ## Every benchmark, each printed as a table with ratios to baselines
+bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console bench-alarms ## Every benchmark, each printed as a table with ratios to baselines
 
 bench-build: services
 	@scripts/services.sh bench-tools
@@ -74,6 +74,9 @@ bench-tracking: bench-build ## Tracking hits/s accepted and sustained (64 sender
 
 bench-jobs: bench-build ## No-op jobs/s end to end and enqueue-to-start latency through the pipeline's job system vs a bare SKIP LOCKED queue
 	$(WITH_SERVICES) ./target/release/bench-jobs
+
+bench-alarms: bench-build ## Readings/s stored with 1,000 alarm rules over 1,000 sensors vs none, and stored → alarm committed latency
+	$(WITH_SERVICES) ./target/release/bench-alarms
 
 bench-console: bench-build ## Lighthouse scores (accessibility, performance, bytes) of the console's login, sensor list and sensor pages vs Swagger UI
 	$(WITH_SERVICES) ./target/release/bench-console

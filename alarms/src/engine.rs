@@ -46,14 +46,20 @@ pub trait Book {
         sensor: Uuid,
         after: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<Vec<(Uuid, Excursion)>, Self::Error>> + Send;
-    /// Applies `changes` to the alarms of `rule` and `sensor`, all or none (new alarms
+    /// Applies `changes` (of several rule and sensor pairs), all or none (new alarms
     /// take the ids given).
-    fn apply(
-        &self,
-        rule: Uuid,
-        sensor: Uuid,
-        changes: &[Change<Uuid>],
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn apply(&self, changes: &[Pending]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Changes to the alarms of one rule and sensor, found but not yet written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// The rule.
+    pub rule: Uuid,
+    /// The sensor.
+    pub sensor: Uuid,
+    /// What to do.
+    pub changes: Vec<Change<Uuid>>,
 }
 
 /// A rule and sensor's state in this process.
@@ -86,16 +92,46 @@ pub struct Evaluated {
     pub changes: usize,
 }
 
-/// The cursors of every rule and sensor this process evaluated.
+/// The cursors of every rule and sensor this process evaluated, and the changes found
+/// since the last [`Engine::flush`] (the cursors already assume them).
 #[derive(Debug, Default)]
 pub struct Engine {
     cursors: HashMap<(Uuid, Uuid), Cursor>,
+    pending: Vec<Pending>,
 }
 
 impl Engine {
     /// No state yet: every pair starts from the stored readings.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Writes the changes found since the last flush, in one go (one transaction for the
+    /// stores); returns how many. On an error, the pairs they concern lose their state
+    /// (their next evaluation recomputes it from what is stored).
+    pub async fn flush<B: Book>(&mut self, book: &B) -> Result<usize, B::Error> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let changes = self.pending.iter().map(|p| p.changes.len()).sum();
+        match book.apply(&self.pending).await {
+            Ok(()) => {
+                self.pending.clear();
+                Ok(changes)
+            }
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the changes found since the last flush, and the state of their pairs (an
+    /// evaluation failed before they could be written).
+    pub fn abandon(&mut self) {
+        for p in std::mem::take(&mut self.pending) {
+            self.cursors.remove(&(p.rule, p.sensor));
+        }
     }
 
     /// Forgets a rule's cursors (it changed or was deleted).
@@ -115,8 +151,9 @@ impl Engine {
 
     /// Evaluates `pair` on readings of its sensor just stored: `fresh` were stored now,
     /// `again` were stored before (redeliveries); both in any order. `now` is the clock's
-    /// time (no-data rules: the silence since the last reading). On an error the pair's
-    /// state is dropped, so the next call recomputes it.
+    /// time (no-data rules: the silence since the last reading). The changes it finds
+    /// are written by [`Engine::flush`]. On an error the pair's state is dropped, so the
+    /// next call recomputes it.
     pub async fn evaluate<S: History + Book>(
         &mut self,
         pair: Pair<'_>,
@@ -165,9 +202,7 @@ impl Engine {
                 .map_err(EvalError::Book)?,
             _ => open.into_iter().collect(),
         };
-        let changes = self
-            .settle(pair, tracker, &stored, &computed, stores)
-            .await?;
+        let changes = self.settle(pair, tracker, &stored, &computed);
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -204,9 +239,7 @@ impl Engine {
             .touched(pair.rule_id, pair.sensor, after)
             .await
             .map_err(EvalError::Book)?;
-        let changes = self
-            .settle(pair, tracker, &stored, &computed, stores)
-            .await?;
+        let changes = self.settle(pair, tracker, &stored, &computed);
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -249,9 +282,7 @@ impl Engine {
             .touched(pair.rule_id, pair.sensor, after)
             .await
             .map_err(EvalError::Book)?;
-        let changes = self
-            .settle(pair, tracker, &stored, &computed, stores)
-            .await?;
+        let changes = self.settle(pair, tracker, &stored, &computed);
         Ok(Evaluated {
             in_order: 0,
             recomputed: 1,
@@ -259,27 +290,30 @@ impl Engine {
         })
     }
 
-    /// Writes what `computed` changes of `stored`, then keeps the pair's new state.
-    async fn settle<H, B: Book>(
+    /// Notes what `computed` changes of `stored` (written at the next flush), and keeps
+    /// the pair's new state.
+    fn settle(
         &mut self,
         pair: Pair<'_>,
         tracker: Tracker,
         stored: &[(Uuid, Excursion)],
         computed: &[Excursion],
-        book: &B,
-    ) -> Result<usize, EvalError<H, B::Error>> {
+    ) -> usize {
         let (changes, keys) = reconcile(stored, computed, Uuid::now_v7);
-        if !changes.is_empty() {
-            book.apply(pair.rule_id, pair.sensor, &changes)
-                .await
-                .map_err(EvalError::Book)?;
-        }
         let open = match (tracker.open(), computed.last(), keys.last()) {
             (Some(open), Some(last), Some(id)) if last.end.is_none() => Some((*id, open)),
             _ => None,
         };
         self.cursors.insert(pair.key(), Cursor { tracker, open });
-        Ok(changes.len())
+        let n = changes.len();
+        if n > 0 {
+            self.pending.push(Pending {
+                rule: pair.rule_id,
+                sensor: pair.sensor,
+                changes,
+            });
+        }
+        n
     }
 }
 

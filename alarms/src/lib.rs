@@ -79,13 +79,14 @@ impl Alarms {
     }
 
     /// Evaluates the rules of the sensors of `readings`, just stored as `outcome` says
-    /// (refused ones left out). An error leaves the state of the pairs it concerned
-    /// dropped: call again with the same readings (stored again, they are redeliveries).
+    /// (refused ones left out); returns how many alarm changes it wrote. An error leaves
+    /// the state of the pairs it concerned dropped: call again with the same readings
+    /// (stored again, they are redeliveries).
     pub async fn evaluate(
         &self,
         readings: &[Reading],
         outcome: &StoreOutcome,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         // The engine first: no evaluation runs between a rule's reload and the
         // forgetting of the state it had under its old definition.
         let mut engine = self.0.engine.lock().await;
@@ -94,7 +95,7 @@ impl Alarms {
             engine.forget_rule(rule);
         }
         if rules.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let refused: HashSet<usize> = outcome.refused.iter().map(|(i, _)| *i).collect();
         let again: HashSet<Uuid> = outcome.already_stored.iter().copied().collect();
@@ -126,10 +127,16 @@ impl Alarms {
                     rule: &loaded.rule,
                     sensor,
                 };
-                let done = engine
+                let done = match engine
                     .evaluate(pair, &fresh, &again, now, &self.0.stores)
                     .await
-                    .map_err(store_error)?;
+                {
+                    Ok(done) => done,
+                    Err(e) => {
+                        engine.abandon();
+                        return Err(store_error(e));
+                    }
+                };
                 let path = if done.recomputed > 0 {
                     "recomputed"
                 } else {
@@ -138,8 +145,10 @@ impl Alarms {
                 metrics::counter!("alarm_evaluations_total", "path" => path).increment(1);
             }
         }
+        // Every change the batch made, in one transaction.
+        let changes = engine.flush(&self.0.stores).await?;
         metrics::gauge!("alarm_pairs_tracked").set(engine.len() as f64);
-        Ok(())
+        Ok(changes)
     }
 }
 
@@ -173,6 +182,7 @@ impl Alarms {
                 tracing::warn!(rule_id = %rule_id, sensor_id = %sensor, error = %e, "no-data check failed");
             }
         }
+        engine.flush(&self.0.stores).await?;
         Ok(silent.len())
     }
 

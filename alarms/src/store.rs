@@ -16,7 +16,7 @@ use termopar_core::{
 use uuid::Uuid;
 
 use crate::{
-    engine::{Book, History},
+    engine::{Book, History, Pending},
     eval::{Change, Condition, Excursion, Point, Rule},
 };
 
@@ -286,14 +286,13 @@ impl Book for PgStores {
             .collect())
     }
 
-    async fn apply(
-        &self,
-        rule: Uuid,
-        sensor: Uuid,
-        changes: &[Change<Uuid>],
-    ) -> Result<(), sqlx::Error> {
+    async fn apply(&self, pending: &[Pending]) -> Result<(), sqlx::Error> {
         let mut tx = self.pg.begin().await?;
-        for change in changes {
+        let mut changes: Vec<(Uuid, Uuid, &Change<Uuid>)> = Vec::new();
+        for p in pending {
+            changes.extend(p.changes.iter().map(|c| (p.rule, p.sensor, c)));
+        }
+        for (rule, sensor, change) in changes {
             match change {
                 Change::Open(id, e) => {
                     // The rule's client and severity; nothing when the rule or the sensor

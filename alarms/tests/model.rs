@@ -3,12 +3,12 @@
 //! restarts (losing its state). After every batch the stored alarms must be exactly
 //! the excursions of everything stored so far.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Mutex};
+use std::{collections::BTreeMap, sync::Mutex};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use termopar_alarms::{
-    engine::{Book, Engine, History, Pair},
+    engine::{Book, Engine, History, Pair, Pending},
     eval::{excursions, Change, Condition, Excursion, Point, Rule},
 };
 use uuid::Uuid;
@@ -44,16 +44,18 @@ impl Stored {
     }
 }
 
-/// The readings and the alarms: what the engine reads and writes.
+/// The readings and the alarms: what the engine reads and writes. A write can be made
+/// to fail (the database went away).
 #[derive(Default)]
 struct Stores {
     readings: Stored,
     alarms: Alarms,
+    fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 impl History for Stores {
-    type Error = Infallible;
-    async fn points(&self, sensor: Uuid, from: DateTime<Utc>) -> Result<Vec<Point>, Infallible> {
+    type Error = &'static str;
+    async fn points(&self, sensor: Uuid, from: DateTime<Utc>) -> Result<Vec<Point>, &'static str> {
         Ok(self
             .readings
             .all(sensor)
@@ -87,13 +89,13 @@ fn sorted(mut excursions: Vec<Excursion>) -> Vec<Excursion> {
 }
 
 impl Book for Stores {
-    type Error = Infallible;
+    type Error = &'static str;
     async fn touched(
         &self,
         rule: Uuid,
         sensor: Uuid,
         after: Option<DateTime<Utc>>,
-    ) -> Result<Vec<(Uuid, Excursion)>, Infallible> {
+    ) -> Result<Vec<(Uuid, Excursion)>, &'static str> {
         let map = self.alarms.0.lock().unwrap();
         let mut out: Vec<(Uuid, Excursion)> = map
             .iter()
@@ -109,14 +111,18 @@ impl Book for Stores {
         Ok(out)
     }
 
-    async fn apply(
-        &self,
-        rule: Uuid,
-        sensor: Uuid,
-        changes: &[Change<Uuid>],
-    ) -> Result<(), Infallible> {
+    async fn apply(&self, pending: &[Pending]) -> Result<(), &'static str> {
+        if self
+            .fail_next_write
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err("the database went away");
+        }
         let mut map = self.alarms.0.lock().unwrap();
-        for change in changes {
+        for (rule, sensor, change) in pending
+            .iter()
+            .flat_map(|p| p.changes.iter().map(|c| (p.rule, p.sensor, c)))
+        {
             match change {
                 Change::Open(id, e) => {
                     assert!(map.insert(*id, (rule, sensor, *e, false)).is_none());
@@ -230,6 +236,7 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
     let mut recomputed = 0;
     let mut in_order = 0;
     let mut alarms_seen = 0;
+    let mut failures = 0;
     for seed in 0..400u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let rule = random_rule(&mut rng);
@@ -252,11 +259,28 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
             }
             let newest = batch.iter().map(|p| p.ts).max().unwrap();
             now = now.max(newest) + Duration::seconds(rng.gen_range(0..120));
-            let (fresh, again) = stores.readings.store(sensor, &batch);
-            let done = engine
-                .evaluate(pair, &fresh, &again, now, &stores)
-                .await
-                .unwrap();
+            // Now and then writing the alarms fails: the batch is stored again (its
+            // readings are redeliveries then) until it goes through, as the consumer does.
+            if rng.gen_bool(0.05) {
+                stores
+                    .fail_next_write
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let done = loop {
+                let (fresh, again) = stores.readings.store(sensor, &batch);
+                let done = engine
+                    .evaluate(pair, &fresh, &again, now, &stores)
+                    .await
+                    .unwrap();
+                match engine.flush(&stores).await {
+                    Ok(_) => break done,
+                    Err(_) => failures += 1,
+                }
+            };
+            // A batch with nothing to write leaves the failure unspent.
+            stores
+                .fail_next_write
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             recomputed += done.recomputed;
             in_order += done.in_order;
             let expected = sorted(excursions(&rule, &stores.readings.all(sensor), now));
@@ -271,6 +295,7 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
                 now += Duration::minutes(rng.gen_range(0..20));
                 let latest = stores.readings.all(sensor).last().unwrap().ts;
                 engine.tick(pair, latest, now, &stores).await.unwrap();
+                engine.flush(&stores).await.unwrap();
                 assert_eq!(
                     stores.alarms.live(rule_id, sensor),
                     sorted(excursions(&rule, &stores.readings.all(sensor), now)),
@@ -286,6 +311,7 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         "{recomputed} {in_order}"
     );
     assert!(alarms_seen > 200, "{alarms_seen}");
+    assert!(failures > 20, "{failures}");
 }
 
 #[test]
