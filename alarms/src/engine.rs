@@ -68,6 +68,8 @@ struct Cursor {
     tracker: Tracker,
     /// The stored alarm of the run in progress.
     open: Option<(Uuid, Excursion)>,
+    /// How many readings the sensor had stored when the tracker was last fed, if known.
+    count: Option<i64>,
 }
 
 /// Why an evaluation failed.
@@ -150,15 +152,20 @@ impl Engine {
     }
 
     /// Evaluates `pair` on readings of its sensor just stored: `fresh` were stored now,
-    /// `again` were stored before (redeliveries); both in any order. `now` is the clock's
-    /// time (no-data rules: the silence since the last reading). The changes it finds
-    /// are written by [`Engine::flush`]. On an error the pair's state is dropped, so the
-    /// next call recomputes it.
+    /// `again` were stored before (redeliveries); both in any order. `count` is how many
+    /// readings the sensor has stored in all since (when the store says): if it is not
+    /// the cursor's count plus `fresh`, someone else stored readings of the sensor
+    /// meanwhile and the pair is recomputed. `now` is the clock's time (no-data rules:
+    /// the silence since the last reading). The changes it finds are written by
+    /// [`Engine::flush`]. On an error the pair's state is dropped, so the next call
+    /// recomputes it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn evaluate<S: History + Book>(
         &mut self,
         pair: Pair<'_>,
         fresh: &[Point],
         again: &[Point],
+        count: Option<i64>,
         now: DateTime<Utc>,
         stores: &S,
     ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
@@ -168,12 +175,24 @@ impl Engine {
             let Some(earliest) = all.min_by_key(Point::key) else {
                 return Ok(Evaluated::default());
             };
-            return self.recompute(pair, earliest.key(), now, stores).await;
+            return self
+                .recompute(pair, earliest.key(), count, now, stores)
+                .await;
         };
         // A reading this process stored before was evaluated then.
         let mut points: Vec<Point> = fresh.to_vec();
         points.sort_by_key(Point::key);
         points.dedup_by_key(|p| p.id);
+        // Another process stored readings of the sensor since this one last looked: from
+        // the stored readings (what came before the new ones was that process's to
+        // evaluate, and it is in the stored alarms).
+        let others =
+            count.is_some_and(|n| cursor.count.map(|c| c + points.len() as i64) != Some(n));
+        if others {
+            let beyond = (DateTime::<Utc>::MAX_UTC, Uuid::max());
+            let from = points.first().map_or(beyond, Point::key);
+            return self.recompute(pair, from, count, now, stores).await;
+        }
         let Some(first) = points.first().copied() else {
             // Nothing new, but the clock moved on.
             let latest = cursor.tracker.last().map(|p| p.ts);
@@ -188,9 +207,11 @@ impl Engine {
             .last()
             .is_some_and(|last| first.key() <= last.key())
         {
-            return self.recompute(pair, first.key(), now, stores).await;
+            return self.recompute(pair, first.key(), count, now, stores).await;
         }
-        let Cursor { mut tracker, open } = cursor;
+        let Cursor {
+            mut tracker, open, ..
+        } = cursor;
         let after = tracker.last().map(|p| p.ts);
         let mut computed = tracker.feed_all(pair.rule, points);
         computed.extend(tracker.silence(pair.rule, now));
@@ -202,7 +223,7 @@ impl Engine {
                 .map_err(EvalError::Book)?,
             _ => open.into_iter().collect(),
         };
-        let changes = self.settle(pair, tracker, &stored, &computed);
+        let changes = self.settle(pair, tracker, count, &stored, &computed);
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -228,10 +249,10 @@ impl Engine {
             .cursors
             .remove(&pair.key())
             .filter(|c| c.tracker.last().is_some_and(|last| last.ts >= latest));
-        let Some(Cursor { tracker, .. }) = cursor else {
+        let Some(Cursor { tracker, count, .. }) = cursor else {
             // From the last reading on, whatever its time.
             let beyond = (DateTime::<Utc>::MAX_UTC, Uuid::max());
-            return self.recompute(pair, beyond, now, stores).await;
+            return self.recompute(pair, beyond, None, now, stores).await;
         };
         let after = tracker.last().map(|p| p.ts);
         let computed: Vec<Excursion> = tracker.silence(pair.rule, now).into_iter().collect();
@@ -239,7 +260,7 @@ impl Engine {
             .touched(pair.rule_id, pair.sensor, after)
             .await
             .map_err(EvalError::Book)?;
-        let changes = self.settle(pair, tracker, &stored, &computed);
+        let changes = self.settle(pair, tracker, count, &stored, &computed);
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -247,11 +268,14 @@ impl Engine {
         })
     }
 
-    /// Recomputes the pair from the last settling reading before `earliest`.
+    /// Recomputes the pair from the last settling reading before `earliest`; `count` is
+    /// the sensor's readings in all as the store reported them before this read (the
+    /// read may see more: then the next evaluation recomputes again).
     async fn recompute<S: History + Book>(
         &mut self,
         pair: Pair<'_>,
         earliest: (DateTime<Utc>, Uuid),
+        count: Option<i64>,
         now: DateTime<Utc>,
         stores: &S,
     ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
@@ -282,7 +306,7 @@ impl Engine {
             .touched(pair.rule_id, pair.sensor, after)
             .await
             .map_err(EvalError::Book)?;
-        let changes = self.settle(pair, tracker, &stored, &computed);
+        let changes = self.settle(pair, tracker, count, &stored, &computed);
         Ok(Evaluated {
             in_order: 0,
             recomputed: 1,
@@ -296,6 +320,7 @@ impl Engine {
         &mut self,
         pair: Pair<'_>,
         tracker: Tracker,
+        count: Option<i64>,
         stored: &[(Uuid, Excursion)],
         computed: &[Excursion],
     ) -> usize {
@@ -304,7 +329,14 @@ impl Engine {
             (Some(open), Some(last), Some(id)) if last.end.is_none() => Some((*id, open)),
             _ => None,
         };
-        self.cursors.insert(pair.key(), Cursor { tracker, open });
+        self.cursors.insert(
+            pair.key(),
+            Cursor {
+                tracker,
+                open,
+                count,
+            },
+        );
         let n = changes.len();
         if n > 0 {
             self.pending.push(Pending {

@@ -119,6 +119,11 @@ impl Alarms {
                 slot.1.push(point);
             }
         }
+        let counts: std::collections::HashMap<Uuid, i64> = outcome
+            .sensor_counts
+            .iter()
+            .map(|(s, n)| (s.0, *n))
+            .collect();
         let now = chrono::Utc::now();
         for (sensor, (client, fresh, again)) in sensors {
             for loaded in rules.of(client, sensor) {
@@ -128,7 +133,14 @@ impl Alarms {
                     sensor,
                 };
                 let done = match engine
-                    .evaluate(pair, &fresh, &again, now, &self.0.stores)
+                    .evaluate(
+                        pair,
+                        &fresh,
+                        &again,
+                        counts.get(&sensor).copied(),
+                        now,
+                        &self.0.stores,
+                    )
                     .await
                 {
                     Ok(done) => done,

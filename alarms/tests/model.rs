@@ -1,7 +1,8 @@
 //! The engine against the semantics, on random streams: readings arrive shuffled, in
-//! batches, some again (redeliveries), some hours late, and the process sometimes
-//! restarts (losing its state). After every batch the stored alarms must be exactly
-//! the excursions of everything stored so far.
+//! batches, some again (redeliveries), some hours late, sometimes through two processes
+//! (the consumer and HTTP ingest, each with its own state), and a process sometimes
+//! restarts (losing its state). After every batch the stored alarms must be exactly the
+//! excursions of everything stored so far.
 
 use std::{collections::BTreeMap, sync::Mutex};
 
@@ -244,7 +245,9 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         let n = rng.gen_range(1..300);
         let stream = random_stream(&mut rng, n);
         let stores = Stores::default();
-        let mut engine = Engine::new();
+        // Half the streams reach two processes.
+        let processes = rng.gen_range(1..=2);
+        let mut engines = [Engine::new(), Engine::new()];
         let pair = Pair {
             rule_id,
             rule: &rule,
@@ -253,9 +256,10 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         // The clock: at or after the newest reading delivered, sometimes well after.
         let mut now = t0();
         for batch in arrivals(&mut rng, &stream) {
+            let engine = &mut engines[rng.gen_range(0..processes)];
             // The process restarts now and then, losing what it held in memory.
             if rng.gen_bool(0.05) {
-                engine = Engine::new();
+                *engine = Engine::new();
             }
             let newest = batch.iter().map(|p| p.ts).max().unwrap();
             now = now.max(newest) + Duration::seconds(rng.gen_range(0..120));
@@ -268,8 +272,9 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
             }
             let done = loop {
                 let (fresh, again) = stores.readings.store(sensor, &batch);
+                let count = stores.readings.all(sensor).len() as i64;
                 let done = engine
-                    .evaluate(pair, &fresh, &again, now, &stores)
+                    .evaluate(pair, &fresh, &again, Some(count), now, &stores)
                     .await
                     .unwrap();
                 match engine.flush(&stores).await {
@@ -294,8 +299,9 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
             if rng.gen_bool(0.3) {
                 now += Duration::minutes(rng.gen_range(0..20));
                 let latest = stores.readings.all(sensor).last().unwrap().ts;
-                engine.tick(pair, latest, now, &stores).await.unwrap();
-                engine.flush(&stores).await.unwrap();
+                let clock = &mut engines[0];
+                clock.tick(pair, latest, now, &stores).await.unwrap();
+                clock.flush(&stores).await.unwrap();
                 assert_eq!(
                     stores.alarms.live(rule_id, sensor),
                     sorted(excursions(&rule, &stores.readings.all(sensor), now)),

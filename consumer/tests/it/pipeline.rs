@@ -128,7 +128,8 @@ async fn storing_the_same_readings_again_counts_them_once() {
             inserted: 3,
             duplicates: 0,
             refused: vec![],
-            already_stored: vec![]
+            already_stored: vec![],
+            sensor_counts: vec![(sensors[0].0, 3)]
         }
     );
     assert_eq!(
@@ -137,7 +138,8 @@ async fn storing_the_same_readings_again_counts_them_once() {
             inserted: 0,
             duplicates: 3,
             refused: vec![],
-            already_stored: vec![]
+            already_stored: vec![],
+            sensor_counts: vec![]
         }
     );
     assert_eq!(
@@ -146,7 +148,8 @@ async fn storing_the_same_readings_again_counts_them_once() {
             inserted: 0,
             duplicates: 6,
             refused: vec![],
-            already_stored: vec![]
+            already_stored: vec![],
+            sensor_counts: vec![]
         }
     );
     stores.assert_rollups_match_raw().await;

@@ -31,6 +31,10 @@ pub struct StoreOutcome {
     /// The ids of readings stored before this call (repeats within the call count once,
     /// and are not here).
     pub already_stored: Vec<Uuid>,
+    /// How many readings each sensor this call stored readings of has in all, as its
+    /// own commit left them (those of writers that committed first included): a reader
+    /// that knew the count before can tell whether anyone else stored meanwhile.
+    pub sensor_counts: Vec<(SensorId, i64)>,
     /// Readings that cannot be stored, by index into the input, with the reason (the
     /// document store refused them, or their sensor was deleted meanwhile). Callers
     /// dead-letter them; they are not retried.
@@ -294,6 +298,7 @@ impl ReadingStore {
         }
         outcome.refused.sort_by_key(|r| r.0);
         self.changed(&registered.changes);
+        outcome.sensor_counts = registered.counts;
         for reading in registered.new_latest {
             self.latest.offer(reading).await;
         }
@@ -379,7 +384,7 @@ impl ReadingStore {
         }
         let (changes, notice) = late_changes(segments.iter().flat_map(|(s, _)| s.readings.iter()));
         let latest: Vec<&Reading> = newest.values().map(|(r, _)| *r).collect();
-        let row: (i64, Vec<Uuid>, Vec<Uuid>, i64) = sqlx::query_as(REGISTER)
+        let row: (i64, Vec<Uuid>, Vec<Uuid>, i64, Vec<Uuid>, Vec<i64>) = sqlx::query_as(REGISTER)
             .bind(intent)
             .bind(&d.doc)
             .bind(&d.sensor)
@@ -414,12 +419,13 @@ impl ReadingStore {
             .bind(&fragment)
             .fetch_one(&self.pg)
             .await?;
-        let (intents, sensors, won, _notified) = row;
+        let (intents, sensors, won, _notified, counted, counts) = row;
         if intents == 0 {
             return Ok(None);
         }
         let sensors: HashSet<SensorId> = sensors.into_iter().map(SensorId).collect();
         Ok(Some(Registered {
+            counts: counted.into_iter().map(SensorId).zip(counts).collect(),
             new_latest: latest
                 .into_iter()
                 .filter(|r| won.contains(&r.id))
@@ -557,6 +563,8 @@ impl ReadingStore {
 struct Registered {
     /// Sensors whose segments were registered (the others were deleted meanwhile).
     sensors: HashSet<SensorId>,
+    /// Their readings in all after this commit.
+    counts: Vec<(SensorId, i64)>,
     /// Readings that became their sensor's latest.
     new_latest: Vec<Reading>,
     /// Late buckets announced.
@@ -672,14 +680,16 @@ WITH intent AS (
         extra = CASE WHEN (excluded.ts, excluded.reading_id) > (l.ts, l.reading_id)
                      THEN excluded.extra ELSE l.extra END,
         updated_at = now()
-    RETURNING l.reading_id
+    RETURNING l.reading_id, l.sensor_id, l.count
 ), notified AS (
     SELECT pg_notify($21, $20) FROM intent WHERE $20 IS NOT NULL
 )
 SELECT (SELECT count(*) FROM intent)::int8,
        coalesce((SELECT array_agg(DISTINCT sensor_id) FROM docs), '{}'),
        coalesce((SELECT array_agg(reading_id) FROM latest), '{}'),
-       (SELECT count(*) FROM notified)::int8
+       (SELECT count(*) FROM notified)::int8,
+       coalesce((SELECT array_agg(sensor_id ORDER BY sensor_id) FROM latest), '{}'),
+       coalesce((SELECT array_agg(count ORDER BY sensor_id) FROM latest), '{}')
 ";
 
 #[cfg(test)]
