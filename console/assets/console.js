@@ -325,8 +325,91 @@
     await load();
   }
 
+  // ---- Alarms: newest first, updated live from the alarm feed ----
+  async function alarmsPage(section) {
+    const manages = section.dataset.manages === 'true';
+    const state = { page: 1, pages: 1, pageSize: 50 };
+    const sensors = new Map();
+    const r = await api('/api/v1/sensors?page_size=1000');
+    if (r.ok) for (const s of r.body.items) sensors.set(s.id, s.name);
+    const showPages = pager(state, load);
+    let acking = null;
+
+    async function load() {
+      const params = { page: state.page, page_size: state.pageSize, state: $('state').value };
+      if ($('unacknowledged').checked) params.acknowledged = 'false';
+      const got = await api('/api/v1/alarms?' + query(params));
+      if (!got.ok) { $('error').textContent = got.body?.message || 'The alarms could not be loaded.'; return; }
+      $('error').textContent = '';
+      const rows = $('rows');
+      rows.replaceChildren();
+      for (const a of got.body.items) {
+        const row = rows.insertRow();
+        row.dataset.alarm = a.id;
+        row.className = 'alarm ' + a.state;
+        const sev = cell(row, '');
+        const badge = document.createElement('span');
+        badge.className = 'badge sev-' + a.severity;
+        badge.textContent = a.severity;
+        sev.append(badge);
+        cell(row, a.rule_name, 'rule');
+        cell(row, '').append(link('/ui/sensors/' + a.sensor_id, sensors.get(a.sensor_id) || a.sensor_id));
+        cell(row, a.state, 'state');
+        cell(row, fmtTime(a.started_at));
+        cell(row, fmtTime(a.ended_at), 'hide-narrow');
+        cell(row, fmtTemp(a.peak), 'n peak');
+        cell(row, a.acknowledged_at ? `${fmtTime(a.acknowledged_at)}${a.ack_comment ? ': ' + a.ack_comment : ''}` : 'no', 'acked');
+        if (manages) {
+          const td = cell(row, '');
+          if (!a.acknowledged_at) {
+            const b = document.createElement('button');
+            b.type = 'button';
+            b.textContent = 'Acknowledge';
+            b.setAttribute('aria-label', `Acknowledge ${a.rule_name} on ${sensors.get(a.sensor_id) || a.sensor_id}`);
+            b.addEventListener('click', () => openAck(a));
+            td.append(b);
+          }
+        }
+      }
+      showPages(got.body.total);
+    }
+
+    function openAck(alarm) {
+      acking = alarm;
+      $('ack-what').textContent = `${alarm.rule_name} on ${sensors.get(alarm.sensor_id) || alarm.sensor_id}, began ${fmtTime(alarm.started_at)}.`;
+      $('ack-comment').value = '';
+      $('ack-error').textContent = '';
+      $('ack').showModal();
+      $('ack-comment').focus();
+    }
+
+    if (manages) {
+      $('ack-cancel').addEventListener('click', () => $('ack').close());
+      $('ack-form').addEventListener('submit', async (e) => {
+        e.preventDefault();
+        const comment = $('ack-comment').value.trim();
+        const done = await api(`/api/v1/alarms/${acking.id}/acknowledge`, { method: 'POST', body: comment ? { comment } : {} });
+        if (!done.ok) { $('ack-error').textContent = done.body?.message || 'The alarm could not be acknowledged.'; return; }
+        $('ack').close();
+        await load();
+      });
+    }
+    $('state').addEventListener('change', () => { state.page = 1; load(); });
+    $('unacknowledged').addEventListener('change', () => { state.page = 1; load(); });
+
+    // The live feed: each event reloads the page of alarms and is announced.
+    const feed = new EventSource('/api/v1/alarms/feed');
+    feed.onmessage = (m) => {
+      const e = JSON.parse(m.data);
+      $('live').textContent = `${e.rule_name} on ${sensors.get(e.sensor_id) || e.sensor_id}: ${e.kind}`;
+      load();
+    };
+    addEventListener('pagehide', () => feed.close());
+    await load();
+  }
+
   const section = document.querySelector('[data-page]');
-  const pages = { sensors: sensorsPage, entity: entityPage, sensor: (s) => window.termoparCharts.sensor(s, api), site: (s) => window.termoparCharts.site(s, api) };
+  const pages = { sensors: sensorsPage, alarms: alarmsPage, entity: entityPage, sensor: (s) => window.termoparCharts.sensor(s, api), site: (s) => window.termoparCharts.site(s, api) };
   if (section && pages[section.dataset.page]) {
     pages[section.dataset.page](section).catch((e) => {
       const error = $('error');

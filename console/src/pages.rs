@@ -28,6 +28,7 @@ pub(crate) fn routes(console: Console) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/sensors/:id", get(sensor))
         .at("/sites", get(sites))
         .at("/sites/:id", get(site))
+        .at("/alarms", get(alarms))
         .at("/admin/:entity", get(admin))
         .at("/assets/:name", get(assets::serve))
         .with(Compression::new())
@@ -80,7 +81,11 @@ struct Shell {
 
 impl Shell {
     fn new(visit: &Visit, title: impl Into<String>, current: &str, charts: bool) -> Self {
-        let mut links = vec![("/ui/sensors", "Sensors"), ("/ui/sites", "Sites")];
+        let mut links = vec![
+            ("/ui/sensors", "Sensors"),
+            ("/ui/alarms", "Alarms"),
+            ("/ui/sites", "Sites"),
+        ];
         if visit.manages() {
             links.push(("/ui/admin/sensors", "Manage sensors"));
         }
@@ -144,6 +149,13 @@ struct SensorsPage {
     is_admin: bool,
     poll_ms: u128,
     stale_secs: u64,
+}
+
+#[derive(Template)]
+#[template(path = "alarms.html")]
+struct AlarmsPage {
+    shell: Shell,
+    manages: bool,
 }
 
 #[derive(Template)]
@@ -645,6 +657,17 @@ async fn sensors(req: &Request, console: Data<&Console>) -> Response {
         is_admin: visit.is_admin(),
         poll_ms: console.settings.poll_every.as_millis(),
         stale_secs: console.settings.stale_after.as_secs(),
+    };
+    html(StatusCode::OK, page.render())
+}
+
+#[handler]
+#[tracing::instrument(skip_all)]
+async fn alarms(req: &Request, console: Data<&Console>) -> Response {
+    let visit = visit_or_return!(&console, req);
+    let page = AlarmsPage {
+        shell: Shell::new(&visit, "Alarms", "/ui/alarms", false),
+        manages: visit.manages(),
     };
     html(StatusCode::OK, page.render())
 }

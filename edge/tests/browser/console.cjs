@@ -187,6 +187,34 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
     publish(quiet.line, { ts: new Date(now - 3600000).toISOString(), temperature: 3.5 });
     stamps.push(...older.map((r) => Date.parse(r.ts)));
 
+    // Alarms: a rule on the other client's sensor; a reading above it opens an alarm
+    // that appears live, the admin acknowledges it, and the next reading clears it live.
+    await page.goto(base + "/ui/alarms");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("0 in all"), null, WAIT);
+    const ruleStatus = await page.evaluate(async (sensor) => {
+      const csrf = document.querySelector('meta[name="csrf-token"]').content;
+      const r = await fetch("/api/v1/alarm-rules", { method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify({ sensor_id: sensor, name: "Too warm", kind: "above", threshold: 30, hysteresis: 1, severity: "critical" }) });
+      return r.status;
+    }, other.id);
+    check(ruleStatus === 201, "an alarm rule is created with the admin's session");
+    const alarmLoads = [];
+    page.on("load", () => alarmLoads.push(page.url()));
+    publish(other.line, { temperature: 35.2 });
+    await page.waitForSelector("#rows tr.alarm.active >> text=Too warm", WAIT);
+    check(alarmLoads.length === 0, "the alarm appeared live, without reloading the page");
+    await page.waitForFunction(() => document.getElementById("live").textContent.includes("opened"), null, WAIT);
+    check((await page.textContent("#rows tr.alarm .peak")) === "35.2", "its peak is the reading");
+    await page.click("button[aria-label='Acknowledge Too warm on Other sensor']");
+    await page.waitForSelector("#ack[open]", WAIT);
+    await page.fill("#ack-comment", "door closed again");
+    await page.click("#ack-save");
+    await page.waitForSelector("#rows td.acked >> text=door closed again", WAIT);
+    check((await page.$$("#rows button")).length === 0, "an acknowledged alarm has no Acknowledge button");
+    publish(other.line, { temperature: 20.0 });
+    await page.waitForSelector("#rows tr.alarm.cleared >> text=Too warm", WAIT);
+    check(alarmLoads.length === 0, "it cleared live too");
+    await shot(page, "12-alarms");
+
     // The viewer logs in with the keyboard only.
     await page.goto(base + "/ui/sensors");
     await page.click("text=Log out");
@@ -280,6 +308,9 @@ const localDay = (ms) => new Intl.DateTimeFormat("en-CA", { timeZone: TZ }).form
       check(r.status() === 403, `${href} is 403 for a viewer`);
     }
     await shot(page, "11-forbidden");
+    await page.goto(base + "/ui/alarms");
+    await page.waitForFunction(() => document.getElementById("page-info").textContent.includes("0 in all"), null, WAIT);
+    check((await page.$$("#rows tr")).length === 0, "the viewer sees none of the other client's alarms");
     const r = await page.goto(base + "/ui/sensors/" + other.id);
     check(r.status() === 404, "another client's sensor page is 404 for a viewer");
     await page.goto(base + "/ui/sensors");

@@ -68,8 +68,18 @@ async fn the_console_works_in_a_real_browser_for_an_admin_and_a_viewer() {
         .unwrap();
     assert_eq!(viewer, ("viewer".to_owned(), Some(client)));
     assert_eq!(result["readings"], 15);
-    // ...and one of the quiet sensor.
-    assert_eq!(test_support::stored_count(&pg).await, 16);
+    // ...and one of the quiet sensor, two of the other client's (its alarm).
+    assert_eq!(test_support::stored_count(&pg).await, 18);
+    let alarm: (String, Option<String>) =
+        sqlx::query_as("SELECT state, ack_comment FROM alarms WHERE sensor_id = $1")
+            .bind(uuid::Uuid::parse_str(result["other"].as_str().unwrap()).unwrap())
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        alarm,
+        ("cleared".to_owned(), Some("door closed again".to_owned()))
+    );
     let sessions: i64 = sqlx::query_scalar("SELECT count(*) FROM console_sessions")
         .fetch_one(&pg)
         .await
