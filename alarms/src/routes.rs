@@ -367,18 +367,51 @@ fn condition(body: &NewAlarmRule) -> ApiResult<Numbers> {
     }
 }
 
-/// Loads a rule the caller can see (404 otherwise, also for other tenants' rules).
+/// A row of one client.
+trait Owned {
+    fn client(&self) -> Uuid;
+}
+
+impl Owned for AlarmRule {
+    fn client(&self) -> Uuid {
+        self.client_id
+    }
+}
+
+impl Owned for Alarm {
+    fn client(&self) -> Uuid {
+        self.client_id
+    }
+}
+
+/// Loads the `what` that `sql` selects by `$1 = id`, if the caller can see it (404
+/// otherwise, also for other tenants').
+async fn visible<T>(
+    alarms: &Alarms,
+    auth: &BearerAuth,
+    sql: &'static str,
+    id: Uuid,
+    what: &str,
+) -> ApiResult<T>
+where
+    T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Owned + Send + Unpin,
+{
+    sqlx::query_as::<_, T>(sql)
+        .bind(id)
+        .fetch_optional(alarms.pg())
+        .await?
+        .filter(|row| auth.0.sees_client(row.client()))
+        .ok_or_else(|| ApiError::not_found(what))
+}
+
+/// Loads a rule the caller can see.
 async fn visible_rule(alarms: &Alarms, auth: &BearerAuth, id: Uuid) -> ApiResult<AlarmRule> {
-    sqlx::query_as::<_, AlarmRule>(concat!(
+    let sql = concat!(
         "SELECT ",
         rule_columns!(),
         " FROM alarm_rules WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(alarms.pg())
-    .await?
-    .filter(|r| auth.0.sees_client(r.client_id))
-    .ok_or_else(|| ApiError::not_found("alarm rule"))
+    );
+    visible(alarms, auth, sql, id, "alarm rule").await
 }
 
 /// Alarm rules.
@@ -706,17 +739,14 @@ pub(crate) struct Acknowledgement {
     pub comment: Option<String>,
 }
 
+/// Loads an alarm the caller can see.
 async fn visible_alarm(alarms: &Alarms, auth: &BearerAuth, id: Uuid) -> ApiResult<Alarm> {
-    sqlx::query_as::<_, Alarm>(concat!(
+    let sql = concat!(
         "SELECT ",
         alarm_columns!(),
         " FROM alarms a JOIN alarm_rules r ON r.id = a.rule_id WHERE a.id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(alarms.pg())
-    .await?
-    .filter(|a| auth.0.sees_client(a.client_id))
-    .ok_or_else(|| ApiError::not_found("alarm"))
+    );
+    visible(alarms, auth, sql, id, "alarm").await
 }
 
 /// Alarms.

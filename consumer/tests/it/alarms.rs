@@ -1,19 +1,16 @@
 //! Alarm rules evaluated by the consumer binary while it is killed with SIGKILL again and
-//! again in the middle of a QoS 1 stream: at the end the stored alarms are exactly what
-//! the rules' semantics say of the stored readings (none lost between storing a batch and
-//! evaluating it, none opened twice).
+//! again in the middle of a QoS 1 stream (`crash::stream_through_kills`): at the end the
+//! stored alarms are exactly what the rules' semantics say of the stored readings (none
+//! lost between storing a batch and evaluating it, none opened twice).
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use termopar_alarms::eval::{excursions, Condition, Excursion, Point, Rule};
-use termopar_broker::BrokerSettings;
-use termopar_core::{settings::MqttEndpoint, topic::Topics};
-use termopar_device_sim::SimConfig;
 use test_support::eventually;
 use uuid::Uuid;
 
-use crate::{crash::consumer_process, harness::*};
+use crate::{crash::stream_through_kills, harness::*};
 
 /// Stores a rule straight in PostgreSQL (the consumer has no API); returns its id.
 async fn rule(
@@ -94,69 +91,8 @@ async fn killing_the_consumer_while_it_evaluates_leaves_exactly_the_alarms_the_r
     let everywhere = rule(&stores, client.0, None, above.1, from).await;
     let one = rule(&stores, client.0, Some(sensors[0].0 .0), below.1, from).await;
 
-    let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None)
-        .await
-        .unwrap();
-    let endpoint = MqttEndpoint::parse(&broker.url()).unwrap();
-    let client_id = format!("alarmed-{}", Uuid::new_v4().simple());
-    let mut consumer = consumer_process(&stores, &endpoint, &client_id);
-    let probe = Uuid::new_v4();
-    let topic = Topics::new("").readings(client, sensors[0].0);
-    eventually(
-        "the consumer subscribed",
-        Duration::from_secs(20),
-        || async {
-            mosquitto_pub(
-                &endpoint,
-                &topic,
-                serde_json::json!({"id": probe, "temperature": 5.0})
-                    .to_string()
-                    .as_bytes(),
-                1,
-                "mqttv311",
-            );
-            (stores.reading_count().await >= 1).then_some(())
-        },
-    )
-    .await;
-
     let total = 3000u64;
-    let config = SimConfig {
-        rate: 600.0,
-        count: Some(total),
-        seed: 7,
-        ..SimConfig::new(
-            endpoint.clone(),
-            Topics::new(""),
-            sim_sensors(client, &sensors),
-        )
-    };
-    let publisher = tokio::spawn(termopar_device_sim::run(config));
-    let mut kills = 0;
-    let mut last = stores.reading_count().await;
-    while kills < 3 {
-        let seen = eventually(
-            "progress between kills",
-            Duration::from_secs(30),
-            || async {
-                let n = stores.reading_count().await;
-                (n >= last + 300 || n > total).then_some(n)
-            },
-        )
-        .await;
-        if seen > total {
-            break;
-        }
-        consumer.kill();
-        kills += 1;
-        last = seen;
-        consumer = consumer_process(&stores, &endpoint, &client_id);
-    }
-    assert!(kills >= 2, "the stream ended before two kills");
-    assert_eq!(publisher.await.unwrap().unwrap().acked, total);
-    stores
-        .wait_for_readings(total + 1, Duration::from_secs(60))
-        .await;
+    let killed = stream_through_kills(&stores, client, &sensors, total, 7).await;
     // Evaluation follows storing before the acknowledgement: once the last reading is
     // stored, its evaluation is either done or redone by a consumer that gets it again.
     let readings = stores.readings().await;
@@ -207,5 +143,5 @@ async fn killing_the_consumer_while_it_evaluates_leaves_exactly_the_alarms_the_r
     .await
     .unwrap();
     assert_eq!(twice, 0);
-    drop(consumer);
+    drop(killed.consumer);
 }

@@ -11,11 +11,7 @@ use uuid::Uuid;
 
 use crate::harness::*;
 
-pub(crate) fn consumer_process(
-    stores: &Stores,
-    endpoint: &MqttEndpoint,
-    client_id: &str,
-) -> ChildGuard {
+fn consumer_process(stores: &Stores, endpoint: &MqttEndpoint, client_id: &str) -> ChildGuard {
     let child = Command::new(env!("CARGO_BIN_EXE_termopar-consumer"))
         .envs(stores.consumer_env())
         .env(
@@ -30,10 +26,27 @@ pub(crate) fn consumer_process(
     ChildGuard(child)
 }
 
-#[tokio::test]
-async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice() {
-    let stores = Stores::new().await;
-    let (client, sensors) = stores.client_with_sensors(5).await;
+/// What [`stream_through_kills`] did.
+pub(crate) struct Killed {
+    /// The consumer running now.
+    pub consumer: ChildGuard,
+    /// The publisher's summary.
+    pub summary: termopar_device_sim::Summary,
+    /// The reading published first, to see the consumer subscribed.
+    pub probe: Uuid,
+}
+
+/// Starts the consumer binary on an embedded broker, then publishes `total` readings of
+/// `sensors` with QoS 1 (at 600/s, simulator seed `seed`) while killing the consumer with
+/// SIGKILL three times (after at least 300 more readings were stored each time) and
+/// starting it again; returns once every reading acknowledged is stored.
+pub(crate) async fn stream_through_kills(
+    stores: &Stores,
+    client: termopar_core::ids::ClientId,
+    sensors: &[(termopar_core::ids::SensorId, String)],
+    total: u64,
+    seed: u64,
+) -> Killed {
     let broker = termopar_broker::start(&BrokerSettings::ephemeral(), None)
         .await
         .unwrap();
@@ -41,7 +54,7 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
     let client_id = format!("crashy-{}", Uuid::new_v4().simple());
 
     // The first run creates the persistent session; readings are only published after.
-    let mut consumer = consumer_process(&stores, &endpoint, &client_id);
+    let mut consumer = consumer_process(stores, &endpoint, &client_id);
     let probe = Uuid::new_v4();
     let topic = Topics::new("").readings(client, sensors[0].0);
     eventually(
@@ -60,15 +73,14 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
     )
     .await;
 
-    let total = 3000u64;
     let config = SimConfig {
         rate: 600.0,
         count: Some(total),
-        seed: 2,
+        seed,
         ..SimConfig::new(
             endpoint.clone(),
             Topics::new(""),
-            sim_sensors(client, &sensors),
+            sim_sensors(client, sensors),
         )
     };
     let publisher = tokio::spawn(termopar_device_sim::run(config));
@@ -91,7 +103,7 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
         consumer.kill();
         kills += 1;
         last = seen;
-        consumer = consumer_process(&stores, &endpoint, &client_id);
+        consumer = consumer_process(stores, &endpoint, &client_id);
     }
     assert!(
         kills >= 2,
@@ -103,6 +115,23 @@ async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice(
     stores
         .wait_for_readings(total + 1, Duration::from_secs(60))
         .await;
+    Killed {
+        consumer,
+        summary,
+        probe,
+    }
+}
+
+#[tokio::test]
+async fn killing_the_consumer_repeatedly_loses_nothing_and_counts_nothing_twice() {
+    let stores = Stores::new().await;
+    let (client, sensors) = stores.client_with_sensors(5).await;
+    let total = 3000u64;
+    let Killed {
+        consumer,
+        summary,
+        probe,
+    } = stream_through_kills(&stores, client, &sensors, total, 2).await;
     stores.wait_no_pending_writes().await;
     drop(consumer);
 
