@@ -306,7 +306,8 @@ pub enum Change<K> {
 /// Matches `computed` (sorted by start) with `stored` (the alarms the recomputation may
 /// have touched, sorted by start): each computed excursion keeps the first stored alarm
 /// it overlaps, which is updated if it differs; the others are opened (with a key from
-/// `new_key`), and stored alarms left over are retracted. Also returns each computed
+/// `new_key`), and stored alarms left over are retracted. The changes come in an order
+/// applying them one by one never leaves two excursions open; also returns each computed
 /// excursion's key.
 pub fn reconcile<K: Clone>(
     stored: &[(K, Excursion)],
@@ -341,5 +342,14 @@ pub fn reconcile<K: Clone>(
             changes.push(Change::Retract(key.clone()));
         }
     }
+    // In an order that never has two excursions of the pair open at once (the database
+    // allows one): first what ends or goes, then what opens.
+    changes.sort_by_key(|c| match c {
+        Change::Retract(_) => 0,
+        Change::Update(_, e) if e.end.is_some() => 1,
+        Change::Update(..) => 2,
+        Change::Open(_, e) if e.end.is_some() => 3,
+        Change::Open(..) => 4,
+    });
     (changes, keys)
 }

@@ -2,7 +2,7 @@
 //! events in PostgreSQL, and the rules, reloaded when they change.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration as StdDuration, Instant},
 };
@@ -286,89 +286,162 @@ impl Book for PgStores {
             .collect())
     }
 
+    /// In four statements whatever the number of changes (what ends or goes, then what
+    /// opens: one alarm of a pair open at a time), then the events: in one statement for
+    /// rules without recipients, one by one (with their notifications) for the others.
     async fn apply(&self, pending: &[Pending]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pg.begin().await?;
-        let mut changes: Vec<(Uuid, Uuid, &Change<Uuid>)> = Vec::new();
+        let mut retracts: Vec<Uuid> = Vec::new();
+        let mut closing: Vec<(Uuid, Excursion)> = Vec::new();
+        let mut opening: Vec<(Uuid, Excursion)> = Vec::new();
+        let mut opens: Vec<(Uuid, Uuid, Uuid, Excursion)> = Vec::new();
         for p in pending {
-            changes.extend(p.changes.iter().map(|c| (p.rule, p.sensor, c)));
-        }
-        for (rule, sensor, change) in changes {
-            match change {
-                Change::Open(id, e) => {
-                    // The rule's client and severity; nothing when the rule or the sensor
-                    // was deleted meanwhile.
-                    let inserted = sqlx::query(
-                        "INSERT INTO alarms (id, rule_id, client_id, sensor_id, severity, state,
-                             started_at, confirmed_at, ended_at, peak, peak_at)
-                         SELECT $1, r.id, r.client_id, s.id, r.severity,
-                                CASE WHEN $5::timestamptz IS NULL THEN 'active' ELSE 'cleared' END,
-                                $3, $4, $5, $6, $7
-                         FROM alarm_rules r JOIN sensors s ON s.id = $8
-                         WHERE r.id = $2",
-                    )
-                    .bind(id)
-                    .bind(rule)
-                    .bind(e.start)
-                    .bind(e.confirmed_at)
-                    .bind(e.end)
-                    .bind(e.peak)
-                    .bind(e.peak_at)
-                    .bind(sensor)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if inserted == 1 {
-                        event(&mut tx, *id, "opened", Some(e.confirmed_at)).await?;
-                        if let Some(end) = e.end {
-                            event(&mut tx, *id, "cleared", Some(end)).await?;
-                        }
-                        metrics::counter!("alarms_opened_total").increment(1);
-                    }
-                }
-                Change::Update(id, e) => {
-                    let was: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
-                        "UPDATE alarms a SET started_at = $2, confirmed_at = $3, ended_at = $4,
-                             peak = $5, peak_at = $6, updated_at = now(),
-                             state = CASE WHEN $4::timestamptz IS NULL THEN 'active' ELSE 'cleared' END
-                         FROM (SELECT id, ended_at FROM alarms WHERE id = $1 FOR UPDATE) old
-                         WHERE a.id = old.id
-                         RETURNING old.ended_at",
-                    )
-                    .bind(id)
-                    .bind(e.start)
-                    .bind(e.confirmed_at)
-                    .bind(e.end)
-                    .bind(e.peak)
-                    .bind(e.peak_at)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    match (was, e.end) {
-                        (Some(None), Some(end)) => {
-                            event(&mut tx, *id, "cleared", Some(end)).await?;
-                            metrics::counter!("alarms_cleared_total").increment(1);
-                        }
-                        (Some(Some(_)), None) => event(&mut tx, *id, "reopened", None).await?,
-                        _ => {}
-                    }
-                }
-                Change::Retract(id) => {
-                    let retracted = sqlx::query(
-                        "UPDATE alarms SET state = 'retracted', updated_at = now()
-                         WHERE id = $1 AND state <> 'retracted'",
-                    )
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if retracted == 1 {
-                        event(&mut tx, *id, "retracted", None).await?;
-                        metrics::counter!("alarms_retracted_total").increment(1);
-                    }
+            for change in &p.changes {
+                match change {
+                    Change::Retract(id) => retracts.push(*id),
+                    Change::Update(id, e) if e.end.is_some() => closing.push((*id, *e)),
+                    Change::Update(id, e) => opening.push((*id, *e)),
+                    Change::Open(id, e) => opens.push((*id, p.rule, p.sensor, *e)),
                 }
             }
         }
+        let mut tx = self.pg.begin().await?;
+        // Each alarm's events, in order.
+        let mut events: Vec<(Uuid, &'static str, Option<DateTime<Utc>>)> = Vec::new();
+        if !retracts.is_empty() {
+            let done: Vec<Uuid> = sqlx::query_scalar(
+                "UPDATE alarms SET state = 'retracted', updated_at = now()
+                 WHERE id = ANY($1) AND state <> 'retracted' RETURNING id",
+            )
+            .bind(&retracts)
+            .fetch_all(&mut *tx)
+            .await?;
+            metrics::counter!("alarms_retracted_total").increment(done.len() as u64);
+            events.extend(done.into_iter().map(|id| (id, "retracted", None)));
+        }
+        for updates in [closing, opening] {
+            for (id, was, now) in update(&mut tx, &updates).await? {
+                match (was, now) {
+                    (None, Some(end)) => {
+                        metrics::counter!("alarms_cleared_total").increment(1);
+                        events.push((id, "cleared", Some(end)));
+                    }
+                    (Some(_), None) => events.push((id, "reopened", None)),
+                    _ => {}
+                }
+            }
+        }
+        if !opens.is_empty() {
+            // The rule's client and severity; nothing when the rule or the sensor was
+            // deleted meanwhile.
+            let inserted: HashSet<Uuid> = sqlx::query_scalar(
+                "INSERT INTO alarms (id, rule_id, client_id, sensor_id, severity, state,
+                     started_at, confirmed_at, ended_at, peak, peak_at)
+                 SELECT c.id, r.id, r.client_id, s.id, r.severity,
+                        CASE WHEN c.ended IS NULL THEN 'active' ELSE 'cleared' END,
+                        c.start, c.confirmed, c.ended, c.peak, c.peak_at
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[],
+                             $5::timestamptz[], $6::timestamptz[], $7::float8[], $8::timestamptz[])
+                      WITH ORDINALITY AS c(id, rule, sensor, start, confirmed, ended, peak, peak_at, n)
+                 JOIN alarm_rules r ON r.id = c.rule
+                 JOIN sensors s ON s.id = c.sensor
+                 ORDER BY c.n
+                 RETURNING id",
+            )
+            .bind(opens.iter().map(|o| o.0).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.1).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.2).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.3.start).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.3.confirmed_at).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.3.end).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.3.peak).collect::<Vec<_>>())
+            .bind(opens.iter().map(|o| o.3.peak_at).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            metrics::counter!("alarms_opened_total").increment(inserted.len() as u64);
+            for (id, _, _, e) in opens.iter().filter(|o| inserted.contains(&o.0)) {
+                events.push((*id, "opened", Some(e.confirmed_at)));
+                if let Some(end) = e.end {
+                    events.push((*id, "cleared", Some(end)));
+                }
+            }
+        }
+        record(&mut tx, &events).await?;
         tx.commit().await
     }
+}
+
+/// Updates alarms to say what `updates` do; returns each one's end before and after.
+async fn update(
+    tx: &mut sqlx::PgConnection,
+    updates: &[(Uuid, Excursion)],
+) -> Result<Vec<(Uuid, Option<DateTime<Utc>>, Option<DateTime<Utc>>)>, sqlx::Error> {
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = updates.iter().map(|u| u.0).collect();
+    sqlx::query_as(
+        "UPDATE alarms a SET started_at = c.start, confirmed_at = c.confirmed, ended_at = c.ended,
+             peak = c.peak, peak_at = c.peak_at, updated_at = now(),
+             state = CASE WHEN c.ended IS NULL THEN 'active' ELSE 'cleared' END
+         FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
+                     $5::float8[], $6::timestamptz[]) AS c(id, start, confirmed, ended, peak, peak_at),
+              (SELECT id, ended_at FROM alarms WHERE id = ANY($1) FOR UPDATE) old
+         WHERE a.id = c.id AND old.id = c.id
+         RETURNING a.id, old.ended_at, a.ended_at",
+    )
+    .bind(&ids)
+    .bind(updates.iter().map(|u| u.1.start).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.1.confirmed_at).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.1.end).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.1.peak).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.1.peak_at).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await
+}
+
+/// Records `events` (alarm, kind, event time or now): those of alarms whose rule has
+/// recipients one by one with their notifications (see [`event`]), the rest at once.
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    events: &[(Uuid, &'static str, Option<DateTime<Utc>>)],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let alarms: Vec<Uuid> = events.iter().map(|e| e.0).collect();
+    let notifying: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT a.id FROM alarms a JOIN alarm_rules r ON r.id = a.rule_id
+         WHERE a.id = ANY($1) AND (cardinality(r.emails) > 0 OR r.webhook_url IS NOT NULL)",
+    )
+    .bind(&alarms)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    type Event = (Uuid, &'static str, Option<DateTime<Utc>>);
+    let (told, quiet): (Vec<&Event>, Vec<&Event>) =
+        events.iter().partition(|e| notifying.contains(&e.0));
+    if !quiet.is_empty() {
+        sqlx::query(
+            "INSERT INTO alarm_events (alarm_id, client_id, kind, at)
+             SELECT e.alarm, a.client_id, e.kind, coalesce(e.at, now())
+             FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) WITH ORDINALITY
+                  AS e(alarm, kind, at, n)
+             JOIN alarms a ON a.id = e.alarm
+             ORDER BY e.n",
+        )
+        .bind(quiet.iter().map(|e| e.0).collect::<Vec<_>>())
+        .bind(quiet.iter().map(|e| e.1).collect::<Vec<_>>())
+        .bind(quiet.iter().map(|e| e.2).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (id, kind, at) in told {
+        event(tx, *id, kind, *at).await?;
+    }
+    Ok(())
 }
 
 /// Records an event of alarm `id`, at `at` (event time) or now, and enqueues its

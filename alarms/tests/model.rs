@@ -139,6 +139,14 @@ impl Book for Stores {
                     slot.3 = true;
                 }
             }
+            // As the database's unique index: one open excursion per rule and sensor.
+            let open = map
+                .values()
+                .filter(|(r, s, e, retracted)| {
+                    *r == rule && *s == sensor && !retracted && e.end.is_none()
+                })
+                .count();
+            assert!(open <= 1, "two alarms of a pair open at once");
         }
         Ok(())
     }
@@ -424,4 +432,26 @@ fn silences_longer_than_the_duration_are_excursions_the_last_one_open_by_the_clo
         (now[1].start, now[1].confirmed_at, now[1].end),
         (minute(30), minute(40), None)
     );
+}
+
+#[test]
+fn a_late_reading_that_joins_two_excursions_retracts_the_open_one_before_reopening() {
+    // A rate excursion ended at minute 12 and another is open since 15; a late reading
+    // makes minute 12 no end: one excursion from 5 on. Applied in order, the changes
+    // never have two open at once (the database's unique index would refuse it).
+    let at = |m: i64| t0() + Duration::minutes(m);
+    let excursion = |start: i64, end: Option<i64>| Excursion {
+        start: at(start),
+        confirmed_at: at(start),
+        end: end.map(at),
+        peak: 1.0,
+        peak_at: at(start),
+    };
+    let stored = [(1, excursion(5, Some(12))), (2, excursion(15, None))];
+    let (changes, keys) = termopar_alarms::eval::reconcile(&stored, &[excursion(5, None)], || 3);
+    assert_eq!(
+        changes,
+        vec![Change::Retract(2), Change::Update(1, excursion(5, None))]
+    );
+    assert_eq!(keys, vec![1]);
 }
