@@ -365,3 +365,58 @@ impl Pair<'_> {
         (self.rule_id, self.sensor)
     }
 }
+
+/// What time it is, for the no-data clock.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// The system's clock.
+    System,
+    /// `base` when tokio's clock said `at`, and moving with tokio's clock from there (a
+    /// paused clock in tests).
+    Tokio {
+        /// The time at `at`.
+        base: DateTime<Utc>,
+        /// The tokio instant of `base`.
+        at: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// A clock that says `base` now and moves with tokio's.
+    pub fn tokio(base: DateTime<Utc>) -> Self {
+        Self::Tokio {
+            base,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The time now.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Self::System => Utc::now(),
+            Self::Tokio { base, at } => {
+                *base + Duration::from_std(at.elapsed()).expect("a test's elapsed time")
+            }
+        }
+    }
+}
+
+/// Calls `tick` with the time every `every` (on tokio's timer) until `stop`: the clock of
+/// no-data rules.
+pub async fn run_clock<F, Fut>(
+    every: std::time::Duration,
+    clock: Clock,
+    mut stop: termopar_core::tasks::Stop,
+    mut tick: F,
+) where
+    F: FnMut(DateTime<Utc>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            () = stop.requested() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        tick(clock.now()).await;
+    }
+}

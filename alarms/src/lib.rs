@@ -204,17 +204,16 @@ impl Alarms {
     pub fn start_clock(&self, tasks: &Tasks, every: std::time::Duration) {
         let _ = self.0.stop.set(tasks.stop_signal());
         let alarms = self.clone();
-        tasks.spawn("alarm clock", move |mut stop| async move {
-            loop {
-                tokio::select! {
-                    _ = stop.requested() => return,
-                    _ = tokio::time::sleep(every) => {}
+        tasks.spawn("alarm clock", move |stop| {
+            engine::run_clock(every, engine::Clock::System, stop, move |now| {
+                let alarms = alarms.clone();
+                async move {
+                    if let Err(e) = alarms.tick(now).await {
+                        metrics::counter!("alarm_tick_errors_total").increment(1);
+                        tracing::warn!(error = %e, "no-data check failed; next tick tries again");
+                    }
                 }
-                if let Err(e) = alarms.tick(chrono::Utc::now()).await {
-                    metrics::counter!("alarm_tick_errors_total").increment(1);
-                    tracing::warn!(error = %e, "no-data check failed; next tick tries again");
-                }
-            }
+            })
         });
     }
 }

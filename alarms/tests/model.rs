@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Mutex};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use termopar_alarms::{
-    engine::{Book, Engine, History, Pair, Pending},
+    engine::{run_clock, Book, Clock, Engine, History, Pair, Pending},
     eval::{excursions, Change, Condition, Excursion, Point, Rule},
 };
 use uuid::Uuid;
@@ -454,4 +454,94 @@ fn a_late_reading_that_joins_two_excursions_retracts_the_open_one_before_reopeni
         vec![Change::Retract(2), Change::Update(1, excursion(5, None))]
     );
     assert_eq!(keys, vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_sensor_is_an_alarm_once_the_clock_passes_the_rules_duration() {
+    let rule: &'static Rule = Box::leak(Box::new(Rule {
+        condition: Condition::NoData,
+        duration: Duration::minutes(10),
+        hysteresis: 0.0,
+        from: t0(),
+    }));
+    let pair = Pair {
+        rule_id: Uuid::from_u128(1),
+        rule,
+        sensor: Uuid::from_u128(2),
+    };
+    let stores = std::sync::Arc::new(Stores::default());
+    let engine = std::sync::Arc::new(tokio::sync::Mutex::new(Engine::new()));
+    let first = Point {
+        ts: t0(),
+        id: Uuid::from_u128(10),
+        value: 5.0,
+    };
+    let (fresh, _) = stores.readings.store(pair.sensor, &[first]);
+    {
+        let mut engine = engine.lock().await;
+        engine
+            .evaluate(pair, &fresh, &[], Some(1), t0(), &*stores)
+            .await
+            .unwrap();
+        engine.flush(&*stores).await.unwrap();
+    }
+
+    // The clock ticks every second of tokio's paused time, from the reading on.
+    let tasks = termopar_core::tasks::Tasks::new();
+    let (ticked, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let clock = Clock::tokio(t0());
+    let (e, s) = (engine.clone(), stores.clone());
+    tasks.spawn("clock", move |stop| {
+        run_clock(std::time::Duration::from_secs(1), clock, stop, move |now| {
+            let (engine, stores, ticked) = (e.clone(), s.clone(), ticked.clone());
+            async move {
+                let mut engine = engine.lock().await;
+                let latest = stores.readings.all(pair.sensor).last().unwrap().ts;
+                engine.tick(pair, latest, now, &*stores).await.unwrap();
+                engine.flush(&*stores).await.unwrap();
+                ticked.send(now).unwrap();
+            }
+        })
+    });
+    // Silent for ten minutes is not more than ten: no alarm until the tick after.
+    loop {
+        let now = ticks.recv().await.unwrap();
+        let live = stores.alarms.live(pair.rule_id, pair.sensor);
+        if now - t0() <= Duration::minutes(10) {
+            assert!(live.is_empty(), "an alarm at {now}");
+            continue;
+        }
+        assert_eq!(now - t0(), Duration::seconds(601));
+        assert_eq!(
+            live,
+            vec![Excursion {
+                start: t0(),
+                confirmed_at: t0() + Duration::minutes(10),
+                end: None,
+                peak: 600.0,
+                peak_at: t0(),
+            }]
+        );
+        break;
+    }
+    // The sensor speaks again (measured at minute 11): the silence ends there.
+    let next = Point {
+        ts: t0() + Duration::minutes(11),
+        id: Uuid::from_u128(11),
+        value: 5.0,
+    };
+    let (fresh, _) = stores.readings.store(pair.sensor, &[next]);
+    {
+        let mut engine = engine.lock().await;
+        engine
+            .evaluate(pair, &fresh, &[], Some(2), clock.now(), &*stores)
+            .await
+            .unwrap();
+        engine.flush(&*stores).await.unwrap();
+    }
+    let ended = stores.alarms.live(pair.rule_id, pair.sensor);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].end, Some(next.ts));
+    assert_eq!(ended[0].peak, 660.0);
+    tasks.shutdown(std::time::Duration::from_secs(1)).await;
 }
