@@ -38,12 +38,14 @@ pub trait History {
 pub trait Book {
     /// The error of a read or a write.
     type Error;
-    /// The alarms of `rule` and `sensor` (not retracted) that last after `after` (all
-    /// of them for `None`), by start.
+    /// The alarms of `rule` and `sensor` (not retracted) that began at or after `since`
+    /// (the rule's definition took effect then) and last after `after` (all of them for
+    /// `None`), by start.
     fn touched(
         &self,
         rule: Uuid,
         sensor: Uuid,
+        since: DateTime<Utc>,
         after: Option<DateTime<Utc>>,
     ) -> impl Future<Output = Result<Vec<(Uuid, Excursion)>, Self::Error>> + Send;
     /// Applies `changes` (of several rule and sensor pairs), all or none (new alarms
@@ -218,7 +220,7 @@ impl Engine {
         let stored = match pair.rule.condition {
             // A silence may have been opened by the clock, in any process.
             Condition::NoData => stores
-                .touched(pair.rule_id, pair.sensor, after)
+                .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
                 .await
                 .map_err(EvalError::Book)?,
             _ => open.into_iter().collect(),
@@ -257,7 +259,7 @@ impl Engine {
         let after = tracker.last().map(|p| p.ts);
         let computed: Vec<Excursion> = tracker.silence(pair.rule, now).into_iter().collect();
         let stored = stores
-            .touched(pair.rule_id, pair.sensor, after)
+            .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
             .await
             .map_err(EvalError::Book)?;
         let changes = self.settle(pair, tracker, count, &stored, &computed);
@@ -303,7 +305,7 @@ impl Engine {
         let mut computed = tracker.feed_all(rule, points);
         computed.extend(tracker.silence(rule, now));
         let stored = stores
-            .touched(pair.rule_id, pair.sensor, after)
+            .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
             .await
             .map_err(EvalError::Book)?;
         let changes = self.settle(pair, tracker, count, &stored, &computed);

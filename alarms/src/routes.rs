@@ -45,6 +45,18 @@ pub(crate) enum RuleKind {
 }
 
 impl RuleKind {
+    fn parse(kind: &str) -> Option<Self> {
+        [
+            Self::Above,
+            Self::Below,
+            Self::Outside,
+            Self::Rate,
+            Self::NoData,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == kind)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Above => "above",
@@ -236,13 +248,23 @@ fn recipients(r: &Recipients) -> ApiResult<CheckedRecipients> {
     })
 }
 
-/// Changes to a rule; absent fields stay as they are. What it watches for cannot
-/// change (its past alarms were found by it): create another rule instead.
+/// Changes to a rule; absent fields stay as they are. A change to what it watches for
+/// (`kind`, the limits, `duration_secs`, `hysteresis`) takes effect from now on: the
+/// rule's alarms found so far stay as they were, those still open are closed now, and
+/// readings measured from now on are evaluated by the new definition.
 #[derive(Debug, Object)]
 pub(crate) struct AlarmRulePatch {
     pub name: Option<String>,
     pub severity: Option<Severity>,
     pub enabled: Option<bool>,
+    /// A new kind: its limits come from this patch alone.
+    pub kind: Option<RuleKind>,
+    pub threshold: Option<f64>,
+    pub low: Option<f64>,
+    pub high: Option<f64>,
+    #[oai(validator(maximum(value = "31622400")))]
+    pub duration_secs: Option<u32>,
+    pub hysteresis: Option<f64>,
     #[oai(flatten)]
     pub recipients: Recipients,
 }
@@ -273,8 +295,61 @@ struct Numbers {
     hysteresis: f64,
 }
 
+/// What a rule is asked to watch for (a new rule's, or a changed one's).
+struct Wanted {
+    kind: RuleKind,
+    threshold: Option<f64>,
+    low: Option<f64>,
+    high: Option<f64>,
+    duration_secs: Option<u32>,
+    hysteresis: Option<f64>,
+}
+
+impl From<&NewAlarmRule> for Wanted {
+    fn from(r: &NewAlarmRule) -> Self {
+        Self {
+            kind: r.kind,
+            threshold: r.threshold,
+            low: r.low,
+            high: r.high,
+            duration_secs: r.duration_secs,
+            hysteresis: r.hysteresis,
+        }
+    }
+}
+
+impl Wanted {
+    /// `current` changed by `patch`, when the patch changes what it watches for: a new
+    /// kind takes its limits from the patch alone, the same kind keeps those not given.
+    fn changed(current: &AlarmRule, patch: &AlarmRulePatch) -> Option<Self> {
+        let touched = patch.kind.is_some()
+            || patch.threshold.is_some()
+            || patch.low.is_some()
+            || patch.high.is_some()
+            || patch.duration_secs.is_some()
+            || patch.hysteresis.is_some();
+        if !touched {
+            return None;
+        }
+        let was = RuleKind::parse(&current.kind);
+        let kind = patch.kind.or(was).unwrap_or(RuleKind::Above);
+        let keep = was == Some(kind);
+        let limit = |new: Option<f64>, old: Option<f64>| new.or(if keep { old } else { None });
+        Some(Self {
+            kind,
+            threshold: limit(patch.threshold, current.threshold),
+            low: limit(patch.low, current.low),
+            high: limit(patch.high, current.high),
+            duration_secs: patch
+                .duration_secs
+                .or(u32::try_from(current.duration_secs).ok()),
+            hysteresis: patch.hysteresis.or(Some(current.hysteresis)),
+        })
+    }
+}
+
 /// The condition's numbers, checked.
-fn condition(body: &NewAlarmRule) -> ApiResult<Numbers> {
+fn condition(body: &Wanted) -> ApiResult<Numbers> {
     let hysteresis = finite("hysteresis", body.hysteresis.unwrap_or(0.0))?;
     if hysteresis < 0.0 {
         return Err(ApiError::validation(
@@ -435,7 +510,7 @@ impl AlarmRulesApi {
             low,
             high,
             hysteresis,
-        } = condition(&body)?;
+        } = condition(&Wanted::from(&*body))?;
         // An admin naming only the sensor gets the sensor's client.
         let sensor_client = match body.sensor_id {
             Some(sensor) => Some(
@@ -542,8 +617,10 @@ impl AlarmRulesApi {
         Ok(Found::Ok(Json(visible_rule(&alarms, &auth, id.0).await?)))
     }
 
-    /// Rename a rule, change its severity or recipients, enable or disable it (admins,
-    /// and operators of its client).
+    /// Change a rule (admins, and operators of its client): its name, severity,
+    /// recipients, `enabled`, or what it watches for (from now on: its open alarms are
+    /// closed now, and readings measured from now on are evaluated by the new
+    /// definition).
     #[oai(path = "/:id", method = "patch", operation_id = "updateAlarmRule")]
     #[tracing::instrument(skip_all, fields(id = %id.0))]
     async fn update(
@@ -561,12 +638,23 @@ impl AlarmRulesApi {
             .map(|n| validate::name("name", n, 200))
             .transpose()?;
         let to = recipients(&body.recipients)?;
+        let wanted = Wanted::changed(&current, &body);
+        let numbers = wanted.as_ref().map(condition).transpose()?;
+        let mut tx = alarms.pg().begin().await?;
         let rule = sqlx::query_as::<_, AlarmRule>(concat!(
             "UPDATE alarm_rules SET name = coalesce($2, name), severity = coalesce($3, severity),
                  enabled = coalesce($4, enabled), emails = coalesce($5, emails),
                  webhook_url = CASE WHEN $6 THEN $7 ELSE webhook_url END,
                  webhook_secret = CASE WHEN $8 THEN $9 ELSE webhook_secret END,
-                 quiet_secs = coalesce($10, quiet_secs), updated_at = now()
+                 quiet_secs = coalesce($10, quiet_secs),
+                 kind = CASE WHEN $11 THEN $12 ELSE kind END,
+                 threshold = CASE WHEN $11 THEN $13 ELSE threshold END,
+                 low = CASE WHEN $11 THEN $14 ELSE low END,
+                 high = CASE WHEN $11 THEN $15 ELSE high END,
+                 duration_secs = CASE WHEN $11 THEN $16 ELSE duration_secs END,
+                 hysteresis = CASE WHEN $11 THEN $17 ELSE hysteresis END,
+                 effective_from = CASE WHEN $11 THEN now() ELSE effective_from END,
+                 updated_at = now()
              WHERE id = $1 RETURNING ",
             rule_columns!()
         ))
@@ -580,9 +668,22 @@ impl AlarmRulesApi {
         .bind(to.webhook_secret.is_some())
         .bind(to.webhook_secret.flatten())
         .bind(body.recipients.quiet_secs.map(|q| q as i32))
-        .fetch_optional(alarms.pg())
+        .bind(wanted.is_some())
+        .bind(wanted.as_ref().map(|w| w.kind.as_str()))
+        .bind(numbers.as_ref().and_then(|n| n.threshold))
+        .bind(numbers.as_ref().and_then(|n| n.low))
+        .bind(numbers.as_ref().and_then(|n| n.high))
+        .bind(wanted.as_ref().map(|w| w.duration_secs.unwrap_or(0) as i32))
+        .bind(numbers.as_ref().map(|n| n.hysteresis))
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| ApiError::not_found("alarm rule"))?;
+        if wanted.is_some() {
+            // What it found so far stays; what is still open ends now.
+            let closed = crate::store::close_open(&mut tx, rule.id).await?;
+            tracing::info!(rule_id = %rule.id, closed, "alarm rule's condition changed");
+        }
+        tx.commit().await?;
         alarms.rules_changed().await;
         Ok(Found::Ok(Json(rule)))
     }

@@ -256,17 +256,20 @@ impl Book for PgStores {
         &self,
         rule: Uuid,
         sensor: Uuid,
+        since: DateTime<Utc>,
         after: Option<DateTime<Utc>>,
     ) -> Result<Vec<(Uuid, Excursion)>, sqlx::Error> {
         let rows: Vec<StoredRow> = sqlx::query_as(
             "SELECT id, started_at, confirmed_at, ended_at, peak, peak_at FROM alarms
              WHERE rule_id = $1 AND sensor_id = $2 AND state <> 'retracted'
+               AND started_at >= $4
                AND ($3::timestamptz IS NULL OR ended_at IS NULL OR ended_at > $3)
              ORDER BY started_at, id",
         )
         .bind(rule)
         .bind(sensor)
         .bind(after)
+        .bind(since)
         .fetch_all(&self.pg)
         .await?;
         Ok(rows
@@ -370,6 +373,35 @@ impl Book for PgStores {
         record(&mut tx, &events).await?;
         tx.commit().await
     }
+}
+
+/// Closes the open alarms of `rule` now (its condition changed), with their events and
+/// notifications; returns how many.
+pub(crate) async fn close_open(
+    tx: &mut sqlx::PgConnection,
+    rule: Uuid,
+) -> Result<usize, sqlx::Error> {
+    let closed: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE alarms SET state = 'cleared', ended_at = greatest(now(), started_at),
+             updated_at = now()
+         WHERE rule_id = $1 AND state = 'active' RETURNING id, ended_at",
+    )
+    .bind(rule)
+    .fetch_all(&mut *tx)
+    .await?;
+    let events: Vec<(Uuid, &'static str, Option<DateTime<Utc>>)> = closed
+        .iter()
+        .map(|(id, at)| (*id, "cleared", Some(*at)))
+        .collect();
+    record(tx, &events).await?;
+    sqlx::query(
+        "UPDATE alarm_events SET comment = 'the rule changed'
+         WHERE alarm_id = ANY($1) AND kind = 'cleared' AND comment IS NULL",
+    )
+    .bind(closed.iter().map(|c| c.0).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(closed.len())
 }
 
 /// Updates alarms to say what `updates` do; returns each one's end before and after.

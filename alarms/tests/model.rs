@@ -95,6 +95,7 @@ impl Book for Stores {
         &self,
         rule: Uuid,
         sensor: Uuid,
+        since: DateTime<Utc>,
         after: Option<DateTime<Utc>>,
     ) -> Result<Vec<(Uuid, Excursion)>, &'static str> {
         let map = self.alarms.0.lock().unwrap();
@@ -104,6 +105,7 @@ impl Book for Stores {
                 *r == rule
                     && *s == sensor
                     && !retracted
+                    && e.start >= since
                     && after.is_none_or(|a| e.end.is_none_or(|end| end > a))
             })
             .map(|(id, (_, _, e, _))| (*id, *e))

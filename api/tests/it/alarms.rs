@@ -643,3 +643,81 @@ async fn the_live_feed_streams_a_tenants_alarm_events_as_they_happen_and_resumes
         "another tenant saw an event"
     );
 }
+
+#[tokio::test]
+async fn changing_what_a_rule_watches_for_closes_its_open_alarms_and_applies_from_now_on() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
+        )
+        .await;
+    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    app.ingested(&sensor, json!([reading(Uuid::new_v4(), base, 9.0)]))
+        .await;
+    let first = app.alarms(&app.admin, "?state=active").await.pop().unwrap();
+    let path = format!("/alarm-rules/{}", id(&rule));
+
+    // Limits that make no rule are refused, and change nothing.
+    let refused = app
+        .patch(&path, &app.admin, json!({"kind": "outside", "low": 2.0}))
+        .await;
+    assert_error(
+        &refused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    assert_eq!(refused.1["field"], "high");
+    assert_eq!(app.alarms(&app.admin, "?state=active").await.len(), 1);
+
+    // A new threshold: the open alarm ends now, for the record; the rule starts over.
+    let before = Utc::now();
+    let (status, changed) = app
+        .patch(&path, &app.admin, json!({"threshold": 10.0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["threshold"], 10.0);
+    assert_eq!(changed["kind"], "above");
+    assert!(at(&changed, "effective_from") >= before.trunc_subsecs(3));
+    let (_, closed) = app
+        .get(&format!("/alarms/{}", id(&first)), &app.admin)
+        .await;
+    assert_eq!(closed["state"], "cleared");
+    let (_, events) = app
+        .get(&format!("/alarms/{}/events", id(&first)), &app.admin)
+        .await;
+    assert_eq!(events[1]["kind"], "cleared");
+    assert_eq!(events[1]["comment"], "the rule changed");
+
+    // Readings measured from now on meet the new threshold.
+    let now = Utc::now().trunc_subsecs(3) + Duration::milliseconds(5);
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), now, 9.5),
+            reading(Uuid::new_v4(), now + Duration::seconds(1), 10.5)
+        ]),
+    )
+    .await;
+    let active = app.alarms(&app.admin, "?state=active").await;
+    assert_eq!(active.len(), 1, "{active:?}");
+    assert_eq!(at(&active[0], "started_at"), now + Duration::seconds(1));
+    assert_eq!(active[0]["peak"], 10.5);
+
+    // Another kind takes its limits from the change alone.
+    let (status, outside) = app
+        .patch(
+            &path,
+            &app.admin,
+            json!({"kind": "outside", "low": 2.0, "high": 8.0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{outside}");
+    assert!(outside["threshold"].is_null());
+    assert!(app.alarms(&app.admin, "?state=active").await.is_empty());
+    assert_eq!(app.alarms(&app.admin, "").await.len(), 2);
+}
