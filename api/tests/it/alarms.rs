@@ -159,6 +159,30 @@ async fn an_excursion_is_one_alarm_whose_verdict_follows_late_readings() {
     );
     assert!(app.alarms(&viewer, "?state=active").await.is_empty());
     assert_eq!(app.alarms(&viewer, "").await.len(), 1);
+    // What happened is counted (the counters are the process's: at least this test's).
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "alarm_evaluations_total{path=\"in_order\"}",
+        "alarm_evaluations_total{path=\"recomputed\"}",
+        "alarms_opened_total",
+        "alarms_cleared_total",
+        "alarms_retracted_total",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
+        let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 1.0, "{line}");
+    }
 
     // Viewers read; operators acknowledge, once, with a comment.
     let ack = format!("/alarms/{alarm_id}/acknowledge");
