@@ -59,6 +59,9 @@ const FORMAT: u32 = 1;
 const SCHEMAS: [&str; 2] = ["public", "apalis"];
 /// Tables that say which migrations ran: checked, not copied.
 const MIGRATION_TABLES: [&str; 2] = ["_sqlx_migrations", "_apalis_migrations"];
+/// Tables whose one row the migrations create and other tables' triggers keep (the
+/// alarm rules' change counter): not copied, restoring those tables moves them.
+const DERIVED_TABLES: [&str; 1] = ["alarm_rules_version"];
 /// Documents per insert at restore, at most.
 const INSERT_DOCS: usize = 1000;
 /// Bytes per insert at restore, at most (below the 16 MiB of a command).
@@ -389,7 +392,8 @@ async fn applied(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<i64
     .await?)
 }
 
-/// termopar's tables (the migration records left out), by schema and name.
+/// termopar's tables (the migration records and derived tables left out), by schema and
+/// name.
 async fn tables_of(conn: &mut PgConnection) -> anyhow::Result<Vec<(String, String)>> {
     Ok(sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text FROM pg_class c
@@ -399,7 +403,7 @@ async fn tables_of(conn: &mut PgConnection) -> anyhow::Result<Vec<(String, Strin
          ORDER BY 1, 2",
     )
     .bind(&SCHEMAS[..])
-    .bind(&MIGRATION_TABLES[..])
+    .bind([&MIGRATION_TABLES[..], &DERIVED_TABLES[..]].concat())
     .fetch_all(&mut *conn)
     .await?)
 }
