@@ -233,6 +233,20 @@ impl Engine {
         })
     }
 
+    /// Recomputes `pair` from the stored readings around `ts`, where a stored reading was
+    /// corrected or deleted (whatever state this process had for it is dropped).
+    pub async fn reconsider<S: History + Book>(
+        &mut self,
+        pair: Pair<'_>,
+        ts: DateTime<Utc>,
+        now: DateTime<Utc>,
+        stores: &S,
+    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+        self.cursors.remove(&pair.key());
+        self.recompute(pair, (ts, Uuid::nil()), None, now, stores)
+            .await
+    }
+
     /// For a no-data rule (nothing for others): opens the silence of `pair`'s sensor if it lasted longer than
     /// the rule's duration at `now`. `latest` is the sensor's newest stored reading (a
     /// newer one than this process saw means another process evaluated it: the state

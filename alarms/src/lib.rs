@@ -164,6 +164,35 @@ impl Alarms {
     }
 }
 
+impl Alarms {
+    /// Recomputes the alarms of `reading`'s sensor around it: it was corrected (it
+    /// carries its new value) or deleted from the store.
+    pub async fn reconsider(&self, reading: &Reading) -> Result<usize, StoreError> {
+        let mut engine = self.0.engine.lock().await;
+        let mut rules = self.0.rules.lock().await;
+        for rule in rules.refresh(&self.0.stores.pg).await? {
+            engine.forget_rule(rule);
+        }
+        let now = chrono::Utc::now();
+        let (client, sensor) = (reading.client_id.0, reading.sensor_id.0);
+        for loaded in rules.of(client, sensor) {
+            let pair = Pair {
+                rule_id: loaded.id,
+                rule: &loaded.rule,
+                sensor,
+            };
+            if let Err(e) = engine
+                .reconsider(pair, reading.ts, now, &self.0.stores)
+                .await
+            {
+                engine.abandon();
+                return Err(store_error(e));
+            }
+        }
+        Ok(engine.flush(&self.0.stores).await?)
+    }
+}
+
 /// How often the clock of no-data rules looks for silent sensors.
 pub const CLOCK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -507,6 +507,8 @@ impl ReadingsApi {
             .correct(id.0, temperature)
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
+        // The alarms of its sensor follow the new value.
+        state.alarms.reconsider(&reading).await?;
         Ok(Found::Ok(Json(ReadingOut(reading))))
     }
 
@@ -524,11 +526,13 @@ impl ReadingsApi {
         id: Path<Uuid>,
     ) -> ApiResult<Deleted> {
         auth.0.require_admin()?;
-        state
+        let deleted = state
             .store
             .delete(id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("reading"))?;
+        // The alarms of its sensor follow its absence.
+        state.alarms.reconsider(&deleted).await?;
         Ok(Deleted::Deleted)
     }
 }

@@ -50,6 +50,15 @@ impl TestApp {
         page["items"].as_array().unwrap().clone()
     }
 
+    /// The alarms not retracted, as the admin sees them.
+    async fn live_alarms(&self) -> Vec<Value> {
+        self.alarms(&self.admin, "")
+            .await
+            .into_iter()
+            .filter(|a| a["state"] != "retracted")
+            .collect()
+    }
+
     /// The kinds of an alarm's events, oldest first.
     async fn alarm_events(&self, alarm: &str, token: &str) -> Vec<String> {
         let (status, events) = self.get(&format!("/alarms/{alarm}/events"), token).await;
@@ -744,4 +753,53 @@ async fn changing_what_a_rule_watches_for_closes_its_open_alarms_and_applies_fro
     assert!(outside["threshold"].is_null());
     assert!(app.alarms(&app.admin, "?state=active").await.is_empty());
     assert_eq!(app.alarms(&app.admin, "").await.len(), 2);
+}
+
+#[tokio::test]
+async fn corrected_and_deleted_readings_change_the_alarms_they_made() {
+    let app = TestApp::spawn().await;
+    let client = app.create_client("Cold rooms").await;
+    let sensor = app.create_sensor(id(&client), "Room 1").await;
+    let rule = app
+        .create_rule(
+            &app.admin,
+            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
+        )
+        .await;
+    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let m = |minutes: i64| base + Duration::minutes(minutes);
+    let spike = Uuid::new_v4();
+    app.ingested(
+        &sensor,
+        json!([
+            reading(Uuid::new_v4(), m(0), 5.0),
+            reading(spike, m(1), 9.5),
+            reading(Uuid::new_v4(), m(2), 5.0)
+        ]),
+    )
+    .await;
+    assert_eq!(app.live_alarms().await.len(), 1);
+
+    // Corrected into range: the spike was no excursion.
+    let path = format!("/readings/{spike}");
+    let (status, _) = app
+        .patch(&path, &app.admin, json!({"temperature": 6.0}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(app.live_alarms().await.is_empty());
+    // Corrected back above: an excursion again, with the corrected peak.
+    app.patch(&path, &app.admin, json!({"temperature": 9.6}))
+        .await;
+    let again = app.live_alarms().await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["peak"], 9.6);
+    assert_eq!(at(&again[0], "started_at"), m(1));
+    // Deleted: nothing left of it.
+    assert_eq!(
+        app.delete(&path, &app.admin).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert!(app.live_alarms().await.is_empty());
+    assert_eq!(app.alarms(&app.admin, "?state=retracted").await.len(), 2);
 }
