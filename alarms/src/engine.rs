@@ -247,10 +247,10 @@ impl Engine {
             .await
     }
 
-    /// For a no-data rule (nothing for others): opens the silence of `pair`'s sensor if it lasted longer than
-    /// the rule's duration at `now`. `latest` is the sensor's newest stored reading (a
-    /// newer one than this process saw means another process evaluated it: the state
-    /// here is recomputed).
+    /// For a no-data rule (nothing for others): opens the silence of `pair`'s sensor if
+    /// it lasted longer than the rule's duration at `now`. `latest` is the sensor's
+    /// newest stored reading (a newer one than this process saw means another process
+    /// evaluated it: the state here is recomputed).
     pub async fn tick<S: History + Book>(
         &mut self,
         pair: Pair<'_>,
