@@ -181,7 +181,16 @@ impl Engine {
                 .recompute(pair, earliest.key(), count, now, stores)
                 .await;
         };
-        // A reading this process stored before was evaluated then.
+        // Readings stored before may never have been evaluated: a process that stored
+        // them may have died before evaluating (the broker then sends them again, maybe
+        // to another process). From the stored readings, as for a late one.
+        if let Some(earliest) = again.iter().chain(fresh).map(Point::key).min() {
+            if !again.is_empty() {
+                // With nothing new stored, the count is the cursor's still.
+                let count = count.or(cursor.count);
+                return self.recompute(pair, earliest, count, now, stores).await;
+            }
+        }
         let mut points: Vec<Point> = fresh.to_vec();
         points.sort_by_key(Point::key);
         points.dedup_by_key(|p| p.id);
@@ -272,11 +281,9 @@ impl Engine {
         };
         let after = tracker.last().map(|p| p.ts);
         let computed: Vec<Excursion> = tracker.silence(pair.rule, now).into_iter().collect();
-        let stored = stores
-            .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
-            .await
-            .map_err(EvalError::Book)?;
-        let changes = self.settle(pair, tracker, count, &stored, &computed);
+        let changes = self
+            .settle_stored(pair, tracker, count, after, &computed, stores)
+            .await?;
         Ok(Evaluated {
             in_order: 1,
             recomputed: 0,
@@ -318,16 +325,31 @@ impl Engine {
         let after = tracker.last().map(|p| p.ts);
         let mut computed = tracker.feed_all(rule, points);
         computed.extend(tracker.silence(rule, now));
-        let stored = stores
-            .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
-            .await
-            .map_err(EvalError::Book)?;
-        let changes = self.settle(pair, tracker, count, &stored, &computed);
+        let changes = self
+            .settle_stored(pair, tracker, count, after, &computed, stores)
+            .await?;
         Ok(Evaluated {
             in_order: 0,
             recomputed: 1,
             changes,
         })
+    }
+
+    /// [`Engine::settle`] against the stored alarms that last after `after`.
+    async fn settle_stored<S: History + Book>(
+        &mut self,
+        pair: Pair<'_>,
+        tracker: Tracker,
+        count: Option<i64>,
+        after: Option<DateTime<Utc>>,
+        computed: &[Excursion],
+        stores: &S,
+    ) -> Result<usize, EvalError<<S as History>::Error, <S as Book>::Error>> {
+        let stored = stores
+            .touched(pair.rule_id, pair.sensor, pair.rule.from, after)
+            .await
+            .map_err(EvalError::Book)?;
+        Ok(self.settle(pair, tracker, count, &stored, computed))
     }
 
     /// Notes what `computed` changes of `stored` (written at the next flush), and keeps

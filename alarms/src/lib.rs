@@ -67,6 +67,26 @@ impl Alarms {
         &self.0.stores.pg
     }
 
+    /// The engine and the rules, locked, the rules reloaded if they changed. The engine
+    /// is locked first: no evaluation runs between a rule's reload and the forgetting of
+    /// the state it had under its old definition.
+    async fn locked(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, Engine>,
+            tokio::sync::MutexGuard<'_, RuleSet>,
+        ),
+        StoreError,
+    > {
+        let mut engine = self.0.engine.lock().await;
+        let mut rules = self.0.rules.lock().await;
+        for rule in rules.refresh(&self.0.stores.pg).await? {
+            engine.forget_rule(rule);
+        }
+        Ok((engine, rules))
+    }
+
     /// The application's stop signal, once its tasks run.
     fn stop(&self) -> Option<termopar_core::tasks::Stop> {
         self.0.stop.get().cloned()
@@ -87,13 +107,7 @@ impl Alarms {
         readings: &[Reading],
         outcome: &StoreOutcome,
     ) -> Result<usize, StoreError> {
-        // The engine first: no evaluation runs between a rule's reload and the
-        // forgetting of the state it had under its old definition.
-        let mut engine = self.0.engine.lock().await;
-        let mut rules = self.0.rules.lock().await;
-        for rule in rules.refresh(&self.0.stores.pg).await? {
-            engine.forget_rule(rule);
-        }
+        let (mut engine, rules) = self.locked().await?;
         if rules.is_empty() {
             return Ok(0);
         }
@@ -168,11 +182,7 @@ impl Alarms {
     /// Recomputes the alarms of `reading`'s sensor around it: it was corrected (it
     /// carries its new value) or deleted from the store.
     pub async fn reconsider(&self, reading: &Reading) -> Result<usize, StoreError> {
-        let mut engine = self.0.engine.lock().await;
-        let mut rules = self.0.rules.lock().await;
-        for rule in rules.refresh(&self.0.stores.pg).await? {
-            engine.forget_rule(rule);
-        }
+        let (mut engine, rules) = self.locked().await?;
         let now = chrono::Utc::now();
         let (client, sensor) = (reading.client_id.0, reading.sensor_id.0);
         for loaded in rules.of(client, sensor) {
@@ -200,11 +210,7 @@ impl Alarms {
     /// Opens the alarms of no-data rules whose sensors went silent by `now`; returns
     /// how many pairs it looked at. Errors are logged (the next tick tries again).
     pub async fn tick(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize, StoreError> {
-        let mut engine = self.0.engine.lock().await;
-        let mut rules = self.0.rules.lock().await;
-        for rule in rules.refresh(&self.0.stores.pg).await? {
-            engine.forget_rule(rule);
-        }
+        let (mut engine, rules) = self.locked().await?;
         if !rules.watches_silence() {
             return Ok(0);
         }

@@ -370,7 +370,7 @@ impl Book for PgStores {
                 }
             }
         }
-        record(&mut tx, &events).await?;
+        record(&mut tx, &events, None).await?;
         tx.commit().await
     }
 }
@@ -393,14 +393,7 @@ pub(crate) async fn close_open(
         .iter()
         .map(|(id, at)| (*id, "cleared", Some(*at)))
         .collect();
-    record(tx, &events).await?;
-    sqlx::query(
-        "UPDATE alarm_events SET comment = 'the rule changed'
-         WHERE alarm_id = ANY($1) AND kind = 'cleared' AND comment IS NULL",
-    )
-    .bind(closed.iter().map(|c| c.0).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
+    record(tx, &events, Some("the rule changed")).await?;
     Ok(closed.len())
 }
 
@@ -433,11 +426,13 @@ async fn update(
     .await
 }
 
-/// Records `events` (alarm, kind, event time or now): those of alarms whose rule has
-/// recipients one by one with their notifications (see [`event`]), the rest at once.
+/// Records `events` (alarm, kind, event time or now), with `comment`: those of alarms
+/// whose rule has recipients one by one with their notifications (see [`event`]), the
+/// rest at once.
 async fn record(
     tx: &mut sqlx::PgConnection,
     events: &[(Uuid, &'static str, Option<DateTime<Utc>>)],
+    comment: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
@@ -457,8 +452,8 @@ async fn record(
         events.iter().partition(|e| notifying.contains(&e.0));
     if !quiet.is_empty() {
         sqlx::query(
-            "INSERT INTO alarm_events (alarm_id, client_id, kind, at)
-             SELECT e.alarm, a.client_id, e.kind, coalesce(e.at, now())
+            "INSERT INTO alarm_events (alarm_id, client_id, kind, at, comment)
+             SELECT e.alarm, a.client_id, e.kind, coalesce(e.at, now()), $4
              FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) WITH ORDINALITY
                   AS e(alarm, kind, at, n)
              JOIN alarms a ON a.id = e.alarm
@@ -467,11 +462,12 @@ async fn record(
         .bind(quiet.iter().map(|e| e.0).collect::<Vec<_>>())
         .bind(quiet.iter().map(|e| e.1).collect::<Vec<_>>())
         .bind(quiet.iter().map(|e| e.2).collect::<Vec<_>>())
+        .bind(comment)
         .execute(&mut *tx)
         .await?;
     }
     for (id, kind, at) in told {
-        event(tx, *id, kind, *at).await?;
+        event(tx, *id, kind, *at, comment).await?;
     }
     Ok(())
 }
@@ -485,6 +481,7 @@ async fn event(
     id: Uuid,
     kind: &str,
     at: Option<DateTime<Utc>>,
+    comment: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let recorded: Option<(i64, bool, bool, bool)> = sqlx::query_as(
         "WITH a AS (
@@ -504,13 +501,14 @@ async fn event(
              END AS notify
              FROM a
          )
-         INSERT INTO alarm_events (alarm_id, client_id, kind, at, notified)
-         SELECT id, client_id, $2, coalesce($3, now()), notify FROM decided
+         INSERT INTO alarm_events (alarm_id, client_id, kind, at, notified, comment)
+         SELECT id, client_id, $2, coalesce($3, now()), notify, $4 FROM decided
          RETURNING id, notified, (SELECT by_email FROM decided), (SELECT by_webhook FROM decided)",
     )
     .bind(id)
     .bind(kind)
     .bind(at)
+    .bind(comment)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((event_id, true, by_email, by_webhook)) = recorded else {

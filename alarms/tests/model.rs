@@ -1,7 +1,8 @@
 //! The engine against the semantics, on random streams: readings arrive shuffled, in
 //! batches, some again (redeliveries), some hours late, sometimes through two processes
 //! (the consumer and HTTP ingest, each with its own state), and a process sometimes
-//! restarts (losing its state). After every batch the stored alarms must be exactly the
+//! restarts (losing its state), even between storing a batch and evaluating it (the
+//! batch then comes again). After every batch the stored alarms must be exactly the
 //! excursions of everything stored so far.
 
 use std::{collections::BTreeMap, sync::Mutex};
@@ -248,6 +249,7 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
     let mut in_order = 0;
     let mut alarms_seen = 0;
     let mut failures = 0;
+    let mut crashes = 0;
     for seed in 0..400u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let rule = random_rule(&mut rng);
@@ -265,7 +267,14 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
         };
         // The clock: at or after the newest reading delivered, sometimes well after.
         let mut now = t0();
-        for batch in arrivals(&mut rng, &stream) {
+        // Batches to deliver, each marked when it is the redelivery of one a process died
+        // with (stored, not evaluated, not acknowledged).
+        let mut queue: std::collections::VecDeque<(Vec<Point>, bool)> = arrivals(&mut rng, &stream)
+            .into_iter()
+            .map(|b| (b, false))
+            .collect();
+        let mut unevaluated = 0;
+        while let Some((batch, redelivered)) = queue.pop_front() {
             let engine = &mut engines[rng.gen_range(0..processes)];
             // The process restarts now and then, losing what it held in memory.
             if rng.gen_bool(0.05) {
@@ -273,6 +282,22 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
             }
             let newest = batch.iter().map(|p| p.ts).max().unwrap();
             now = now.max(newest) + Duration::seconds(rng.gen_range(0..120));
+            // Now and then the process dies between storing the batch and evaluating it:
+            // the broker sends it again a few batches later, to either process.
+            if rng.gen_bool(0.03) {
+                stores.readings.store(sensor, &batch);
+                *engine = Engine::new();
+                let at = rng.gen_range(0..=queue.len().min(5));
+                queue.insert(at, (batch, true));
+                if !redelivered {
+                    unevaluated += 1;
+                }
+                crashes += 1;
+                continue;
+            }
+            if redelivered {
+                unevaluated -= 1;
+            }
             // Now and then writing the alarms fails: the batch is stored again (its
             // readings are redeliveries then) until it goes through, as the consumer does.
             if rng.gen_bool(0.05) {
@@ -298,6 +323,9 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             recomputed += done.recomputed;
             in_order += done.in_order;
+            if unevaluated > 0 {
+                continue;
+            }
             let expected = sorted(excursions(&rule, &stores.readings.all(sensor), now));
             assert_eq!(
                 stores.alarms.live(rule_id, sensor),
@@ -328,6 +356,7 @@ async fn stored_alarms_are_the_excursions_of_the_stored_readings_whatever_the_ar
     );
     assert!(alarms_seen > 200, "{alarms_seen}");
     assert!(failures > 20, "{failures}");
+    assert!(crashes > 20, "{crashes}");
 }
 
 #[test]

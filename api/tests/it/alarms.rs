@@ -169,15 +169,7 @@ async fn an_excursion_is_one_alarm_whose_verdict_follows_late_readings() {
     assert!(app.alarms(&viewer, "?state=active").await.is_empty());
     assert_eq!(app.alarms(&viewer, "").await.len(), 1);
     // What happened is counted (the counters are the process's: at least this test's).
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "alarm_evaluations_total{path=\"in_order\"}",
         "alarm_evaluations_total{path=\"recomputed\"}",

@@ -294,6 +294,18 @@ impl TestApp {
         read(req.send().await.unwrap()).await
     }
 
+    /// The text of `/metrics` (Prometheus).
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until the daily-average cache listens for changes (it is bypassed before).
     pub async fn daily_cache_live(&self) {
         test_support::eventually(

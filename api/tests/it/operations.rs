@@ -153,15 +153,7 @@ async fn metrics_count_requests_per_operation() {
     let app = TestApp::spawn().await;
     app.get("/clients", &app.admin).await;
 
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let line = text
         .lines()
         .find(|l| {

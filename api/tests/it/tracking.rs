@@ -251,15 +251,7 @@ async fn every_refusal_has_its_status_and_code_and_nothing_else_is_dropped() {
 
     // Exactly the accepted hits are stored, and every refusal was counted by reason.
     app.accesses_once(id(&site), 2).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for reason in [
         "unknown_site",
         "origin_not_allowed",
