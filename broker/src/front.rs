@@ -13,7 +13,9 @@
 //!   readings topic or a SUBSCRIBE outside their subtree is answered by the front and
 //!   never reaches rumqttd;
 //! - a client that asked for no keepalive is kept alive by the front's own PINGREQs,
-//!   whose PINGRESPs it never sees.
+//!   whose PINGRESPs it never sees;
+//! - in edge mode every connection is framed, and the PUBACK of a QoS 1 reading waits
+//!   until the consumer finished it (see `settle`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -72,6 +74,9 @@ pub struct FrontCounts {
     /// Times a client connection was held back (not read from) because the consumer was
     /// behind (see `RunningBroker::hold_back`).
     pub held_back: u64,
+    /// PUBACKs that waited for the consumer to finish their messages (see
+    /// `RunningBroker::acknowledge_when_finished`).
+    pub acks_held: u64,
 }
 
 impl FrontStats {
@@ -85,6 +90,7 @@ impl FrontStats {
             revoked: self.revoked.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             held_back: 0,
+            acks_held: 0,
         }
     }
 
@@ -230,6 +236,8 @@ pub(crate) struct Front {
     pub tasks: tokio_util::task::TaskTracker,
     /// Shut while the consumer is too far behind: clients are then not read from.
     pub gate: Arc<crate::hold::Gate>,
+    /// PUBACKs that wait for the consumer (edge mode).
+    pub settle: Arc<crate::settle::Settlement>,
 }
 
 /// A client whose CONNECT rumqttd has been sent.
@@ -272,6 +280,40 @@ struct Shared {
     owed_pings: u32,
     /// The front's own answers to refused packets, for the client.
     answers: Vec<Bytes>,
+    /// QoS 1 publishes passed on whose PUBACK waits for the consumer, by packet id.
+    expected: HashMap<u16, crate::settle::Expected>,
+}
+
+/// PUBACKs from rumqttd not yet sent on, in the order they came (MQTT wants QoS 1
+/// acknowledgements in the order of the publishes): the first waits for the consumer,
+/// the ones after it for the first.
+#[derive(Default)]
+struct Held(std::collections::VecDeque<(Bytes, Option<crate::settle::Expected>)>);
+
+impl Held {
+    /// Appends the PUBACKs at the head that may go now to `out`.
+    fn release(&mut self, out: &mut BytesMut) {
+        while let Some((_, expected)) = self.0.front_mut() {
+            if let Some(rx) = expected {
+                if let Err(oneshot::error::TryRecvError::Empty) = rx.try_recv() {
+                    return;
+                }
+            }
+            let (p, _) = self.0.pop_front().expect("a head");
+            out.extend_from_slice(&p);
+        }
+    }
+
+    /// Resolves when the head's consumer finished its message.
+    async fn head(&mut self) {
+        match self.0.front_mut() {
+            Some((_, Some(rx))) => {
+                let _ = rx.await;
+                self.0.front_mut().expect("a head").1 = None;
+            }
+            _ => std::future::pending().await,
+        }
+    }
 }
 
 /// The most each direction of the in-memory stream to rumqttd holds unread: a write
@@ -486,7 +528,7 @@ impl Front {
             no_keepalive,
         } = accepted;
         match principal {
-            Principal::Full if !no_keepalive => {
+            Principal::Full if !no_keepalive && !self.settle.active() => {
                 broker.write_all(&from_client.take_rest()).await?;
                 tokio::io::copy_bidirectional(&mut client, &mut broker).await?;
                 Ok(())
@@ -543,6 +585,8 @@ impl Front {
                 answered: &answered,
                 refused_qos2: HashSet::new(),
                 logged: false,
+                settle: &self.settle,
+                aliases: HashMap::new(),
             };
             let start = tokio::time::Instant::now() + self.ping_every;
             let mut ping = tokio::time::interval_at(start, self.ping_every);
@@ -570,6 +614,7 @@ impl Front {
         let downstream = async {
             let mut from_broker = PacketReader::new(usize::MAX);
             let mut out = BytesMut::new();
+            let mut held = Held::default();
             loop {
                 tokio::select! {
                     read = from_broker.fill(&mut broker_r) => {
@@ -582,6 +627,19 @@ impl Front {
                                     let mut shared = shared.lock().unwrap();
                                     if shared.owed_pings > 0 {
                                         shared.owed_pings -= 1;
+                                        continue;
+                                    }
+                                }
+                                packet::PUBACK => {
+                                    let id = packet::packet_id(&p)?;
+                                    let expected = shared.lock().unwrap().expected.remove(&id);
+                                    if expected.is_some() || !held.0.is_empty() {
+                                        // A copy: the packet holds on to the whole read.
+                                        held.0.push_back((Bytes::copy_from_slice(&p), expected));
+                                        held.release(&mut out);
+                                        if !held.0.is_empty() {
+                                            self.settle.held();
+                                        }
                                         continue;
                                     }
                                 }
@@ -601,6 +659,7 @@ impl Front {
                             out.extend_from_slice(&p);
                         }
                     }
+                    _ = held.head(), if !held.0.is_empty() => held.release(&mut out),
                     _ = answered.notified() => {
                         for p in std::mem::take(&mut shared.lock().unwrap().answers) {
                             out.extend_from_slice(&p);
@@ -640,20 +699,29 @@ struct Gate<'a> {
     /// Refused QoS 2 publishes, whose PUBREL the front answers.
     refused_qos2: HashSet<u16>,
     logged: bool,
+    settle: &'a crate::settle::Settlement,
+    /// MQTT 5 topic aliases the client set.
+    aliases: HashMap<u16, Vec<u8>>,
 }
 
 impl Gate<'_> {
     /// Appends `p` to `out` when it may go on; answers it when it may not.
     fn pass(&mut self, p: Bytes, out: &mut BytesMut) -> anyhow::Result<()> {
+        let kind = packet::kind(&p);
         let Some(device) = self.device else {
+            if kind == packet::PUBLISH && self.settle.active() {
+                let publish = Publish::parse(&p, self.level)?;
+                self.expect(&publish);
+            }
             out.extend_from_slice(&p);
             return Ok(());
         };
-        match packet::kind(&p) {
+        match kind {
             packet::PUBLISH => {
-                let publish = Publish::parse(&p)?;
+                let publish = Publish::parse(&p, self.level)?;
                 // An empty topic is an MQTT 5 alias, which only an allowed topic set.
                 if publish.topic.is_empty() || device.may_publish(publish.topic) {
+                    self.expect(&publish);
                     out.extend_from_slice(&p);
                     return Ok(());
                 }
@@ -718,6 +786,28 @@ impl Gate<'_> {
             _ => out.extend_from_slice(&p),
         }
         Ok(())
+    }
+
+    /// A publish going on to rumqttd: its PUBACK waits for the consumer when the
+    /// consumer will see it (QoS 1 on the consumer's filter, in edge mode).
+    fn expect(&mut self, publish: &Publish<'_>) {
+        if let (Some(alias), false) = (publish.alias, publish.topic.is_empty()) {
+            self.aliases.insert(alias, publish.topic.to_vec());
+        }
+        let (1, Some(id)) = (publish.qos, publish.packet_id) else {
+            return;
+        };
+        let topic = match (publish.topic.is_empty(), publish.alias) {
+            (false, _) => publish.topic,
+            (true, Some(alias)) => match self.aliases.get(&alias) {
+                Some(topic) => topic,
+                None => return,
+            },
+            (true, None) => return,
+        };
+        if let Some(expected) = self.settle.expect(topic, publish.payload) {
+            self.shared.lock().unwrap().expected.insert(id, expected);
+        }
     }
 
     /// Queues an answer for the client (written by the other direction).

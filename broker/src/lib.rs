@@ -14,6 +14,7 @@ mod front;
 mod hold;
 mod packet;
 mod settings;
+mod settle;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -43,7 +44,21 @@ pub struct RunningBroker {
     closing: tokio::sync::watch::Sender<bool>,
     tasks: tokio_util::task::TaskTracker,
     gate: Arc<hold::Gate>,
+    settle: Arc<settle::Settlement>,
     buffer_bytes: usize,
+}
+
+/// Where the in-process consumer reports the messages it finished, so that the front
+/// acknowledges them to their devices (see [`RunningBroker::acknowledge_when_finished`]).
+#[derive(Debug, Clone)]
+pub struct Finished(Arc<settle::Settlement>);
+
+impl Finished {
+    /// The consumer is done with the message of `topic` and `payload` (stored, or
+    /// dead-lettered): a device waiting for its PUBACK gets it.
+    pub fn finished(&self, topic: &str, payload: &[u8]) {
+        self.0.finished(topic, payload);
+    }
 }
 
 impl RunningBroker {
@@ -61,6 +76,14 @@ impl RunningBroker {
             tokio::spawn(self.gate.clone().announce());
         }
         set
+    }
+
+    /// Where the in-process consumer reports what it finished, when the broker was
+    /// started with [`BrokerSettings::ack_when_finished`]: the PUBACK of a client's QoS 1
+    /// publish on that filter waits for it, so a process killed at any point has
+    /// acknowledged only what is stored, and devices resend the rest.
+    pub fn finished(&self) -> Option<Finished> {
+        self.settle.active().then(|| Finished(self.settle.clone()))
     }
 
     /// Stops taking MQTT clients: the front's listeners close and its client connections
@@ -89,6 +112,7 @@ impl RunningBroker {
     pub fn stats(&self) -> FrontCounts {
         FrontCounts {
             held_back: self.gate.holds(),
+            acks_held: self.settle.holds(),
             ..self.stats.counts()
         }
     }
@@ -311,6 +335,10 @@ pub async fn start(
         .context("failed to start the broker thread")?;
     let gate = Arc::new(hold::Gate::default());
     export_meters(meters, gate.clone());
+    let settle = Arc::new(settle::Settlement::default());
+    if let Some(filter) = &settings.ack_when_finished {
+        settle.set(filter);
+    }
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&internal, Duration::from_millis(200)).is_err() {
@@ -353,6 +381,7 @@ pub async fn start(
         closing: tokio::sync::watch::channel(false).0,
         tasks: tokio_util::task::TaskTracker::new(),
         gate: gate.clone(),
+        settle: settle.clone(),
     });
     // The front has a runtime of its own, as rumqttd has: it serves whatever the caller's
     // runtime is doing (tests that block it included).
@@ -393,6 +422,7 @@ pub async fn start(
         closing: front.closing.clone(),
         tasks: front.tasks.clone(),
         gate,
+        settle,
         buffer_bytes,
     })
 }

@@ -7,6 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub(crate) const CONNECT: u8 = 1;
 pub(crate) const PUBLISH: u8 = 3;
+pub(crate) const PUBACK: u8 = 4;
 pub(crate) const PUBREL: u8 = 6;
 pub(crate) const SUBSCRIBE: u8 = 8;
 pub(crate) const SUBACK: u8 = 9;
@@ -298,14 +299,22 @@ impl<'a> Connect<'a> {
 /// What the front reads of a PUBLISH.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Publish<'a> {
+    /// Empty when an MQTT 5 client names the topic by `alias` alone.
     pub topic: &'a [u8],
     pub qos: u8,
     /// Present for QoS 1 and 2.
     pub packet_id: Option<u16>,
+    /// MQTT 5's topic alias property.
+    pub alias: Option<u16>,
+    pub payload: &'a [u8],
 }
 
+/// MQTT 5's topic alias property.
+const TOPIC_ALIAS: u8 = 0x23;
+
 impl<'a> Publish<'a> {
-    pub(crate) fn parse(packet: &'a [u8]) -> Result<Self, Malformed> {
+    /// A PUBLISH of a connection at protocol `level`.
+    pub(crate) fn parse(packet: &'a [u8], level: u8) -> Result<Self, Malformed> {
         let qos = (packet[0] >> 1) & 0x03;
         if qos == 3 {
             return Err(Malformed("PUBLISH with QoS 3"));
@@ -316,12 +325,60 @@ impl<'a> Publish<'a> {
         };
         let topic = c.field()?;
         let packet_id = if qos > 0 { Some(c.u16()?) } else { None };
+        let alias = if level == 5 {
+            topic_alias(c.properties()?)?
+        } else {
+            None
+        };
         Ok(Self {
             topic,
             qos,
             packet_id,
+            alias,
+            payload: c.rest(),
         })
     }
+}
+
+/// The topic alias among MQTT 5 `properties` (length prefix included).
+fn topic_alias(properties: &[u8]) -> Result<Option<u16>, Malformed> {
+    let mut c = Cursor {
+        buf: properties,
+        at: 0,
+    };
+    // Past the length prefix.
+    while c.u8()? & 0x80 != 0 {}
+    while !c.rest().is_empty() {
+        let id = c.u8()?;
+        match id {
+            TOPIC_ALIAS => return Ok(Some(c.u16()?)),
+            // Byte properties.
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => {
+                c.u8()?;
+            }
+            // Two-byte integers.
+            0x13 | 0x21 | 0x22 => {
+                c.u16()?;
+            }
+            // Four-byte integers.
+            0x02 | 0x11 | 0x18 | 0x27 => {
+                c.take(4)?;
+            }
+            // Variable byte integer (subscription identifier).
+            0x0B => while c.u8()? & 0x80 != 0 {},
+            // Strings and binary data.
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
+                c.field()?;
+            }
+            // A string pair (user property).
+            0x26 => {
+                c.field()?;
+                c.field()?;
+            }
+            _ => return Err(Malformed("unknown MQTT 5 property")),
+        }
+    }
+    Ok(None)
 }
 
 /// A SUBSCRIBE: its id, MQTT 5 properties and filters with their options.
@@ -600,20 +657,57 @@ mod tests {
     }
 
     #[test]
-    fn publish_topic_qos_and_id_are_read() {
+    fn publish_topic_qos_id_and_payload_are_read() {
         let mut body = BytesMut::new();
         put_field(&mut body, b"x/y");
         body.put_u16(9);
         body.put_slice(b"payload");
         let p = packet(0x32, &body);
         assert_eq!(
-            Publish::parse(&p).unwrap(),
+            Publish::parse(&p, 4).unwrap(),
             Publish {
                 topic: b"x/y",
                 qos: 1,
-                packet_id: Some(9)
+                packet_id: Some(9),
+                alias: None,
+                payload: b"payload",
             }
         );
-        assert!(Publish::parse(&packet(0x36, &body)).is_err());
+        assert!(Publish::parse(&packet(0x36, &body), 4).is_err());
+    }
+
+    #[test]
+    fn an_mqtt5_publish_names_its_topic_alias_among_other_properties() {
+        let mut body = BytesMut::new();
+        put_field(&mut body, b"");
+        body.put_u16(7);
+        let mut properties = BytesMut::new();
+        properties.put_u8(0x01); // payload format
+        properties.put_u8(1);
+        properties.put_u8(0x26); // a user property
+        put_field(&mut properties, b"k");
+        put_field(&mut properties, b"v");
+        properties.put_u8(TOPIC_ALIAS);
+        properties.put_u16(3);
+        put_varint(&mut body, properties.len());
+        body.put_slice(&properties);
+        body.put_slice(b"{}");
+        let whole = packet(0x32, &body);
+        let p = Publish::parse(&whole, 5).unwrap();
+        assert_eq!(
+            (p.topic, p.alias, p.payload),
+            (&b""[..], Some(3), &b"{}"[..])
+        );
+
+        let mut body = BytesMut::new();
+        put_field(&mut body, b"a/b");
+        body.put_u8(0); // QoS 0: no packet id; no properties
+        body.put_slice(b"x");
+        let whole = packet(0x30, &body);
+        let p = Publish::parse(&whole, 5).unwrap();
+        assert_eq!(
+            (p.topic, p.alias, p.payload),
+            (&b"a/b"[..], None, &b"x"[..])
+        );
     }
 }

@@ -50,6 +50,11 @@ pub struct BrokerSettings {
     /// holds devices back before the consumer falls that far behind, and
     /// [`DEFAULT_BUFFER_BYTES`] for the standalone broker, whose subscribers are not known.
     pub buffer_bytes: Option<usize>,
+    /// Edge mode's in-process consumer's filter (not read from the environment): the
+    /// PUBACK of a client's QoS 1 publish on it waits until the consumer reports that
+    /// message finished (see [`crate::RunningBroker::finished`]), and every client
+    /// connection is framed packet by packet.
+    pub ack_when_finished: Option<String>,
 }
 
 /// The standalone broker's buffer per subscription filter unless `MQTT_BUFFER_BYTES` says
@@ -119,6 +124,7 @@ impl BrokerSettings {
             buffer_bytes: env_var("MQTT_BUFFER_BYTES")
                 .map(|b| b.parse().context("invalid MQTT_BUFFER_BYTES"))
                 .transpose()?,
+            ack_when_finished: None,
         })
     }
 
@@ -138,6 +144,7 @@ impl BrokerSettings {
             max_connections: 10_000,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             buffer_bytes: None,
+            ack_when_finished: None,
         }
     }
 }

@@ -158,3 +158,78 @@ async fn mqtt_5_subscribers_get_what_mqtt_3_publishers_send_on_the_same_port() {
         r#"{"temperature": 1}"#
     );
 }
+
+/// Edge mode: the PUBACK of a QoS 1 reading waits until the consumer reports it finished;
+/// PUBACKs keep the order of their publishes (one on another topic waits behind them).
+#[tokio::test]
+async fn a_readings_puback_waits_until_the_consumer_finished_it() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let topics = termopar_core::topic::Topics::new("");
+    let mut settings = BrokerSettings::ephemeral();
+    settings.ack_when_finished = Some(topics.readings_filter());
+    let broker = termopar_broker::start(&settings, None).await.unwrap();
+    let finished = broker
+        .finished()
+        .expect("the broker acknowledges when finished");
+    let without = termopar_broker::start(&BrokerSettings::ephemeral(), None)
+        .await
+        .unwrap();
+    assert!(without.finished().is_none());
+
+    let endpoint = MqttEndpoint::parse(&broker.url()).unwrap();
+    let mut options = MqttOptions::new("waits", &endpoint.host, endpoint.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::PubAck(ack)) = event {
+                let _ = acks_tx.send(ack.pkid);
+            }
+        }
+    });
+    let client_id = termopar_core::ids::ClientId(Uuid::new_v4());
+    let a = topics.readings(client_id, SensorId(Uuid::new_v4()));
+    let b = topics.readings(client_id, SensorId(Uuid::new_v4()));
+    for (topic, payload) in [(&a, "1"), (&b, "2"), (&"other/topic".to_owned(), "3")] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    // rumqttd acknowledged all three to the front, which holds them.
+    test_support::eventually(
+        "the front holding three PUBACKs",
+        Duration::from_secs(20),
+        || async { (broker.stats().acks_held >= 3).then_some(()) },
+    )
+    .await;
+    assert!(acks.try_recv().is_err(), "no PUBACK before the consumer");
+
+    // The second one finished first: it still waits for the first (a PUBACK sent now
+    // would arrive before the first's).
+    finished.finished(&b, b"2");
+    finished.finished(&a, b"1");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(
+            tokio::time::timeout(Duration::from_secs(20), acks.recv())
+                .await
+                .expect("a PUBACK")
+                .unwrap(),
+        );
+    }
+    assert_eq!(order, [1, 2, 3], "PUBACKs in the order of their publishes");
+
+    // A publish off the filter is answered at once when nothing waits before it.
+    client
+        .publish("other/topic", QoS::AtLeastOnce, false, "4")
+        .await
+        .unwrap();
+    let pkid = tokio::time::timeout(Duration::from_secs(20), acks.recv())
+        .await
+        .expect("a PUBACK without the consumer")
+        .unwrap();
+    assert_eq!(pkid, 4);
+}

@@ -49,6 +49,24 @@ pub struct Progress {
     done_bytes: Arc<AtomicU64>,
     marker: Arc<Mutex<Marker>>,
     awaiting: Arc<AtomicBool>,
+    finished: Finished,
+}
+
+/// What is told of a finished message: its topic and payload.
+type Tell = dyn Fn(&str, &[u8]) + Send + Sync;
+
+/// Told of every message the consumer finished (see [`Consumer::on_finished`]).
+#[derive(Clone, Default)]
+struct Finished(Option<Arc<Tell>>);
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Finished(set)"
+        } else {
+            "Finished(none)"
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -91,9 +109,13 @@ impl Progress {
         self.done.fetch_add(n, Ordering::AcqRel);
     }
 
-    pub(crate) fn done_bytes(&self, topic: &str, payload: &[u8]) {
+    /// A message (QoS 0 too) is stored or dead-lettered, and acknowledged to the broker.
+    pub(crate) fn finished(&self, topic: &str, payload: &[u8]) {
         let size = 4 + topic.len() + payload.len();
         self.done_bytes.fetch_add(size as u64, Ordering::AcqRel);
+        if let Some(tell) = &self.finished.0 {
+            tell(topic, payload);
+        }
     }
 
     fn done_so_far(&self) -> u64 {
@@ -194,6 +216,13 @@ impl<S: Sink> Consumer<S> {
     /// 4): what the embedded broker's hold-back compares with what its log took.
     pub fn done_bytes(&self) -> Arc<AtomicU64> {
         self.progress.done_bytes.clone()
+    }
+
+    /// Tells `tell` the topic and payload of every message finished (stored or
+    /// dead-lettered, then acknowledged to the broker), as received: the embedded
+    /// broker's front acknowledges a device's publish only then.
+    pub fn on_finished(&mut self, tell: impl Fn(&str, &[u8]) + Send + Sync + 'static) {
+        self.progress.finished = Finished(Some(Arc::new(tell)));
     }
 
     /// Turns true once the broker confirmed the subscription (and false while

@@ -199,7 +199,7 @@ impl<S: Sink> Pipeline<S> {
                 }
                 self.progress.done(1);
             }
-            self.progress.done_bytes(&message.topic, &message.payload);
+            self.progress.finished(&message.topic, &message.payload);
         }
     }
 }

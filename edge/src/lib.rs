@@ -93,6 +93,11 @@ impl Edge {
             .broker
             .buffer_bytes
             .get_or_insert(EDGE_BUFFER_BYTES);
+        // A device's reading is acknowledged once stored: a node killed at any point has
+        // told devices only of what is stored, and they resend the rest.
+        let filter =
+            termopar_core::topic::Topics::new(&settings.consumer.topic_prefix).readings_filter();
+        settings.broker.ack_when_finished = Some(filter.clone());
         let broker = termopar_broker::start(&settings.broker, Some(directory.clone())).await?;
         // The in-process consumer talks to rumqttd directly, past the front.
         settings.consumer.broker = broker.direct_endpoint();
@@ -102,9 +107,10 @@ impl Edge {
         // its alarm evaluator (one state per rule and sensor, with HTTP ingest's).
         let store = app.state().ingest.clone();
         let (stop_consumer, stopped) = tokio::sync::oneshot::channel::<()>();
-        let filter =
-            termopar_core::topic::Topics::new(&settings.consumer.topic_prefix).readings_filter();
-        let consumer = termopar_consumer::Consumer::new(settings.consumer, directory, store);
+        let mut consumer = termopar_consumer::Consumer::new(settings.consumer, directory, store);
+        if let Some(finished) = broker.finished() {
+            consumer.on_finished(move |topic, payload| finished.finished(topic, payload));
+        }
         let drainer = consumer.drainer();
         broker.hold_back(filter, consumer.done_bytes());
         let consumer = tokio::spawn(consumer.run(async move {

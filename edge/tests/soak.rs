@@ -12,7 +12,7 @@
 //! and 8 MiB are full within the warm-up, so what grows after it is a leak.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -95,20 +95,16 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
     );
     let (api_port, mqtt_port) = (free_port(), free_port());
     let node = Node(
-        Command::new(env!("CARGO_BIN_EXE_termopar"))
-            .env("API_ADDR", format!("127.0.0.1:{api_port}"))
-            .env("MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
-            .env("DATABASE_URL", &db.url)
-            .env("MONGODB_URI", &mongo.settings.uri)
-            .env("MONGODB_DB", &mongo.settings.database)
-            .env("ADMIN_EMAIL", "admin@soak.test")
-            .env("ADMIN_PASSWORD", "soak-admin-password")
-            .env("JWT_SECRET", "soak-secret-of-at-least-32-bytes-long")
-            .env("RUST_LOG", "warn")
-            .env("MQTT_BUFFER_BYTES", (8 << 20).to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run termopar"),
+        test_support::edge_node(
+            env!("CARGO_BIN_EXE_termopar"),
+            &db,
+            &mongo,
+            (api_port, mqtt_port),
+            ("admin@soak.test", "soak-admin-password"),
+        )
+        .env("MQTT_BUFFER_BYTES", (8 << 20).to_string())
+        .spawn()
+        .expect("run termopar"),
     );
     let base = format!("http://127.0.0.1:{api_port}");
     let http = reqwest::Client::new();

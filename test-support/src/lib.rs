@@ -277,6 +277,31 @@ pub fn unique_prefix() -> String {
     format!("test-{}", Uuid::new_v4().simple())
 }
 
+/// The edge node's binary (a test's `env!("CARGO_BIN_EXE_termopar")`) on `db` and
+/// `mongo`, its API on `api_port` and MQTT front door on `mqtt_port` (loopback), with the
+/// admin `admin` (e-mail, password) and warnings only on its output; add what else it
+/// needs and spawn it.
+pub fn edge_node(
+    binary: &str,
+    db: &TestDb,
+    mongo: &TestMongo,
+    (api_port, mqtt_port): (u16, u16),
+    admin: (&str, &str),
+) -> std::process::Command {
+    let mut node = std::process::Command::new(binary);
+    node.env("API_ADDR", format!("127.0.0.1:{api_port}"))
+        .env("MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
+        .env("DATABASE_URL", &db.url)
+        .env("MONGODB_URI", &mongo.settings.uri)
+        .env("MONGODB_DB", &mongo.settings.database)
+        .env("ADMIN_EMAIL", admin.0)
+        .env("ADMIN_PASSWORD", admin.1)
+        .env("JWT_SECRET", "edge-node-secret-of-at-least-32-bytes")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    node
+}
+
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
 pub struct ChildGuard(pub std::process::Child);
 

@@ -418,6 +418,96 @@ async fn publish_until_closed(
     }
 }
 
+/// A device publishing `sensor`'s readings with QoS 1 as fast as the broker takes them,
+/// up to `window` unacknowledged, recording each acknowledged reading in `acked`:
+/// `total` readings (without end when `None`). When `resend`, a lost connection is opened
+/// again and every reading not acknowledged is published again first, as a device does
+/// when its broker went away, until all are acknowledged; otherwise it returns when the
+/// connection ends. Returns the readings it published.
+async fn publish_window(
+    broker: MqttEndpoint,
+    sensor: termopar_device_sim::SimSensor,
+    window: u16,
+    total: Option<usize>,
+    resend: bool,
+    acked: Acked,
+) -> Vec<Uuid> {
+    use std::collections::{HashMap, VecDeque};
+
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let topic = Topics::new("").readings(sensor.client_id, sensor.sensor_id);
+    let start = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut made = 0usize;
+    let mut published = Vec::new();
+    // Readings to publish next, those resent first.
+    let mut todo: VecDeque<(Uuid, String)> = VecDeque::new();
+    loop {
+        let mut options = MqttOptions::new(
+            format!("win-{}", sensor.sensor_id.0.simple()),
+            &broker.host,
+            broker.port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(15))
+            .set_credentials("sim", "sim-password-1")
+            .set_inflight(window);
+        let (client, mut eventloop) = AsyncClient::new(options, window as usize + 1);
+        // Published on this connection: waiting for a packet id, then for the PUBACK.
+        let mut queued: VecDeque<(Uuid, String)> = VecDeque::new();
+        let mut sent: HashMap<u16, (Uuid, String)> = HashMap::new();
+        let mut connected = false;
+        loop {
+            while connected && queued.len() + sent.len() < window as usize {
+                let next = todo.pop_front().or_else(|| {
+                    (total.is_none_or(|t| made < t)).then(|| {
+                        let id = Uuid::new_v4();
+                        let ts = start + chrono::Duration::milliseconds(made as i64);
+                        made += 1;
+                        published.push(id);
+                        let payload =
+                            serde_json::json!({"id": id, "ts": ts.to_rfc3339(), "temperature": 4.5});
+                        (id, payload.to_string())
+                    })
+                });
+                let Some((id, payload)) = next else { break };
+                client
+                    .try_publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                    .expect("the request channel holds a window");
+                queued.push_back((id, payload));
+            }
+            if total.is_some_and(|t| made == t)
+                && todo.is_empty()
+                && queued.is_empty()
+                && sent.is_empty()
+            {
+                let _ = client.disconnect().await;
+                return published;
+            }
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    let reading = queued.pop_front().expect("a publish was queued");
+                    sent.insert(pkid, reading);
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some((id, _)) = sent.remove(&ack.pkid) {
+                        acked.lock().unwrap().push(id);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) if !resend => return published,
+                Err(_) => break,
+            }
+        }
+        // Not acknowledged: published again on the next connection, oldest first.
+        let again: Vec<(Uuid, String)> = sent.into_values().chain(queued).collect();
+        for reading in again.into_iter().rev() {
+            todo.push_front(reading);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The node's warnings go to the output of the test that caused them (libtest shows it
 /// when the test fails; a test's runtime threads inherit its capture).
 fn warnings_in_test_output() {
@@ -496,3 +586,4 @@ mod bridge;
 mod console;
 mod dashboard;
 mod faults;
+mod kill;
