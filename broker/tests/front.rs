@@ -578,3 +578,86 @@ fn spawn_paho(port: u16, args: &[&str]) -> tokio::task::JoinHandle<Output> {
         .args(args);
     tokio::spawn(async move { cmd.output().await.unwrap() })
 }
+
+/// Edge mode with an MQTT 5 client that names its readings topic by a topic alias after
+/// the first publish: the front resolves the alias, so that PUBACK too waits until the
+/// consumer (here a 3.1.1 subscriber on rumqttd's own port, as edge mode's) finished it.
+/// (The consumer getting an MQTT 5 publish with properties at all needed a rumqttd patch:
+/// its 3.1.1 link panicked on one.)
+#[tokio::test]
+async fn a_puback_under_a_topic_alias_waits_for_the_consumer_too() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let topics = Topics::new("");
+    let mut settings = BrokerSettings::ephemeral();
+    settings.ack_when_finished = Some(topics.readings_filter());
+    let broker = termopar_broker::start(&settings, None).await.unwrap();
+    let finished = broker.finished().unwrap();
+
+    let direct = broker.direct_endpoint();
+    let mut options = MqttOptions::new("consumer", &direct.host, direct.port);
+    if let Some((user, password)) = &direct.credentials {
+        use secrecy::ExposeSecret;
+        options.set_credentials(user, password.expose_secret());
+    }
+    let (consumer, mut eventloop) = AsyncClient::new(options, 16);
+    consumer
+        .subscribe(topics.readings_filter(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = got_tx.send((p.topic, p.payload));
+                }
+                _ => {}
+            }
+        }
+    });
+    subscribed.await.unwrap();
+
+    let topic = topics.readings(
+        ClientId(Uuid::new_v4()),
+        termopar_core::ids::SensorId(Uuid::new_v4()),
+    );
+    let paho = spawn_paho(
+        broker.addr.port(),
+        &[
+            "--version",
+            "5",
+            "--alias",
+            "--publish",
+            &format!("{topic}=first"),
+            "--publish",
+            &format!("{topic}=second"),
+        ],
+    );
+    for (n, payload) in [(1, "first"), (2, "second")] {
+        let (seen, body) = tokio::time::timeout(Duration::from_secs(20), got.recv())
+            .await
+            .expect("the consumer got the publish")
+            .unwrap();
+        assert_eq!(
+            (seen.as_str(), &body[..]),
+            (topic.as_str(), payload.as_bytes())
+        );
+        eventually(
+            "the front holding its PUBACK",
+            Duration::from_secs(20),
+            || async { (broker.stats().acks_held >= n).then_some(()) },
+        )
+        .await;
+        finished.finished(&seen, &body);
+    }
+    let out = parse_paho(&paho.await.unwrap());
+    assert_eq!(out["pubacks"], serde_json::json!([0, 0]), "{out}");
+}

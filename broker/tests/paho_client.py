@@ -29,6 +29,8 @@ p.add_argument("--subscribe", action="append", default=[],
                help="FILTER, or FILTER,FILTER,... in one SUBSCRIBE")
 p.add_argument("--publish", action="append", default=[], help="TOPIC=PAYLOAD")
 p.add_argument("--qos", type=int, default=1)
+p.add_argument("--alias", action="store_true",
+               help="MQTT 5: publish under topic alias 1, naming each topic only the first time")
 p.add_argument("--idle", type=float, default=0, help="seconds to stay idle before publishing")
 p.add_argument("--until-disconnected", type=float, default=0,
                help="then wait this long for the server to disconnect")
@@ -106,9 +108,19 @@ if a.idle:
     if ev["disconnect"].wait(a.idle):
         out["error"] = "disconnected while idle"
         finish(1)
+aliases = {}  # topic -> its alias
 for item in a.publish:
     topic, payload = item.split("=", 1)
-    c.publish(topic, payload, qos=a.qos)
+    properties = None
+    if a.alias:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+        properties = Properties(PacketTypes.PUBLISH)
+        if topic in aliases:
+            properties.TopicAlias, topic = aliases[topic], ""
+        else:
+            aliases[topic] = properties.TopicAlias = len(aliases) + 1
+    c.publish(topic, payload, qos=a.qos, properties=properties)
     if a.qos:
         wait("puback")
 if a.until_disconnected:
