@@ -20,6 +20,14 @@ use crate::{ids::SensorId, reading::Reading, tz::local_day_start};
 /// How many times a query starts over when a segment it listed is gone.
 const ATTEMPTS: usize = 3;
 
+/// The lower bound of a listing without one: bounds are always bound as values, so that
+/// PostgreSQL can keep one generic plan whose index range uses them (`$2 IS NULL OR
+/// bucket <= $2` is planned again at every call).
+const EARLIEST: DateTime<Utc> = match DateTime::from_timestamp(-30_610_224_000, 0) {
+    Some(t) => t, // 1000-01-01
+    None => panic!("a valid time"),
+};
+
 /// Where a history page starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Position {
@@ -81,11 +89,13 @@ impl DayStat {
 }
 
 /// A bucket with one of its segments (none for a bucket without any, which only a bulk
-/// load of rollups makes).
+/// load of rollups makes); the first listing also says how many readings the sensor has,
+/// and lists a row without a bucket when it has none.
 #[derive(sqlx::FromRow)]
 struct BucketRow {
-    bucket: DateTime<Utc>,
-    bucket_count: i64,
+    total: Option<i64>,
+    bucket: Option<DateTime<Utc>>,
+    bucket_count: Option<i64>,
     doc: Option<Vec<u8>>,
     fragment: Option<bool>,
     count: Option<i32>,
@@ -243,18 +253,9 @@ impl ReadingStore {
         .flatten()
         .min();
         let lower = q.from.map(super::bucket_of);
-        let total = if q.from.is_none() && q.to.is_none() && window.after.is_none() {
-            Some(
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT coalesce((SELECT count FROM sensor_latest WHERE sensor_id = $1), 0)",
-                )
-                .bind(q.sensor.0)
-                .fetch_one(&self.pg)
-                .await?,
-            )
-        } else {
-            None
-        };
+        // Asked for with the first listing (one round trip for a first page).
+        let mut count_total = q.from.is_none() && q.to.is_none() && window.after.is_none();
+        let mut total = None;
         let mut found: Vec<Reading> = Vec::with_capacity(want);
         // Buckets are listed a few at a time; more at a time while skipping far.
         let mut batch: i64 = if skip > 0 { 64 } else { 4 };
@@ -262,26 +263,33 @@ impl ReadingStore {
             // Buckets with their segments (a bucket without any, which only a bulk load
             // of rollups makes, lists once with none).
             let listed: Vec<BucketRow> = sqlx::query_as(
-                "SELECT b.bucket, b.count AS bucket_count, d.doc, d.fragment, d.count, d.first_ts,
-                        d.last_ts
-                 FROM (SELECT id, bucket, count FROM reading_buckets
-                       WHERE sensor_id = $1
-                         AND ($2::timestamptz IS NULL OR bucket <= $2)
-                         AND ($3::timestamptz IS NULL OR bucket >= $3)
-                       ORDER BY bucket DESC LIMIT $4) b
+                "SELECT t.total, b.bucket, b.count AS bucket_count, d.doc, d.fragment, d.count,
+                        d.first_ts, d.last_ts
+                 FROM (SELECT CASE WHEN $5 THEN coalesce(
+                           (SELECT count FROM sensor_latest WHERE sensor_id = $1), 0) END AS total) t
+                 LEFT JOIN LATERAL (SELECT id, bucket, count FROM reading_buckets
+                       WHERE sensor_id = $1 AND bucket <= $2 AND bucket >= $3
+                       ORDER BY bucket DESC LIMIT $4) b ON true
                  LEFT JOIN raw_docs d ON d.bucket_id = b.id
-                 ORDER BY b.bucket DESC",
+                 ORDER BY b.bucket DESC NULLS LAST",
             )
             .bind(q.sensor.0)
-            .bind(upper)
-            .bind(lower)
+            .bind(upper.unwrap_or(DateTime::<Utc>::MAX_UTC))
+            .bind(lower.unwrap_or(EARLIEST))
             .bind(batch)
+            .bind(count_total)
             .fetch_all(&self.pg)
             .await?;
+            if std::mem::take(&mut count_total) {
+                total = listed.first().and_then(|row| row.total);
+            }
             let mut buckets: Vec<(DateTime<Utc>, i64, Vec<Listed>)> = Vec::new();
             for row in listed {
-                if buckets.last().is_none_or(|(b, ..)| *b != row.bucket) {
-                    buckets.push((row.bucket, row.bucket_count, Vec::new()));
+                let (Some(bucket), Some(bucket_count)) = (row.bucket, row.bucket_count) else {
+                    continue; // the sensor has no bucket in range
+                };
+                if buckets.last().is_none_or(|(b, ..)| *b != bucket) {
+                    buckets.push((bucket, bucket_count, Vec::new()));
                 }
                 if let (Some(doc), Some(fragment), Some(count), Some(first_ts), Some(last_ts)) =
                     (row.doc, row.fragment, row.count, row.first_ts, row.last_ts)
@@ -306,17 +314,29 @@ impl ReadingStore {
                 let need = skip + (want - found.len()) as u64;
                 let chosen = prune(docs, &window, need);
                 let ids: Vec<DocRef> = chosen.iter().map(|d| d.doc).collect();
-                let mut readings = Vec::new();
-                for segment in self.fetch_segments(&ids).await? {
-                    let Some(segment) = segment else {
-                        return Ok(None);
-                    };
-                    readings.extend(segment.readings.iter().filter(|r| window.holds(r)).cloned());
+                let segments = self.fetch_segments(&ids).await?;
+                let Some(segments) = segments.into_iter().collect::<Option<Vec<_>>>() else {
+                    return Ok(None);
+                };
+                // Each segment is sorted: its newest `need` inside the window, from its end;
+                // only the readings of the page are copied.
+                let need = usize::try_from(need).unwrap_or(usize::MAX);
+                let mut newest: Vec<&Reading> = Vec::new();
+                for segment in &segments {
+                    newest.extend(
+                        segment
+                            .readings
+                            .iter()
+                            .rev()
+                            .filter(|r| window.holds(r))
+                            .take(need),
+                    );
                 }
-                readings.sort_by_key(|r| std::cmp::Reverse((r.ts, r.id)));
-                let dropped = (skip as usize).min(readings.len());
+                newest.sort_unstable_by_key(|r| std::cmp::Reverse((r.ts, r.id)));
+                newest.truncate(need);
+                let dropped = (skip as usize).min(newest.len());
                 skip -= dropped as u64;
-                found.extend(readings.into_iter().skip(dropped).take(want - found.len()));
+                found.extend(newest[dropped..].iter().map(|r| (*r).clone()));
                 if found.len() >= want {
                     break 'listing;
                 }
