@@ -127,17 +127,21 @@ pub async fn raw_mongo_rate(readings: &[Reading]) -> anyhow::Result<f64> {
     Ok(readings.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Our write path alone (ReadingStore::store), `per_call` readings a call, one call at a
-/// time as the consumer makes them.
+/// Our write path alone (ReadingStore::store), `per_call` readings a call, `at_once`
+/// calls at a time (in order of start), as the consumer makes them.
 pub async fn ingest_store_rate(
     fixture: &Fixture,
     readings: &[Reading],
     per_call: usize,
+    at_once: usize,
 ) -> anyhow::Result<f64> {
+    use futures::{StreamExt, TryStreamExt};
     let started = Instant::now();
-    for chunk in readings.chunks(per_call) {
-        fixture.store.store(chunk).await?;
-    }
+    futures::stream::iter(readings.chunks(per_call))
+        .map(|chunk| fixture.store.store(chunk))
+        .buffered(at_once.max(1))
+        .try_collect::<Vec<_>>()
+        .await?;
     Ok(readings.len() as f64 / started.elapsed().as_secs_f64())
 }
 

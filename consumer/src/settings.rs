@@ -33,8 +33,10 @@ pub struct ConsumerSettings {
     /// (`CONSUMER_BATCH_DELAY_MS`, default 20).
     pub batch_delay: Duration,
     /// Store once this many QoS 1 messages wait for their acknowledgement
-    /// (`CONSUMER_MAX_UNACKED`, default 100). rumqttd sends at most 100 unacknowledged
-    /// messages to a subscriber, so waiting for more would only wait for the delay.
+    /// (`CONSUMER_MAX_UNACKED`, default 1000). termopar's rumqttd sends at most 1000
+    /// unacknowledged messages to a subscriber, so waiting for more would only wait for
+    /// the delay; against a broker with a smaller window (Mosquitto's
+    /// `max_inflight_messages`, 20 by default), set it to that window.
     pub max_unacked: usize,
     /// Batches stored at once (`CONSUMER_PIPELINE`, default 2). Each batch takes its
     /// share of `max_unacked`, so the next batch fills while one is stored;
@@ -92,7 +94,7 @@ impl ConsumerSettings {
             persistent_session: true,
             batch_size: 5000,
             batch_delay: Duration::from_millis(20),
-            max_unacked: 100,
+            max_unacked: 1000,
             pipeline: 2,
             limits: Limits::default(),
             metrics_addr: None,

@@ -318,9 +318,10 @@ impl Link {
             .set_clean_session(true)
             // An edge node acknowledges a reading once stored: a link keeps the broker's
             // log fed while earlier readings are stored only with more in flight than
-            // the consumer takes at once (100). Measured (debug build, one link, 40,000
-            // readings): 100 in flight stored 5,000/s, 1,000 stored 9,700–11,600/s.
-            .set_inflight(1000)
+            // the consumer takes at once (1,000). Measured (debug build, one link,
+            // 40,000 readings into an edge node): 1,000 in flight stored ~22,000/s,
+            // 4,000 ~27,000/s.
+            .set_inflight(4000)
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
             .set_request_channel_capacity(1024);
         if let Some((user, pass)) = credentials {

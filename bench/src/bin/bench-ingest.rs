@@ -605,7 +605,7 @@ async fn ingest_section(total: usize, batch: usize) -> anyhow::Result<()> {
     let readings = fixture.readings(&messages);
     let mongo_rate = raw_mongo_rate(&readings).await?;
     eprintln!("raw MongoDB insert_many: {mongo_rate:.0}/s");
-    let store_rate = ingest_store_rate(&Fixture::new().await?, &readings, 1000).await?;
+    let store_rate = ingest_store_rate(&Fixture::new().await?, &readings, 1000, 1).await?;
     eprintln!("ReadingStore::store: {store_rate:.0}/s");
 
     let e2e_fixture = Fixture::new().await?;
