@@ -311,7 +311,7 @@ async fn history(rows: &mut Vec<Row>) -> anyhow::Result<()> {
 
 /// Section 2: ingest end to end against the store's own rate.
 async fn ingest(rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let total: usize = env_parse("BENCH_READINGS", 200_000)?;
+    let total: usize = env_parse("BENCH_READINGS", 1_000_000)?;
     let batch: usize = env_parse("BENCH_BATCH", 10)?;
     let messages = total / batch;
     let total = (messages * batch) as u64;
