@@ -108,15 +108,7 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
     );
     let base = format!("http://127.0.0.1:{api_port}");
     let http = reqwest::Client::new();
-    eventually("the node answers", Duration::from_secs(60), || async {
-        http.get(format!("{base}/health"))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(|_| ())
-    })
-    .await;
+    test_support::wait_until_healthy(api_port).await;
     let sensors =
         termopar_device_sim::provision(&base, "admin@soak.test", "soak-admin-password", 5, false)
             .await

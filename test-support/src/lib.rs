@@ -302,6 +302,24 @@ pub fn edge_node(
     node
 }
 
+/// Waits (up to a minute) until the HTTP server on 127.0.0.1:`port` answers `GET /health`
+/// with 200: a node started as a process is then serving.
+pub async fn wait_until_healthy(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    eventually("the node answers", Duration::from_secs(60), || async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request =
+            format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        answer.starts_with(b"HTTP/1.1 200").then_some(())
+    })
+    .await;
+}
+
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
 pub struct ChildGuard(pub std::process::Child);
 

@@ -23,18 +23,6 @@ fn node(db: &TestDb, mongo: &TestMongo, ports: (u16, u16)) -> ChildGuard {
     )
 }
 
-async fn answering(http: &reqwest::Client, base: &str) {
-    eventually("the node answers", Duration::from_secs(60), || async {
-        http.get(format!("{base}/health"))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(|_| ())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_edge_node_under_qos_1_loses_no_acknowledged_reading() {
     // Sensors per client (the simulator provisions two clients).
@@ -43,9 +31,8 @@ async fn killing_the_edge_node_under_qos_1_loses_no_acknowledged_reading() {
     let (db, mongo) = (TestDb::new().await, TestMongo::new());
     let ports = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{}", ports.0);
-    let http = reqwest::Client::new();
     let mut running = node(&db, &mongo, ports);
-    answering(&http, &base).await;
+    test_support::wait_until_healthy(ports.0).await;
     let sensors = termopar_device_sim::provision(&base, ADMIN.0, ADMIN.1, SENSORS, false)
         .await
         .unwrap();
