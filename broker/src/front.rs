@@ -75,7 +75,7 @@ pub struct FrontCounts {
     /// behind (see `RunningBroker::hold_back`).
     pub held_back: u64,
     /// PUBACKs that waited for the consumer to finish their messages (see
-    /// `RunningBroker::acknowledge_when_finished`).
+    /// `BrokerSettings::ack_when_finished`).
     pub acks_held: u64,
 }
 

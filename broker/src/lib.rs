@@ -49,7 +49,7 @@ pub struct RunningBroker {
 }
 
 /// Where the in-process consumer reports the messages it finished, so that the front
-/// acknowledges them to their devices (see [`RunningBroker::acknowledge_when_finished`]).
+/// acknowledges them to their devices (see [`RunningBroker::finished`]).
 #[derive(Debug, Clone)]
 pub struct Finished(Arc<settle::Settlement>);
 
