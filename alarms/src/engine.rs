@@ -85,6 +85,9 @@ pub enum EvalError<H, B> {
     Book(B),
 }
 
+/// What an evaluation through `S` (its history and its book of alarms) returns.
+pub type Outcome<S> = Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>>;
+
 /// What an evaluation did, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Evaluated {
@@ -170,7 +173,7 @@ impl Engine {
         count: Option<i64>,
         now: DateTime<Utc>,
         stores: &S,
-    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+    ) -> Outcome<S> {
         let Some(cursor) = self.cursors.remove(&pair.key()) else {
             // No state here: what was stored before may never have been evaluated.
             let all = fresh.iter().chain(again).copied();
@@ -250,7 +253,7 @@ impl Engine {
         ts: DateTime<Utc>,
         now: DateTime<Utc>,
         stores: &S,
-    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+    ) -> Outcome<S> {
         self.cursors.remove(&pair.key());
         self.recompute(pair, (ts, Uuid::nil()), None, now, stores)
             .await
@@ -266,7 +269,7 @@ impl Engine {
         latest: DateTime<Utc>,
         now: DateTime<Utc>,
         stores: &S,
-    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+    ) -> Outcome<S> {
         if pair.rule.condition != Condition::NoData {
             return Ok(Evaluated::default());
         }
@@ -301,7 +304,7 @@ impl Engine {
         count: Option<i64>,
         now: DateTime<Utc>,
         stores: &S,
-    ) -> Result<Evaluated, EvalError<<S as History>::Error, <S as Book>::Error>> {
+    ) -> Outcome<S> {
         let rule = pair.rule;
         // The readings' times are bounded by the clock (and a few minutes of skew).
         let until = earliest.0.min(now + Duration::days(1));

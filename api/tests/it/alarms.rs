@@ -36,6 +36,20 @@ impl TestApp {
             .unwrap();
     }
 
+    /// An "above 8.0" rule on `sensor`, in effect from an hour before `base` (an hour ago,
+    /// whole seconds); returns the rule and `base`.
+    async fn warm_rule(&self, sensor: &Value) -> (Value, DateTime<Utc>) {
+        let rule = self
+            .create_rule(
+                &self.admin,
+                json!({"sensor_id": id(sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
+            )
+            .await;
+        let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
+        self.backdate_rule(&rule, base - Duration::hours(1)).await;
+        (rule, base)
+    }
+
     /// Posts readings of `sensor`; they are stored (and evaluated) when this returns.
     async fn ingested(&self, sensor: &Value, readings: Value) -> Value {
         let (status, report) = self.ingest(sensor, readings).await;
@@ -589,14 +603,7 @@ async fn the_live_feed_streams_a_tenants_alarm_events_as_they_happen_and_resumes
     let sensor = app.create_sensor(id(&client), "Room 1").await;
     let (_, viewer) = app.user_with_token("viewer", Some(id(&client))).await;
     let (_, stranger) = app.user_with_token("viewer", Some(id(&other))).await;
-    let rule = app
-        .create_rule(
-            &app.admin,
-            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
-        )
-        .await;
-    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
-    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let (_, base) = app.warm_rule(&sensor).await;
     let open = |token: &str, last: Option<&str>| {
         let mut req = app.request(reqwest::Method::GET, "/alarms/feed", Some(token));
         if let Some(last) = last {
@@ -674,14 +681,7 @@ async fn changing_what_a_rule_watches_for_closes_its_open_alarms_and_applies_fro
     let app = TestApp::spawn().await;
     let client = app.create_client("Cold rooms").await;
     let sensor = app.create_sensor(id(&client), "Room 1").await;
-    let rule = app
-        .create_rule(
-            &app.admin,
-            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
-        )
-        .await;
-    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
-    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let (rule, base) = app.warm_rule(&sensor).await;
     app.ingested(&sensor, json!([reading(Uuid::new_v4(), base, 9.0)]))
         .await;
     let first = app.alarms(&app.admin, "?state=active").await.pop().unwrap();
@@ -752,14 +752,7 @@ async fn corrected_and_deleted_readings_change_the_alarms_they_made() {
     let app = TestApp::spawn().await;
     let client = app.create_client("Cold rooms").await;
     let sensor = app.create_sensor(id(&client), "Room 1").await;
-    let rule = app
-        .create_rule(
-            &app.admin,
-            json!({"sensor_id": id(&sensor), "name": "Too warm", "kind": "above", "threshold": 8.0}),
-        )
-        .await;
-    let base = (Utc::now() - Duration::hours(1)).trunc_subsecs(0);
-    app.backdate_rule(&rule, base - Duration::hours(1)).await;
+    let (_, base) = app.warm_rule(&sensor).await;
     let m = |minutes: i64| base + Duration::minutes(minutes);
     let spike = Uuid::new_v4();
     app.ingested(
