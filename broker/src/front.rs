@@ -231,6 +231,8 @@ pub(crate) struct Front {
     /// Turns true when the front closes: listeners stop accepting and every client
     /// connection ends (what rumqttd took from them stays with it).
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// Turns true when the front may take clients (see `RunningBroker::admit`).
+    pub admitted: tokio::sync::watch::Sender<bool>,
     /// Every client's task, from accept to its end: closing waits for them, so that no
     /// acknowledgement reaches a device after the front has closed.
     pub tasks: tokio_util::task::TaskTracker,
@@ -333,7 +335,12 @@ impl Front {
         tls: Option<TlsAcceptor>,
     ) {
         let mut closing = self.closing.subscribe();
+        let mut admitted = self.admitted.subscribe();
         runtime.spawn(async move {
+            tokio::select! {
+                _ = admitted.wait_for(|a| *a) => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,

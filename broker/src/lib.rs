@@ -42,6 +42,7 @@ pub struct RunningBroker {
     direct: MqttEndpoint,
     stats: Arc<FrontStats>,
     closing: tokio::sync::watch::Sender<bool>,
+    admitted: tokio::sync::watch::Sender<bool>,
     tasks: tokio_util::task::TaskTracker,
     gate: Arc<hold::Gate>,
     settle: Arc<settle::Settlement>,
@@ -84,6 +85,16 @@ impl RunningBroker {
     /// acknowledged only what is stored, and devices resend the rest.
     pub fn finished(&self) -> Option<Finished> {
         self.settle.active().then(|| Finished(self.settle.clone()))
+    }
+
+    /// Lets the front take clients, once the in-process consumer has subscribed to the
+    /// [`BrokerSettings::ack_when_finished`] filter (without it the front takes clients
+    /// from the start). Before that, rumqttd would put a device's readings in a log of
+    /// their own topic that the consumer's subscription never reads: their PUBACKs would
+    /// wait forever, and the device's after them. Clients that connect meanwhile wait in
+    /// the listener's backlog.
+    pub fn admit(&self) {
+        self.admitted.send_replace(true);
     }
 
     /// Stops taking MQTT clients: the front's listeners close and its client connections
@@ -379,6 +390,7 @@ pub async fn start(
         live,
         stats: stats.clone(),
         closing: tokio::sync::watch::channel(false).0,
+        admitted: tokio::sync::watch::channel(!settle.active()).0,
         tasks: tokio_util::task::TaskTracker::new(),
         gate: gate.clone(),
         settle: settle.clone(),
@@ -420,6 +432,7 @@ pub async fn start(
         direct,
         stats,
         closing: front.closing.clone(),
+        admitted: front.admitted.clone(),
         tasks: front.tasks.clone(),
         gate,
         settle,

@@ -53,7 +53,8 @@ pub struct BrokerSettings {
     /// Edge mode's in-process consumer's filter (not read from the environment): the
     /// PUBACK of a client's QoS 1 publish on it waits until the consumer reports that
     /// message finished (see [`crate::RunningBroker::finished`]), and every client
-    /// connection is framed packet by packet.
+    /// connection is framed packet by packet. The front then takes no client until
+    /// [`crate::RunningBroker::admit`]: the consumer must have subscribed first.
     pub ack_when_finished: Option<String>,
 }
 

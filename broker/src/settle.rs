@@ -10,10 +10,13 @@
 //!
 //! The front and the consumer meet on the message itself: the front expects
 //! `(topic, payload)` when it passes the PUBLISH on (before rumqttd can log it, so before
-//! the consumer can finish it), and the consumer's report of the same bytes settles the
-//! oldest expectation of them. Two expectations of the same bytes are the same reading
-//! (its id is in the payload, or derived from topic and payload), so either one may be
-//! settled by either copy.
+//! the consumer can finish it), and the consumer's report of the same bytes settles every
+//! expectation of them. Two expectations of the same bytes are the same reading (its id
+//! is in the payload, or derived from topic and payload), stored once either copy is: a
+//! device that resends on a new connection what its old one had sent waits for whichever
+//! copy the consumer finishes first, even when rumqttd never logged the old one (its
+//! connection ended first), which settling one expectation per copy would leave waiting
+//! forever, and every PUBACK of that device behind it.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -103,17 +106,12 @@ impl Settlement {
             return;
         }
         let key = self.key(topic.as_bytes(), payload);
-        let mut waiting = self.waiting.lock().unwrap();
-        let Some(queue) = waiting.get_mut(&key) else {
+        let Some(queue) = self.waiting.lock().unwrap().remove(&key) else {
             return;
         };
-        let first = queue.pop_front();
-        if queue.is_empty() {
-            waiting.remove(&key);
-        }
-        drop(waiting);
-        if let Some(tx) = first {
-            self.settled.fetch_add(1, Ordering::Relaxed);
+        self.settled
+            .fetch_add(queue.len() as u64, Ordering::Relaxed);
+        for tx in queue {
             let _ = tx.send(());
         }
     }
@@ -191,7 +189,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_finished_message_settles_the_oldest_expectation_of_its_bytes_only() {
+    async fn a_finished_message_settles_every_expectation_of_its_bytes_only() {
         let s = Arc::new(Settlement::default());
         assert!(
             s.expect(b"c/1/readings", b"{}").is_none(),
@@ -204,6 +202,8 @@ mod tests {
             "not the consumer's"
         );
 
+        // The same reading from a connection that ended (its copy maybe never logged)
+        // and again from the device's next connection.
         let mut first = s.expect(b"c/1/readings", b"{\"t\":1}").unwrap();
         let mut again = s.expect(b"c/1/readings", b"{\"t\":1}").unwrap();
         let mut other = s.expect(b"c/2/readings", b"{\"t\":1}").unwrap();
@@ -212,11 +212,14 @@ mod tests {
         s.finished("c/1/readings", b"{\"t\":1}");
         assert!(first.try_recv().is_ok());
         assert!(
-            again.try_recv().is_err(),
-            "one message settles one expectation"
+            again.try_recv().is_ok(),
+            "the reading is stored: both copies"
         );
+        // Sent again after it was stored: waits for its own copy.
+        let mut late = s.expect(b"c/1/readings", b"{\"t\":1}").unwrap();
+        assert!(late.try_recv().is_err());
         s.finished("c/1/readings", b"{\"t\":1}");
-        assert!(again.try_recv().is_ok());
+        assert!(late.try_recv().is_ok());
         s.finished("c/1/readings", b"{\"t\":1}"); // a redelivery: nothing waits
         assert!(other.try_recv().is_err());
 

@@ -172,6 +172,8 @@ async fn a_readings_puback_waits_until_the_consumer_finished_it() {
     let finished = broker
         .finished()
         .expect("the broker acknowledges when finished");
+    // (No consumer here: its subscription is not waited for.)
+    broker.admit();
     let without = termopar_broker::start(&BrokerSettings::ephemeral(), None)
         .await
         .unwrap();
@@ -232,4 +234,101 @@ async fn a_readings_puback_waits_until_the_consumer_finished_it() {
         .expect("a PUBACK without the consumer")
         .unwrap();
     assert_eq!(pkid, 4);
+}
+
+/// Edge mode restarting with devices reconnecting at once: a device that connects and
+/// publishes before the consumer has subscribed waits in the listener's backlog until
+/// the consumer's subscription is in rumqttd, so its reading reaches the consumer and is
+/// acknowledged. (Taken earlier, rumqttd put the reading in a log of its topic that the
+/// subscription never reads, and its PUBACK waited forever.)
+#[tokio::test]
+async fn a_device_that_connects_before_the_consumer_subscribed_is_taken_after_it() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let topics = termopar_core::topic::Topics::new("");
+    let mut settings = BrokerSettings::ephemeral();
+    settings.ack_when_finished = Some(topics.readings_filter());
+    let broker = termopar_broker::start(&settings, None).await.unwrap();
+    let finished = broker.finished().unwrap();
+
+    // The device's CONNECT and QoS 1 PUBLISH (MQTT 3.1.1), sent at once.
+    let topic = topics.readings(
+        termopar_core::ids::ClientId(Uuid::new_v4()),
+        SensorId(Uuid::new_v4()),
+    );
+    let payload = b"{\"temperature\":4.5}";
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5];
+    connect.extend_from_slice(b"early");
+    let mut publish = (topic.len() as u16).to_be_bytes().to_vec();
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0, 7]);
+    publish.extend_from_slice(payload);
+    let mut bytes = vec![0x10, connect.len() as u8];
+    bytes.extend_from_slice(&connect);
+    bytes.extend_from_slice(&[0x32, publish.len() as u8]);
+    bytes.extend_from_slice(&publish);
+    let mut device = tokio::net::TcpStream::connect(termopar_broker::reachable(broker.addr))
+        .await
+        .unwrap();
+    device.write_all(&bytes).await.unwrap();
+
+    // Then the consumer subscribes on rumqttd's own port, as edge mode's does.
+    let direct = broker.direct_endpoint();
+    let mut options = MqttOptions::new("consumer", &direct.host, direct.port);
+    if let Some((user, password)) = &direct.credentials {
+        use secrecy::ExposeSecret;
+        options.set_credentials(user, password.expose_secret());
+    }
+    let (consumer, mut eventloop) = AsyncClient::new(options, 16);
+    consumer
+        .subscribe(topics.readings_filter(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = got_tx.send(None);
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = got_tx.send(Some((p.topic, p.payload)));
+                }
+                _ => {}
+            }
+        }
+    });
+    let wait = Duration::from_secs(20);
+    let subscribed = tokio::time::timeout(wait, got.recv()).await.unwrap();
+    assert_eq!(subscribed, Some(None), "subscribed first");
+    assert_eq!(
+        broker.stats().connects_accepted,
+        0,
+        "no client taken before the consumer subscribed"
+    );
+    broker.admit();
+
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(wait, device.read_exact(&mut connack))
+        .await
+        .expect("a CONNACK once admitted")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let (got_topic, got_payload) = tokio::time::timeout(wait, got.recv())
+        .await
+        .expect("the early reading reaches the consumer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (got_topic.as_str(), &got_payload[..]),
+        (topic.as_str(), &payload[..])
+    );
+    finished.finished(&got_topic, &got_payload);
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(wait, device.read_exact(&mut puback))
+        .await
+        .expect("the PUBACK once finished")
+        .unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 7]);
 }

@@ -624,6 +624,7 @@ async fn a_puback_under_a_topic_alias_waits_for_the_consumer_too() {
         }
     });
     subscribed.await.unwrap();
+    broker.admit();
 
     let topic = topics.readings(
         ClientId(Uuid::new_v4()),

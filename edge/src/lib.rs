@@ -113,6 +113,15 @@ impl Edge {
         }
         let drainer = consumer.drainer();
         broker.hold_back(filter, consumer.done_bytes());
+        // Devices are taken once the consumer's subscription is in rumqttd (see
+        // `RunningBroker::admit`); it keeps it from then on (a persistent session).
+        let mut subscribed = consumer.subscribed();
+        let admitting = broker.clone();
+        tokio::spawn(async move {
+            if subscribed.wait_for(|s| *s).await.is_ok() {
+                admitting.admit();
+            }
+        });
         let consumer = tokio::spawn(consumer.run(async move {
             let _ = stopped.await;
         }));
