@@ -391,17 +391,26 @@ async fn corrections_and_deletions_show_on_the_next_request() {
     let client = app.create_client("c").await;
     let sensor = app.create_sensor(id(&client), "s").await;
     let day = Utc.with_ymd_and_hms(2026, 1, 10, 12, 0, 0).unwrap();
+    // The second at 18:40 UTC: 00:10 of the next day in Kolkata (+5:30), whose day starts
+    // inside the hour (its statistics come from the day's quarters).
     let (first, second) = (
         reading_at(day, 10.0),
-        reading_at(day + Duration::hours(1), 20.0),
+        reading_at(day + Duration::minutes(400), 20.0),
     );
     app.ingest(&sensor, json!([first, second])).await;
     let daily = format!(
         "/sensors/{}/daily-averages?from=2026-01-10&to=2026-01-10&tz=UTC",
         id(&sensor)
     );
+    let kolkata = format!(
+        "/sensors/{}/daily-averages?from=2026-01-10&to=2026-01-11&tz=Asia/Kolkata",
+        id(&sensor)
+    );
     let (_, before) = app.get(&daily, &app.admin).await;
     assert_eq!(before["items"][0]["avg"], 15.0);
+    let (_, before) = app.get(&kolkata, &app.admin).await;
+    assert_eq!(before["items"][1]["date"], "2026-01-11");
+    assert_eq!(before["items"][1]["avg"], 20.0);
 
     let reading = format!("/readings/{}", second["id"].as_str().unwrap());
     let (status, corrected) = app
@@ -412,6 +421,10 @@ async fn corrections_and_deletions_show_on_the_next_request() {
     assert_eq!(corrected["original_temperature"], 20.0);
     assert_eq!(app.get(&daily, &app.admin).await.1["items"][0]["avg"], 20.0);
     assert_eq!(app.get(&daily, &app.admin).await.1["items"][0]["max"], 30.0);
+    assert_eq!(
+        app.get(&kolkata, &app.admin).await.1["items"][1]["max"],
+        30.0
+    );
     let latest = format!("/sensors/{}/readings/latest", id(&sensor));
     assert_eq!(app.get(&latest, &app.admin).await.1["temperature"], 30.0);
     let bad = app
@@ -446,6 +459,9 @@ async fn corrections_and_deletions_show_on_the_next_request() {
     let (_, after) = app.get(&daily, &app.admin).await;
     assert_eq!(after["items"][0]["count"], 1);
     assert_eq!(after["items"][0]["avg"], 10.0);
+    let (_, after) = app.get(&kolkata, &app.admin).await;
+    assert_eq!(after["items"].as_array().map(Vec::len), Some(1), "{after}");
+    assert_eq!(after["items"][0]["date"], "2026-01-10");
 }
 
 #[tokio::test]

@@ -538,7 +538,7 @@ async fn daily(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         .bind(sensor.0)
         .execute(&db.pool)
         .await?;
-    sqlx::query("VACUUM ANALYZE reading_buckets, reading_days")
+    sqlx::query("VACUUM ANALYZE reading_buckets, reading_days, reading_day_quarters")
         .execute(&db.pool)
         .await?;
     let daily = format!("{api}/sensors/{sensor}/daily-averages?from=2025-01-01&to=2025-12-31");

@@ -177,30 +177,45 @@ impl Stores {
             .await
             .unwrap();
         assert_eq!(indexed as usize, readings.len(), "indexed reading ids");
-        // Each day's hourly cells are its buckets' aggregates (sums as floats).
-        let off: i64 = sqlx::query_scalar(
-            "WITH b AS (
-                SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
-                       extract(hour FROM bucket AT TIME ZONE 'UTC')::int + 1 AS h,
-                       sum(count)::bigint AS n, sum(sum)::float8 AS s, min(min) AS lo, max(max) AS hi
-                FROM reading_buckets GROUP BY 1, 2, 3
-             ), c AS (
-                SELECT d.sensor_id, d.day, i AS h, d.counts[i] AS n, d.sums[i] AS s,
-                       d.mins[i] AS lo, d.maxs[i] AS hi
-                FROM reading_days d, generate_series(1, 24) i WHERE d.counts[i] > 0
-             )
-             SELECT count(*) FROM b FULL JOIN c USING (sensor_id, day, h)
-             WHERE b.n IS DISTINCT FROM c.n OR b.lo IS DISTINCT FROM c.lo
-                OR b.hi IS DISTINCT FROM c.hi OR abs(b.s - c.s) > 1e-9 * greatest(1, abs(b.s))
-                OR b.s IS NULL OR c.s IS NULL",
-        )
-        .fetch_one(&self.db.pool)
-        .await
-        .unwrap();
-        assert_eq!(
-            off, 0,
-            "day cells that are not the aggregate of their buckets"
-        );
+        // Each day's hourly cells and quarters are its buckets' aggregates (sums as
+        // floats).
+        for (table, cells, cell) in [
+            (
+                "reading_days",
+                24,
+                "extract(hour FROM bucket AT TIME ZONE 'UTC')::int",
+            ),
+            (
+                "reading_day_quarters",
+                96,
+                "extract(hour FROM bucket AT TIME ZONE 'UTC')::int * 4
+                 + extract(minute FROM bucket AT TIME ZONE 'UTC')::int / 15",
+            ),
+        ] {
+            let off: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "WITH b AS (
+                    SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day, {cell} + 1 AS h,
+                           sum(count)::bigint AS n, sum(sum)::float8 AS s, min(min) AS lo,
+                           max(max) AS hi
+                    FROM reading_buckets GROUP BY 1, 2, 3
+                 ), c AS (
+                    SELECT d.sensor_id, d.day, i AS h, d.counts[i] AS n, d.sums[i] AS s,
+                           d.mins[i] AS lo, d.maxs[i] AS hi
+                    FROM {table} d, generate_series(1, {cells}) i WHERE d.counts[i] > 0
+                 )
+                 SELECT count(*) FROM b FULL JOIN c USING (sensor_id, day, h)
+                 WHERE b.n IS DISTINCT FROM c.n OR b.lo IS DISTINCT FROM c.lo
+                    OR b.hi IS DISTINCT FROM c.hi OR abs(b.s - c.s) > 1e-9 * greatest(1, abs(b.s))
+                    OR b.s IS NULL OR c.s IS NULL"
+            )))
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                off, 0,
+                "{table}: cells that are not the aggregate of their buckets"
+            );
+        }
         assert_eq!(self.pending_writes().await, 0, "writes left pending");
     }
 

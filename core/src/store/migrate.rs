@@ -79,6 +79,9 @@ impl ReadingStore {
             sqlx::query("DELETE FROM reading_days")
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query("DELETE FROM reading_day_quarters")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM sensor_latest")
                 .execute(&mut *tx)
                 .await?;

@@ -6,9 +6,12 @@
 //! vanished between the two (a merge replaced it, and its grace period ran out) restarts
 //! the query.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Timelike, Utc};
 use chrono_tz::Tz;
 use futures::future::try_join_all;
 use mongodb::bson::doc;
@@ -408,7 +411,7 @@ impl ReadingStore {
 
     /// Statistics per sensor and local day in `tz`, for the days `from..=to`, from the
     /// days' hourly cells; where a day starts inside an hour (zones at :30 and :45), that
-    /// hour's 15-minute buckets. Never reads raw readings.
+    /// hour's 15-minute buckets, from the days' quarters. Never reads raw readings.
     #[tracing::instrument(skip_all, fields(sensors = sensors.len(), tz = %tz))]
     pub async fn daily(
         &self,
@@ -424,9 +427,12 @@ impl ReadingStore {
             .map(|d| local_day_start(tz, *d))
             .collect();
         let (first, last) = (starts[0], starts[starts.len() - 1]);
-        // Hours a day boundary falls inside (zones at :30 and :45): read as their four
-        // buckets.
-        let split_hours: Vec<DateTime<Utc>> = starts
+        let (first_day, last_day) = (first.date_naive(), last.date_naive());
+        // Hours a day boundary falls inside (zones at :30 and :45) are read as their four
+        // quarters: the first such hour of each UTC day from the days' quarters, by its
+        // quarter's index per day; any other (two local midnights in one UTC day, in
+        // zones within an hour of UTC, of the past) from the buckets.
+        let split_hours: BTreeSet<DateTime<Utc>> = starts
             .iter()
             .filter(|s| s.timestamp().rem_euclid(3600) != 0)
             .map(|s| {
@@ -434,6 +440,16 @@ impl ReadingStore {
                 DateTime::from_timestamp(hour, 0).expect("in range")
             })
             .collect();
+        let mut quarter_at: Vec<Option<i32>> =
+            vec![None; (last_day - first_day).num_days() as usize + 1];
+        let mut other_hours = Vec::new();
+        for hour in split_hours {
+            let slot = &mut quarter_at[(hour.date_naive() - first_day).num_days() as usize];
+            match slot {
+                None => *slot = Some(hour.hour() as i32 * 4),
+                Some(_) => other_hours.push(hour),
+            }
+        }
         let ids: Vec<Uuid> = sensors.iter().map(|s| s.0).collect();
         // The cells packed in one bytea (migration 12): a year's arrays element by element
         // cost PostgreSQL ~6x more to send.
@@ -443,14 +459,34 @@ impl ReadingStore {
              ORDER BY sensor_id, day",
         )
         .bind(&ids)
-        .bind(first.date_naive())
-        .bind(last.date_naive())
+        .bind(first_day)
+        .bind(last_day)
         .fetch_all(&self.pg);
-        let buckets = async {
-            if split_hours.is_empty() {
+        let quarters = async {
+            if quarter_at.iter().all(Option::is_none) {
                 return Ok(Vec::new());
             }
-            // One index range per split hour (fewer probes than one per bucket).
+            sqlx::query_as::<_, QuarterRow>(
+                "SELECT d.sensor_id, d.day, h.q, d.counts[h.q + 1 : h.q + 4],
+                        d.sums[h.q + 1 : h.q + 4], d.mins[h.q + 1 : h.q + 4],
+                        d.maxs[h.q + 1 : h.q + 4]
+                 FROM reading_day_quarters d
+                 CROSS JOIN LATERAL (SELECT ($2::int[])[d.day - $3 + 1] AS q) h
+                 WHERE d.sensor_id = ANY($1) AND d.day >= $3 AND d.day <= $4
+                   AND h.q IS NOT NULL",
+            )
+            .bind(&ids)
+            .bind(&quarter_at)
+            .bind(first_day)
+            .bind(last_day)
+            .fetch_all(&self.pg)
+            .await
+        };
+        let buckets = async {
+            if other_hours.is_empty() {
+                return Ok(Vec::new());
+            }
+            // One index range per hour (fewer probes than one per bucket).
             sqlx::query_as::<_, (Uuid, DateTime<Utc>, i64, f64, f64, f64)>(
                 "SELECT b.sensor_id, b.bucket, b.count, b.sum::float8, b.min, b.max
                  FROM unnest($2::timestamptz[]) AS h(at)
@@ -460,11 +496,18 @@ impl ReadingStore {
                        AND bucket < h.at + interval '1 hour') b",
             )
             .bind(&ids)
-            .bind(&split_hours)
+            .bind(&other_hours)
             .fetch_all(&self.pg)
             .await
         };
-        let (cells, buckets) = tokio::try_join!(cells, buckets)?;
+        let (cells, quarters, mut buckets) = tokio::try_join!(cells, quarters, buckets)?;
+        for (sensor, day, q, counts, sums, mins, maxs) in quarters {
+            let midnight = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+            for j in 0..counts.len().min(sums.len()).min(mins.len()).min(maxs.len()) {
+                let at = midnight + Duration::minutes(BUCKET_MINUTES * (i64::from(q) + j as i64));
+                buckets.push((sensor, at, counts[j], sums[j], mins[j], maxs[j]));
+            }
+        }
         let cells = cells
             .into_iter()
             .map(|(sensor_id, day, packed)| {
@@ -540,6 +583,10 @@ impl ReadingStore {
             .collect())
     }
 }
+
+/// A sensor's UTC day, the quarter index of the first of four of its quarters, and their
+/// counts, sums, mins and maxs.
+type QuarterRow = (Uuid, NaiveDate, i32, Vec<i64>, Vec<f64>, Vec<f64>, Vec<f64>);
 
 /// A sensor's UTC day in hourly cells.
 #[derive(Debug, PartialEq)]

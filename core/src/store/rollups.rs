@@ -229,7 +229,7 @@ impl ReadingStore {
 }
 
 /// Replaces a bucket's rollup (deleting it when `temps` is empty) and recomputes its
-/// day's cell of that hour from the hour's buckets. The caller holds the bucket's row
+/// day's cell of that hour from the hour's buckets, and its day's quarter. The caller holds the bucket's row
 /// lock.
 pub(super) async fn replace_rollup(
     tx: &mut Transaction<'_, Postgres>,
@@ -272,6 +272,22 @@ pub(super) async fn replace_rollup(
     .bind(sensor.0)
     .bind(bucket)
     .bind(bucket.hour() as i32 + 1)
+    .execute(&mut **tx)
+    .await?;
+    // And the day's quarter of that bucket is the bucket.
+    sqlx::query(
+        "WITH q AS (
+            SELECT coalesce(sum(count), 0)::bigint AS n, coalesce(sum(sum), 0)::float8 AS s,
+                   coalesce(min(min), 'Infinity') AS lo, coalesce(max(max), '-Infinity') AS hi
+            FROM reading_buckets WHERE sensor_id = $1 AND bucket = $2
+         )
+         UPDATE reading_day_quarters d
+         SET counts[$3] = q.n, sums[$3] = q.s, mins[$3] = q.lo, maxs[$3] = q.hi
+         FROM q WHERE d.sensor_id = $1 AND d.day = ($2::timestamptz AT TIME ZONE 'UTC')::date",
+    )
+    .bind(sensor.0)
+    .bind(bucket)
+    .bind((bucket.hour() * 4 + bucket.minute() / 15) as i32 + 1)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::Instant,
 };
 
@@ -384,41 +384,42 @@ impl ReadingStore {
         }
         let (changes, notice) = late_changes(segments.iter().flat_map(|(s, _)| s.readings.iter()));
         let latest: Vec<&Reading> = newest.values().map(|(r, _)| *r).collect();
-        let row: (i64, Vec<Uuid>, Vec<Uuid>, i64, Vec<Uuid>, Vec<i64>) = sqlx::query_as(REGISTER)
-            .bind(intent)
-            .bind(&d.doc)
-            .bind(&d.sensor)
-            .bind(&d.bucket)
-            .bind(&d.count)
-            .bind(&d.first)
-            .bind(&d.last)
-            .bind(&d.bytes)
-            .bind(&r.id)
-            .bind(&r.ord)
-            .bind(&r.offset)
-            .bind(&r.t)
-            .bind(latest.iter().map(|r| r.sensor_id.0).collect::<Vec<_>>())
-            .bind(latest.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(latest.iter().map(|r| r.ts).collect::<Vec<_>>())
-            .bind(
-                latest
-                    .iter()
-                    .map(|r| r.temperature.get())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(latest.iter().map(|r| r.received_at).collect::<Vec<_>>())
-            .bind(
-                latest
-                    .iter()
-                    .map(|r| serde_json::Value::Object(r.extra.clone()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(newest.values().map(|(_, n)| *n).collect::<Vec<i64>>())
-            .bind(notice)
-            .bind(BUCKETS_CHANNEL)
-            .bind(&fragment)
-            .fetch_one(&self.pg)
-            .await?;
+        let row: (i64, Vec<Uuid>, Vec<Uuid>, i64, Vec<Uuid>, Vec<i64>) =
+            sqlx::query_as(REGISTER.as_str())
+                .bind(intent)
+                .bind(&d.doc)
+                .bind(&d.sensor)
+                .bind(&d.bucket)
+                .bind(&d.count)
+                .bind(&d.first)
+                .bind(&d.last)
+                .bind(&d.bytes)
+                .bind(&r.id)
+                .bind(&r.ord)
+                .bind(&r.offset)
+                .bind(&r.t)
+                .bind(latest.iter().map(|r| r.sensor_id.0).collect::<Vec<_>>())
+                .bind(latest.iter().map(|r| r.id).collect::<Vec<_>>())
+                .bind(latest.iter().map(|r| r.ts).collect::<Vec<_>>())
+                .bind(
+                    latest
+                        .iter()
+                        .map(|r| r.temperature.get())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(latest.iter().map(|r| r.received_at).collect::<Vec<_>>())
+                .bind(
+                    latest
+                        .iter()
+                        .map(|r| serde_json::Value::Object(r.extra.clone()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(newest.values().map(|(_, n)| *n).collect::<Vec<i64>>())
+                .bind(notice)
+                .bind(BUCKETS_CHANNEL)
+                .bind(&fragment)
+                .fetch_one(&self.pg)
+                .await?;
         let (intents, sensors, won, _notified, counted, counts) = row;
         if intents == 0 {
             return Ok(None);
@@ -593,11 +594,13 @@ struct ReadingColumns {
 /// Step 3 of a store. Deletes the intent and, only if it was there, registers the
 /// segments of sensors that still exist, claims their reading ids (a plain insert: an id
 /// claimed by another writer since step 1 fails the whole statement), adds the readings
-/// to their buckets and days' hourly cells, counts them and moves the latest rows; the
+/// to their buckets, days' hourly cells and days' quarters, counts them and moves the latest rows; the
 /// segments of deleted sensors expire at once. Rows are locked in (sensor, bucket)
 /// order, so concurrent writers do not deadlock. Returns whether the intent was there,
 /// the sensors registered, and the reading ids that became their sensor's latest.
-const REGISTER: &str = "
+static REGISTER: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "
 WITH intent AS (
     DELETE FROM raw_doc_expiry WHERE id = $1 RETURNING id
 ), input AS (
@@ -629,25 +632,23 @@ WITH intent AS (
     RETURNING b.id, b.sensor_id, b.bucket
 ), hours AS (
     SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
-           extract(hour FROM bucket AT TIME ZONE 'UTC')::int AS h,
+           extract(hour FROM bucket AT TIME ZONE 'UTC')::int AS k,
            count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
     FROM readings
     GROUP BY 1, 2, 3
 ), days AS (
     INSERT INTO reading_days AS d (sensor_id, day, counts, sums, mins, maxs)
-    SELECT sensor_id, day,
-           day_cells(array_agg(h), array_agg(n), 0::bigint),
-           day_cells(array_agg(h), array_agg(s), 0::float8),
-           day_cells(array_agg(h), array_agg(lo), 'Infinity'::float8),
-           day_cells(array_agg(h), array_agg(hi), '-Infinity'::float8)
-    FROM hours
-    GROUP BY sensor_id, day
-    ORDER BY sensor_id, day
-    ON CONFLICT (sensor_id, day) DO UPDATE SET
-        counts = cells_add(d.counts, excluded.counts),
-        sums = cells_add(d.sums, excluded.sums),
-        mins = cells_least(d.mins, excluded.mins),
-        maxs = cells_greatest(d.maxs, excluded.maxs)
+    {days}
+), quarters AS (
+    SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
+           extract(hour FROM bucket AT TIME ZONE 'UTC')::int * 4
+             + extract(minute FROM bucket AT TIME ZONE 'UTC')::int / 15 AS k,
+           count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
+    FROM readings
+    GROUP BY 1, 2, 3
+), day_quarters AS (
+    INSERT INTO reading_day_quarters AS d (sensor_id, day, counts, sums, mins, maxs)
+    {quarters}
 ), registered AS (
     INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes, fragment)
     SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes, d.fragment
@@ -685,12 +686,55 @@ WITH intent AS (
     SELECT pg_notify($21, $20) FROM intent WHERE $20 IS NOT NULL
 )
 SELECT (SELECT count(*) FROM intent)::int8,
-       coalesce((SELECT array_agg(DISTINCT sensor_id) FROM docs), '{}'),
-       coalesce((SELECT array_agg(reading_id) FROM latest), '{}'),
+       coalesce((SELECT array_agg(DISTINCT sensor_id) FROM docs), '{{}}'),
+       coalesce((SELECT array_agg(reading_id) FROM latest), '{{}}'),
        (SELECT count(*) FROM notified)::int8,
-       coalesce((SELECT array_agg(sensor_id ORDER BY sensor_id) FROM latest), '{}'),
-       coalesce((SELECT array_agg(count ORDER BY sensor_id) FROM latest), '{}')
-";
+       coalesce((SELECT array_agg(sensor_id ORDER BY sensor_id) FROM latest), '{{}}'),
+       coalesce((SELECT array_agg(count ORDER BY sensor_id) FROM latest), '{{}}')
+",
+        days = add_cells("hours", 24),
+        quarters = add_cells("quarters", 96),
+    )
+});
+
+/// The upsert of `n` cells per sensor and day from the rows of `source` (`sensor_id`,
+/// `day`, `k` the cell, `n`, `s`, `lo`, `hi`) into a table of cell arrays aliased `d`,
+/// cell by cell. The arrays are built and merged by expressions written out here:
+/// PostgreSQL ran the same as SQL functions (`day_cells`, `cells_add`) 3-4x slower
+/// (a day's 24 hourly cells ~110 µs a row, 30 µs written out).
+fn add_cells(source: &str, n: usize) -> String {
+    let build = |vals: &str, empty: &str| {
+        format!(
+            "array(SELECT coalesce({vals}[array_position(ks, i)], {empty}) \
+             FROM generate_series(0, {last}) i)",
+            last = n - 1
+        )
+    };
+    let merge = |column: &str, op: &str| {
+        let (a, b) = (format!("d.{column}[i]"), format!("excluded.{column}[i]"));
+        let cell = match op {
+            "+" => format!("{a} + {b}"),
+            f => format!("{f}({a}, {b})"),
+        };
+        format!("{column} = array(SELECT {cell} FROM generate_series(1, {n}) i)")
+    };
+    format!(
+        "SELECT sensor_id, day, {counts}, {sums}, {mins}, {maxs}
+    FROM (SELECT sensor_id, day, array_agg(k) AS ks, array_agg(n) AS ns, array_agg(s) AS ss,
+                 array_agg(lo) AS los, array_agg(hi) AS his
+          FROM {source} GROUP BY sensor_id, day) c
+    ORDER BY sensor_id, day
+    ON CONFLICT (sensor_id, day) DO UPDATE SET {add}, {sum}, {least}, {greatest}",
+        counts = build("ns", "0"),
+        sums = build("ss", "0"),
+        mins = build("los", "'Infinity'"),
+        maxs = build("his", "'-Infinity'"),
+        add = merge("counts", "+"),
+        sum = merge("sums", "+"),
+        least = merge("mins", "least"),
+        greatest = merge("maxs", "greatest"),
+    )
+}
 
 #[cfg(test)]
 mod tests {
