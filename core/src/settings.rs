@@ -180,6 +180,9 @@ pub struct StoreTuning {
     pub cache_readings: u64,
     /// How long after a bucket's end it counts as closed (late readings still come).
     pub close_after: Duration,
+    /// The most readings a merge holds in memory at once: a pass reads, merges and
+    /// writes its segments in rounds of about this many.
+    pub merge_round: usize,
 }
 
 impl Default for StoreTuning {
@@ -188,6 +191,7 @@ impl Default for StoreTuning {
             intent_ttl: Duration::from_secs(30),
             cache_readings: 64 * 1024,
             close_after: Duration::from_secs(120),
+            merge_round: 32 * 1024,
         }
     }
 }

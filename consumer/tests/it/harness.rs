@@ -34,9 +34,14 @@ pub fn quick() -> Tuning {
 
 impl Stores {
     pub async fn new() -> Self {
+        Self::with_tuning(quick()).await
+    }
+
+    /// The same with the store tuned by `tuning`.
+    pub async fn with_tuning(tuning: Tuning) -> Self {
         let db = TestDb::new().await;
         let mongo = TestMongo::new();
-        let store = ReadingStore::with_tuning(db.pool.clone(), &mongo.database().await, quick());
+        let store = ReadingStore::with_tuning(db.pool.clone(), &mongo.database().await, tuning);
         Self { db, mongo, store }
     }
 

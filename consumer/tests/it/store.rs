@@ -8,7 +8,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use termopar_core::{
     ids::{ClientId, SensorId},
     reading::{Celsius, Reading},
-    store::{HistoryQuery, Position, ReadingStore, SEGMENTS},
+    store::{HistoryQuery, Position, ReadingStore, Tuning, SEGMENTS},
 };
 use uuid::Uuid;
 
@@ -230,6 +230,47 @@ async fn history_answers_the_same_from_single_reading_segments_merged_tiers_and_
     stored.sort_by_key(|r| r.id);
     everything.sort_by_key(|r| r.id);
     assert_eq!(stored, everything);
+}
+
+/// A closed bucket with more readings than a merge round holds (a sensor sending a
+/// thousand readings a second has 900,000 in one; merged at once, a soak's node grew
+/// from 200 MiB to 2.5 GiB when its buckets closed): the final merge reads, merges and
+/// writes them a round at a time, and still ends with as few segments as they need.
+#[tokio::test]
+async fn a_closed_bucket_larger_than_a_merge_round_is_merged_in_rounds() {
+    let stores = Stores::with_tuning(Tuning {
+        merge_round: 300,
+        ..quick()
+    })
+    .await;
+    let (client, sensors) = stores.client_with_sensors(1).await;
+    let mut rng = StdRng::seed_from_u64(17);
+    let all = readings(&mut rng, client, sensors[0].0, 2_000, 15);
+    // Calls of 40, out of time order: fragments that overlap one another.
+    let mut shuffled = all.clone();
+    shuffled.shuffle(&mut rng);
+    for chunk in shuffled.chunks(40) {
+        stores.store.store(chunk).await.unwrap();
+    }
+    let mut rounds = 0;
+    for _ in 0..20 {
+        let report = stores
+            .store
+            .compact(t0() + Duration::days(1))
+            .await
+            .unwrap();
+        if report.buckets == 0 {
+            break;
+        }
+        rounds += report.rounds;
+    }
+    assert!(
+        rounds >= 6,
+        "2,000 readings in rounds of 300: {rounds} rounds"
+    );
+    assert_eq!(segments_per_bucket(&stores).await, vec![(8, 2_000)]);
+    assert_history_matches(&stores.store, sensors[0].0, &all, "merged in rounds").await;
+    stores.assert_rollups_match_raw().await;
 }
 
 #[tokio::test]

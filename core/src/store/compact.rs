@@ -43,10 +43,17 @@ pub struct CompactReport {
     pub written: usize,
     /// Bytes of segments written.
     pub bytes: u64,
+    /// Rounds of reading, merging and writing (see `Tuning::merge_round`).
+    pub rounds: usize,
 }
 
 /// Buckets of each kind (tiers, final) one pass looks at.
 const PASS: i64 = 512;
+
+/// Readings one pass merges, about: it takes due buckets until their merges hold this
+/// many (always one bucket at least, however large; it is read, merged and written in
+/// rounds of [`super::Tuning::merge_round`] readings).
+const PASS_READINGS: i64 = 256 * 1024;
 
 /// A segment as the index lists it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -117,6 +124,27 @@ fn tier_plan(docs: &[DocRow]) -> Vec<Vec<usize>> {
     done
 }
 
+/// A closed bucket's final merge in groups of about `round` readings (whole segments,
+/// in time order), merged one after another (see [`final_plan`]).
+fn final_groups(docs: &[DocRow], round: usize) -> Vec<Vec<usize>> {
+    let mut chosen = final_plan(docs);
+    chosen.sort_by_key(|&i| (docs[i].first_ts, docs[i].last_ts));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut held = 0;
+    for i in chosen {
+        let count = docs[i].count.max(0) as usize;
+        match groups.last_mut() {
+            Some(last) if held + count <= round => last.push(i),
+            _ => {
+                held = 0;
+                groups.push(vec![i]);
+            }
+        }
+        held += count;
+    }
+    groups
+}
+
 /// Which segments a closed bucket's final merge rewrites: all but the full ones in the
 /// main collection that overlap no other; nothing when that leaves no fragment and fewer
 /// than two segments.
@@ -141,11 +169,25 @@ fn final_plan(docs: &[DocRow]) -> Vec<usize> {
     }
 }
 
-/// What a pass merges in one bucket: groups of segments, each merged into new ones.
+/// What a pass merges in one bucket: groups of segments, each merged into new ones (a
+/// final merge's groups in time order, what one leaves short of a full segment carried
+/// into the next), with their readings.
 struct Plan {
     bucket_id: i64,
     is_final: bool,
-    groups: Vec<Vec<DocRef>>,
+    groups: Vec<(Vec<DocRef>, i64)>,
+}
+
+/// A segment a merge wrote, as the index records it.
+struct Written {
+    id: ObjectId,
+    count: i32,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    bytes: i32,
+    /// Kept for the cache of recent segments (a tier merge's: its bucket is open, and
+    /// history reads it soon).
+    segment: Option<Arc<Segment>>,
 }
 
 /// One bucket's merges in a pass: the segments it loses and gains.
@@ -154,7 +196,11 @@ struct Merge {
     /// A final merge writes lasting segments; a tier merge, fragments.
     is_final: bool,
     old: Vec<DocRef>,
-    new: Vec<Arc<Segment>>,
+    new: Vec<Written>,
+    /// A segment it read was gone (replaced meanwhile): it is not swapped in.
+    gone: bool,
+    /// Readings of the final merge's last group not yet in a segment.
+    carry: Vec<Reading>,
 }
 
 impl ReadingStore {
@@ -212,17 +258,19 @@ impl ReadingStore {
         for (&bucket_id, &is_final) in &kinds {
             let docs = per_bucket.remove(&bucket_id).unwrap_or_default();
             let groups: Vec<Vec<usize>> = if is_final {
-                vec![final_plan(&docs)]
+                final_groups(&docs, self.tuning.merge_round)
             } else {
                 tier_plan(&docs)
             };
-            let groups: Vec<Vec<DocRef>> = groups
+            let groups: Vec<(Vec<DocRef>, i64)> = groups
                 .into_iter()
                 .filter(|g| !g.is_empty())
                 .map(|g| {
+                    let readings = g.iter().map(|&i| i64::from(docs[i].count)).sum();
                     g.into_iter()
                         .map(|i| DocRef::from_row(&docs[i].doc, docs[i].fragment))
                         .collect::<Result<_, _>>()
+                        .map(|refs| (refs, readings))
                 })
                 .collect::<Result<_, _>>()?;
             if groups.is_empty() {
@@ -246,67 +294,160 @@ impl ReadingStore {
             .execute(&self.pg)
             .await?;
         }
+        // As many buckets as about PASS_READINGS readings (the rest wait for the next
+        // pass: they are still due).
+        let mut taken = 0;
+        plans.retain(|p| {
+            let keep = taken == 0 || taken < PASS_READINGS;
+            taken += p.groups.iter().map(|g| g.1).sum::<i64>();
+            keep
+        });
+        if plans.is_empty() {
+            return Ok(report);
+        }
 
-        // Read what is merged (from the cache of recent writes where it is there).
-        let wanted: Vec<DocRef> = plans.iter().flat_map(|p| p.groups.concat()).collect();
-        let fetched: HashMap<ObjectId, Arc<Segment>> = self
-            .fetch_segments(&wanted)
-            .await?
-            .into_iter()
-            .zip(wanted)
-            .filter_map(|(s, d)| s.map(|s| (d.id, s)))
+        // Read, merge and write in rounds of about `merge_round` readings, so a pass
+        // holds no more than that in memory whatever the buckets hold; the swap in
+        // PostgreSQL at the end takes each bucket whole.
+        let mut merges: Vec<Merge> = plans
+            .iter()
+            .map(|p| Merge {
+                bucket_id: p.bucket_id,
+                is_final: p.is_final,
+                old: p.groups.iter().flat_map(|g| g.0.iter().copied()).collect(),
+                new: Vec::new(),
+                gone: false,
+                carry: Vec::new(),
+            })
             .collect();
-        let mut merges: Vec<Merge> = Vec::new();
-        'plans: for plan in plans {
-            let mut new = Vec::new();
-            for group in &plan.groups {
-                let mut readings: Vec<Reading> = Vec::new();
-                for d in group {
-                    // Gone: replaced meanwhile; the next pass sees the bucket as it is.
-                    let Some(segment) = fetched.get(&d.id) else {
-                        continue 'plans;
-                    };
-                    readings.extend(segment.readings.iter().cloned());
+        let work: Vec<(usize, usize)> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(p, plan)| (0..plan.groups.len()).map(move |g| (p, g)))
+            .collect();
+        let mut intents: Vec<i64> = Vec::new();
+        let mut next = 0;
+        while next < work.len() {
+            let mut round = Vec::new();
+            let mut held = 0;
+            while let Some(&(p, g)) = work.get(next) {
+                let readings = plans[p].groups[g].1;
+                if !round.is_empty() && held + readings > self.tuning.merge_round as i64 {
+                    break;
+                }
+                held += readings;
+                round.push((p, g));
+                next += 1;
+            }
+            let wanted: Vec<DocRef> = round
+                .iter()
+                .filter(|(p, _)| !merges[*p].gone)
+                .flat_map(|&(p, g)| plans[p].groups[g].0.iter().copied())
+                .collect();
+            // A final merge's buckets are closed: nothing reads them soon, and the cache
+            // of recent segments is left as it is.
+            let keep = round.iter().any(|(p, _)| !plans[*p].is_final);
+            let fetched: HashMap<ObjectId, Arc<Segment>> = self
+                .fetch_segments(&wanted, keep)
+                .await?
+                .into_iter()
+                .zip(&wanted)
+                .filter_map(|(s, d)| s.map(|s| (d.id, s)))
+                .collect();
+            let mut made: Vec<(usize, Arc<Segment>)> = Vec::new();
+            for &(p, g) in &round {
+                let merge = &mut merges[p];
+                if merge.gone {
+                    continue;
+                }
+                let mut readings = std::mem::take(&mut merge.carry);
+                for d in &plans[p].groups[g].0 {
+                    match fetched.get(&d.id) {
+                        Some(segment) => readings.extend(segment.readings.iter().cloned()),
+                        // Replaced meanwhile: the next pass sees the bucket as it is.
+                        None => merge.gone = true,
+                    }
+                }
+                if merge.gone {
+                    continue;
                 }
                 readings.sort_by_key(|r| (r.ts, r.id));
-                for part in chunks(readings, |r| {
+                let mut parts = chunks(readings, |r| {
                     36 + if r.extra.is_empty() {
                         0
                     } else {
                         serde_json::to_vec(&r.extra).map_or(0, |v| v.len())
                     }
-                }) {
-                    new.push(Arc::new(Segment::new(ObjectId::new(), part)));
+                });
+                // What a final merge's group leaves short of a full segment goes on with
+                // the next group (the next in time), so the bucket ends with at most one
+                // short segment.
+                let more = g + 1 < plans[p].groups.len();
+                if merge.is_final
+                    && more
+                    && parts.last().is_some_and(|l| l.len() < SEGMENT_READINGS)
+                {
+                    merge.carry = parts.pop().unwrap_or_default();
+                }
+                made.extend(
+                    parts
+                        .into_iter()
+                        .map(|part| (p, Arc::new(Segment::new(ObjectId::new(), part)))),
+                );
+            }
+            if made.is_empty() {
+                continue;
+            }
+            // The rounds written before stay pending for as long as the pass runs.
+            if !intents.is_empty() {
+                let kept = sqlx::query(
+                    "UPDATE raw_doc_expiry SET due_at = now() + make_interval(secs => $2)
+                     WHERE id = ANY($1)",
+                )
+                .bind(&intents)
+                .bind(self.tuning.intent_ttl.as_secs_f64())
+                .execute(&self.pg)
+                .await?
+                .rows_affected();
+                if kept != intents.len() as u64 {
+                    // An earlier round's segments expired: this pass took too long.
+                    return Ok(report);
                 }
             }
-            merges.push(Merge {
-                bucket_id: plan.bucket_id,
-                is_final: plan.is_final,
-                old: plan.groups.concat(),
-                new,
-            });
+            let (intent, lens) = self.write_merged(&made, &merges).await?;
+            intents.push(intent);
+            report.rounds += 1;
+            for ((p, segment), bytes) in made.into_iter().zip(lens) {
+                let (first, last) = segment.span();
+                let merge = &mut merges[p];
+                merge.new.push(Written {
+                    id: segment.id,
+                    count: segment.readings.len() as i32,
+                    first,
+                    last,
+                    bytes,
+                    segment: (!merge.is_final).then_some(segment),
+                });
+            }
         }
-        if merges.is_empty() {
-            return Ok(report);
-        }
-        self.swap(&merges, &mut report).await?;
+        self.swap(&merges, &intents, &mut report).await?;
         Ok(report)
     }
 
-    /// Writes the merges' new segments and swaps them for the old ones, for the buckets
-    /// whose old segments are all still registered.
-    async fn swap(&self, merges: &[Merge], report: &mut CompactReport) -> Result<(), StoreError> {
-        let new: Vec<(&Arc<Segment>, bool)> = merges
-            .iter()
-            .flat_map(|m| m.new.iter().map(move |s| (s, !m.is_final)))
-            .collect();
-        let encoded: Vec<RawDocumentBuf> = new.iter().map(|(s, _)| s.encode()).collect();
+    /// Writes merged segments (recorded as expiring first, as one intent): returns the
+    /// intent and each segment's size.
+    async fn write_merged(
+        &self,
+        made: &[(usize, Arc<Segment>)],
+        merges: &[Merge],
+    ) -> Result<(i64, Vec<i32>), StoreError> {
+        let encoded: Vec<RawDocumentBuf> = made.iter().map(|(_, s)| s.encode()).collect();
         let lens: Vec<i32> = encoded.iter().map(|d| d.as_bytes().len() as i32).collect();
-        let refs: Vec<DocRef> = new
+        let refs: Vec<DocRef> = made
             .iter()
-            .map(|(s, fragment)| DocRef {
+            .map(|(p, s)| DocRef {
                 id: s.id,
-                fragment: *fragment,
+                fragment: !merges[*p].is_final,
             })
             .collect();
         let ids = |fragment: bool| -> Vec<Vec<u8>> {
@@ -333,15 +474,25 @@ impl ReadingStore {
         }
         let bytes: u64 = lens.iter().map(|&l| l as u64).sum();
         metrics::counter!("raw_store_bytes_written_total", "by" => "merge").increment(bytes);
+        Ok((intent, lens))
+    }
 
+    /// Swaps the merges' new segments (written under `intents`) for the old ones, for the
+    /// buckets whose old segments are all still registered.
+    async fn swap(
+        &self,
+        merges: &[Merge],
+        intents: &[i64],
+        report: &mut CompactReport,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pg.begin().await?;
-        let kept = sqlx::query("DELETE FROM raw_doc_expiry WHERE id = $1")
-            .bind(intent)
+        let kept = sqlx::query("DELETE FROM raw_doc_expiry WHERE id = ANY($1)")
+            .bind(intents)
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        if kept != 1 {
-            // This took longer than the intent lived: the new segments are gone.
+        if kept != intents.len() as u64 {
+            // This took longer than the intents lived: the new segments are gone.
             tx.rollback().await?;
             return Ok(());
         }
@@ -351,9 +502,9 @@ impl ReadingStore {
         sqlx::query(
             "SELECT 1 FROM reading_buckets WHERE id = ANY($1) ORDER BY sensor_id, bucket FOR UPDATE",
         )
-            .bind(&bucket_ids)
-            .execute(&mut *tx)
-            .await?;
+        .bind(&bucket_ids)
+        .execute(&mut *tx)
+        .await?;
         let old: Vec<Vec<u8>> = merges
             .iter()
             .flat_map(|m| m.old.iter().map(|d| d.id.bytes().to_vec()))
@@ -369,17 +520,16 @@ impl ReadingStore {
         let mut add = NewColumns::default();
         let mut stale_new: Vec<Vec<u8>> = Vec::new();
         let (mut upd_id, mut upd_delta, mut upd_final) = (Vec::new(), Vec::new(), Vec::new());
-        let mut at = 0;
+        let mut swapped: Vec<&Merge> = Vec::new();
         for m in merges {
-            let these = &lens[at..at + m.new.len()];
-            at += m.new.len();
-            if !m
-                .old
-                .iter()
-                .all(|d| present.contains(d.id.bytes().as_slice()))
+            if m.gone
+                || !m
+                    .old
+                    .iter()
+                    .all(|d| present.contains(d.id.bytes().as_slice()))
             {
                 if m.is_final {
-                    stale_new.extend(m.new.iter().map(|s| s.id.bytes().to_vec()));
+                    stale_new.extend(m.new.iter().map(|w| w.id.bytes().to_vec()));
                 }
                 continue;
             }
@@ -387,14 +537,13 @@ impl ReadingStore {
                 go_old.push(d.id.bytes().to_vec());
                 go_bucket.push(m.bucket_id);
             }
-            for (s, len) in m.new.iter().zip(these) {
-                let (first, last) = s.span();
-                add.doc.push(s.id.bytes().to_vec());
+            for w in &m.new {
+                add.doc.push(w.id.bytes().to_vec());
                 add.bucket.push(m.bucket_id);
-                add.count.push(s.readings.len() as i32);
-                add.first.push(first);
-                add.last.push(last);
-                add.bytes.push(*len);
+                add.count.push(w.count);
+                add.first.push(w.first);
+                add.last.push(w.last);
+                add.bytes.push(w.bytes);
                 add.fragment.push(!m.is_final);
             }
             upd_id.push(m.bucket_id);
@@ -402,7 +551,8 @@ impl ReadingStore {
             upd_final.push(m.is_final);
             report.merged += m.old.len();
             report.written += m.new.len();
-            report.bytes += these.iter().map(|&l| l as u64).sum::<u64>();
+            report.bytes += m.new.iter().map(|w| w.bytes as u64).sum::<u64>();
+            swapped.push(m);
         }
         sqlx::query(
             "DELETE FROM raw_docs d USING unnest($1::bytea[], $2::int8[]) AS o(doc, bucket_id)
@@ -445,10 +595,9 @@ impl ReadingStore {
                 .await?;
         }
         tx.commit().await?;
-        let stale: HashSet<Vec<u8>> = stale_new.into_iter().collect();
-        for (s, _) in new {
-            if !stale.contains(s.id.bytes().as_slice()) {
-                self.recent.insert(s.id, Arc::clone(s));
+        for w in swapped.iter().flat_map(|m| &m.new) {
+            if let Some(segment) = &w.segment {
+                self.recent.insert(w.id, Arc::clone(segment));
             }
         }
         Ok(())
@@ -529,6 +678,21 @@ mod tests {
         }
         assert_eq!(docs.iter().sum::<i32>(), 900);
         assert!(rewritten <= 900 * 5, "{rewritten}");
+    }
+
+    #[test]
+    fn a_large_final_merge_is_cut_into_groups_of_whole_segments_in_time_order() {
+        let mut docs = rows(&[100, 100, 100, 50, 300, 10]);
+        for d in &mut docs {
+            d.fragment = true;
+        }
+        // Listed out of time order: grouped in it.
+        docs.swap(0, 3);
+        assert_eq!(
+            final_groups(&docs, 250),
+            vec![vec![3, 1], vec![2, 0], vec![4], vec![5]]
+        );
+        assert_eq!(final_groups(&docs, 10_000), vec![vec![3, 1, 2, 0, 4, 5]]);
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl ReadingStore {
         let mut holder: Option<(DocRef, Arc<Segment>)> = None;
         for (doc, segment) in candidates
             .iter()
-            .zip(self.fetch_segments(&candidates).await?)
+            .zip(self.fetch_segments(&candidates, true).await?)
         {
             let Some(segment) = segment else {
                 return Ok(None);

@@ -194,11 +194,12 @@ fn prune(mut docs: Vec<Listed>, window: &Window, need: u64) -> Vec<Listed> {
 
 impl ReadingStore {
     /// Segments by `_id`, in order, from the cache of recent segments or the document
-    /// store (concurrently; what is fetched is cached: a segment never changes under its
-    /// `_id`); `None` for one that does not exist.
+    /// store (concurrently; with `keep`, what is fetched is cached: a segment never
+    /// changes under its `_id`); `None` for one that does not exist.
     pub(super) async fn fetch_segments(
         &self,
         docs: &[DocRef],
+        keep: bool,
     ) -> Result<Vec<Option<Arc<Segment>>>, StoreError> {
         let fetches = docs.iter().map(|d| async move {
             if let Some(hit) = self.recent.get(&d.id) {
@@ -209,7 +210,9 @@ impl ReadingStore {
             match self.collection(d).find_one(doc! { "_id": d.id }).await? {
                 Some(raw) => {
                     let segment = Arc::new(Segment::decode(&raw)?);
-                    self.recent.insert(d.id, Arc::clone(&segment));
+                    if keep {
+                        self.recent.insert(d.id, Arc::clone(&segment));
+                    }
                     Ok(Some(segment))
                 }
                 None => Ok(None),
@@ -317,7 +320,7 @@ impl ReadingStore {
                 let need = skip + (want - found.len()) as u64;
                 let chosen = prune(docs, &window, need);
                 let ids: Vec<DocRef> = chosen.iter().map(|d| d.doc).collect();
-                let segments = self.fetch_segments(&ids).await?;
+                let segments = self.fetch_segments(&ids, true).await?;
                 let Some(segments) = segments.into_iter().collect::<Option<Vec<_>>>() else {
                     return Ok(None);
                 };
@@ -395,7 +398,7 @@ impl ReadingStore {
                 return Ok(None);
             };
             let docs = place.candidates;
-            let segments = self.fetch_segments(&docs).await?;
+            let segments = self.fetch_segments(&docs, true).await?;
             if segments.iter().any(Option::is_none) {
                 continue;
             }

@@ -166,7 +166,7 @@ impl ReadingStore {
         .iter()
         .map(|(doc, fragment)| super::DocRef::from_row(doc, *fragment))
         .collect::<Result<_, _>>()?;
-        let segments = self.fetch_segments(&docs).await?;
+        let segments = self.fetch_segments(&docs, true).await?;
         let mut readings: Vec<Reading> = segments
             .into_iter()
             .map(|s| {
