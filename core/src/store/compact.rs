@@ -12,8 +12,13 @@
 //!   segments become as few as their readings need, in time order, except full ones
 //!   that overlap no other, which stay.
 //!
-//! A pass merges many buckets at once. It writes the new segments (recorded as expiring
-//! first), then swaps them for the old ones in PostgreSQL under the buckets' row locks,
+//! A pass merges many buckets at once, up to about [`PASS_READINGS`] readings (a bucket
+//! is always taken whole). It reads, merges and writes in rounds of
+//! [`super::Tuning::merge_round`] readings, so its memory is bounded whatever a bucket
+//! holds (a final merge's groups go in time order, and what one group leaves short of a
+//! full segment goes on with the next); each round's new segments are recorded as
+//! expiring first, and kept pending while the pass runs. Then it swaps them for the old
+//! ones in PostgreSQL under the buckets' row locks,
 //! for each bucket whose old segments are still all there (a correction or another
 //! compactor may have replaced one: that bucket's new segments expire at once). The
 //! old ones expire after a grace period.
