@@ -1,5 +1,7 @@
 //! The embedded broker with real clients: mosquitto_pub and mosquitto_sub.
 
+mod common;
+
 use std::{process::Command, time::Duration};
 
 use termopar_broker::BrokerSettings;
@@ -243,7 +245,6 @@ async fn a_readings_puback_waits_until_the_consumer_finished_it() {
 /// subscription never reads, and its PUBACK waited forever.)
 #[tokio::test]
 async fn a_device_that_connects_before_the_consumer_subscribed_is_taken_after_it() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let topics = termopar_core::topic::Topics::new("");
@@ -274,34 +275,8 @@ async fn a_device_that_connects_before_the_consumer_subscribed_is_taken_after_it
     device.write_all(&bytes).await.unwrap();
 
     // Then the consumer subscribes on rumqttd's own port, as edge mode's does.
-    let direct = broker.direct_endpoint();
-    let mut options = MqttOptions::new("consumer", &direct.host, direct.port);
-    if let Some((user, password)) = &direct.credentials {
-        use secrecy::ExposeSecret;
-        options.set_credentials(user, password.expose_secret());
-    }
-    let (consumer, mut eventloop) = AsyncClient::new(options, 16);
-    consumer
-        .subscribe(topics.readings_filter(), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    let _ = got_tx.send(None);
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let _ = got_tx.send(Some((p.topic, p.payload)));
-                }
-                _ => {}
-            }
-        }
-    });
+    let (_consumer, mut got) = common::direct_subscriber(&broker, &topics.readings_filter()).await;
     let wait = Duration::from_secs(20);
-    let subscribed = tokio::time::timeout(wait, got.recv()).await.unwrap();
-    assert_eq!(subscribed, Some(None), "subscribed first");
     assert_eq!(
         broker.stats().connects_accepted,
         0,
@@ -318,7 +293,6 @@ async fn a_device_that_connects_before_the_consumer_subscribed_is_taken_after_it
     let (got_topic, got_payload) = tokio::time::timeout(wait, got.recv())
         .await
         .expect("the early reading reaches the consumer")
-        .unwrap()
         .unwrap();
     assert_eq!(
         (got_topic.as_str(), &got_payload[..]),

@@ -2,6 +2,8 @@
 //! mosquitto_pub/sub, MQTT 3.1.1 and 5 on the one port, keepalive 0, the device ACL,
 //! TLS, and credentials changed under live connections.
 
+mod common;
+
 use std::{process::Output, time::Duration};
 
 use serde_json::Value;
@@ -586,44 +588,13 @@ fn spawn_paho(port: u16, args: &[&str]) -> tokio::task::JoinHandle<Output> {
 /// its 3.1.1 link panicked on one.)
 #[tokio::test]
 async fn a_puback_under_a_topic_alias_waits_for_the_consumer_too() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
     let topics = Topics::new("");
     let mut settings = BrokerSettings::ephemeral();
     settings.ack_when_finished = Some(topics.readings_filter());
     let broker = termopar_broker::start(&settings, None).await.unwrap();
     let finished = broker.finished().unwrap();
 
-    let direct = broker.direct_endpoint();
-    let mut options = MqttOptions::new("consumer", &direct.host, direct.port);
-    if let Some((user, password)) = &direct.credentials {
-        use secrecy::ExposeSecret;
-        options.set_credentials(user, password.expose_secret());
-    }
-    let (consumer, mut eventloop) = AsyncClient::new(options, 16);
-    consumer
-        .subscribe(topics.readings_filter(), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let mut subscribed_tx = Some(subscribed_tx);
-    tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let _ = got_tx.send((p.topic, p.payload));
-                }
-                _ => {}
-            }
-        }
-    });
-    subscribed.await.unwrap();
+    let (_consumer, mut got) = common::direct_subscriber(&broker, &topics.readings_filter()).await;
     broker.admit();
 
     let topic = topics.readings(

@@ -631,24 +631,15 @@ WITH intent AS (
         settled = false
     RETURNING b.id, b.sensor_id, b.bucket
 ), hours AS (
-    SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
-           extract(hour FROM bucket AT TIME ZONE 'UTC')::int AS k,
-           count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
-    FROM readings
-    GROUP BY 1, 2, 3
+    {hours}
 ), days AS (
     INSERT INTO reading_days AS d (sensor_id, day, counts, sums, mins, maxs)
-    {days}
+    {add_hours}
 ), quarters AS (
-    SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day,
-           extract(hour FROM bucket AT TIME ZONE 'UTC')::int * 4
-             + extract(minute FROM bucket AT TIME ZONE 'UTC')::int / 15 AS k,
-           count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
-    FROM readings
-    GROUP BY 1, 2, 3
+    {quarters}
 ), day_quarters AS (
     INSERT INTO reading_day_quarters AS d (sensor_id, day, counts, sums, mins, maxs)
-    {quarters}
+    {add_quarters}
 ), registered AS (
     INSERT INTO raw_docs (doc, bucket_id, count, first_ts, last_ts, bytes, fragment)
     SELECT d.doc, b.id, d.count, d.first_ts, d.last_ts, d.bytes, d.fragment
@@ -692,10 +683,26 @@ SELECT (SELECT count(*) FROM intent)::int8,
        coalesce((SELECT array_agg(sensor_id ORDER BY sensor_id) FROM latest), '{{}}'),
        coalesce((SELECT array_agg(count ORDER BY sensor_id) FROM latest), '{{}}')
 ",
-        days = add_cells("hours", 24),
-        quarters = add_cells("quarters", 96),
+        hours = per_cell("extract(hour FROM bucket AT TIME ZONE 'UTC')::int"),
+        add_hours = add_cells("hours", 24),
+        quarters = per_cell(
+            "extract(hour FROM bucket AT TIME ZONE 'UTC')::int * 4
+             + extract(minute FROM bucket AT TIME ZONE 'UTC')::int / 15"
+        ),
+        add_quarters = add_cells("quarters", 96),
     )
 });
+
+/// The readings' statistics per sensor, UTC day and cell `k` of the day (`cell`, an
+/// expression of their `bucket`).
+fn per_cell(cell: &str) -> String {
+    format!(
+        "SELECT sensor_id, (bucket AT TIME ZONE 'UTC')::date AS day, {cell} AS k,
+           count(*)::bigint AS n, sum(t) AS s, min(t) AS lo, max(t) AS hi
+    FROM readings
+    GROUP BY 1, 2, 3"
+    )
+}
 
 /// The upsert of `n` cells per sensor and day from the rows of `source` (`sensor_id`,
 /// `day`, `k` the cell, `n`, `s`, `lo`, `hi`) into a table of cell arrays aliased `d`,
