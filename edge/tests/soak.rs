@@ -3,7 +3,8 @@
 //! reads alongside, for `SOAK_SECS` (default 600). The readings span half an hour of
 //! simulated time (three simulated seconds a second, ending a minute short of the clock),
 //! so buckets close during the soak and their final merges run in it. After the first
-//! fifth (warm-up), the resident memory of the node and of FerretDB must stay flat (the
+//! fifth (warm-up), the resident memory of the node and of FerretDB, and the private
+//! memory of the PostgreSQL backends serving its database, must stay flat (the
 //! mean of the last fifth within 5% of the mean of the second fifth: a leak moves the
 //! mean, a garbage collection that happens to fall in one fifth barely does) and never
 //! peak above 1.5× that, the backlog must not grow, and the reads' p99 must not drift
@@ -37,6 +38,36 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Memory of `pid` no other process shares (`Private_Clean` + `Private_Dirty`), in KiB:
+/// for a PostgreSQL backend, its own memory without the shared buffers it touched.
+fn private_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The mean private memory of the PostgreSQL backends serving database `name` (as many
+/// as the node's pool keeps open: a mean, so that one more connection is not growth).
+async fn pg_backend_kib(pool: &sqlx::PgPool, name: &str) -> u64 {
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+        .bind(name)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let sizes: Vec<u64> = pids
+        .into_iter()
+        .map(private_kib)
+        .filter(|&k| k > 0)
+        .collect();
+    sizes.iter().sum::<u64>() / sizes.len().max(1) as u64
+}
+
 /// Publishes rumqttd took in (the node's `mqtt_broker_messages_in_total`).
 async fn messages_in(http: &reqwest::Client, base: &str) -> f64 {
     let text = http
@@ -68,6 +99,7 @@ struct Sample {
     at: Duration,
     node_kib: u64,
     ferret_kib: u64,
+    pg_kib: u64,
     backlog: i64,
 }
 
@@ -216,6 +248,7 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
             at,
             node_kib: rss_kib(node_pid),
             ferret_kib: rss_kib(ferret_pid),
+            pg_kib: pg_backend_kib(&db.pool, db.name()).await,
             backlog: (taken - stored) as i64,
         });
     }
@@ -242,8 +275,10 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
     let peak = |f: fn(&Sample) -> u64| after_warm_up.iter().map(f).max().unwrap_or(0) as f64;
     let node_peak = peak(|s| s.node_kib) / mean(&second, |s| s.node_kib);
     let ferret_peak = peak(|s| s.ferret_kib) / mean(&second, |s| s.ferret_kib);
+    let pg_peak = peak(|s| s.pg_kib) / mean(&second, |s| s.pg_kib);
     let node_growth = mean(&last, |s| s.node_kib) / mean(&second, |s| s.node_kib);
     let ferret_growth = mean(&last, |s| s.ferret_kib) / mean(&second, |s| s.ferret_kib);
+    let pg_growth = mean(&last, |s| s.pg_kib) / mean(&second, |s| s.pg_kib);
     let backlog_second = second.iter().map(|s| s.backlog).max().unwrap_or(0);
     let backlog_last = last.iter().map(|s| s.backlog).max().unwrap_or(0);
     let reads = reads.lock().unwrap().clone();
@@ -281,8 +316,10 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
          | measurement | after warm-up (2nd fifth) | end (last fifth) | ratio | target |\n|---|---|---|---|---|\n\
          | node RSS, mean | {:.0} KiB | {:.0} KiB | {node_growth:.3} | ≤ 1.05 |\n\
          | FerretDB RSS, mean | {:.0} KiB | {:.0} KiB | {ferret_growth:.3} | ≤ 1.05 |\n\
+         | PostgreSQL backends of its database, private memory each, mean | {:.0} KiB | {:.0} KiB | {pg_growth:.3} | ≤ 1.05 |\n\
          | node RSS, most after warm-up | | {:.0} KiB | {node_peak:.3} | ≤ 1.5 |\n\
          | FerretDB RSS, most after warm-up | | {:.0} KiB | {ferret_peak:.3} | ≤ 1.5 |\n\
+         | PostgreSQL backends, most after warm-up | | {:.0} KiB | {pg_peak:.3} | ≤ 1.5 |\n\
          | backlog (taken by the broker, not stored), most | {backlog_second} | {backlog_last} | | not growing |\n\
          | reads p99 (latest, history page), first and last bucket's span | {:.1} ms | {:.1} ms | {:.2} | ≤ 2× + 5 ms |\n\
          | readings acknowledged / reads | {} | {} | | |\n",
@@ -291,8 +328,11 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
         mean(&last, |s| s.node_kib),
         mean(&second, |s| s.ferret_kib),
         mean(&last, |s| s.ferret_kib),
+        mean(&second, |s| s.pg_kib),
+        mean(&last, |s| s.pg_kib),
         peak(|s| s.node_kib),
         peak(|s| s.ferret_kib),
+        peak(|s| s.pg_kib),
         p99_second.as_secs_f64() * 1e3,
         p99_last.as_secs_f64() * 1e3,
         p99_last.as_secs_f64() / p99_second.as_secs_f64().max(1e-9),
@@ -308,8 +348,13 @@ async fn an_edge_node_at_half_its_measured_maximum_stays_flat() {
         "FerretDB's memory grew {ferret_growth:.3}×"
     );
     assert!(
-        node_peak <= 1.5 && ferret_peak <= 1.5,
-        "memory peaked after warm-up: the node {node_peak:.3}×, FerretDB {ferret_peak:.3}×"
+        pg_growth <= 1.05,
+        "PostgreSQL's backends' memory grew {pg_growth:.3}×"
+    );
+    assert!(
+        node_peak <= 1.5 && ferret_peak <= 1.5 && pg_peak <= 1.5,
+        "memory peaked after warm-up: the node {node_peak:.3}×, FerretDB {ferret_peak:.3}×, \
+         PostgreSQL's backends {pg_peak:.3}×"
     );
     assert!(
         backlog_last <= backlog_second.max(0) + (rate * 2.0) as i64,
