@@ -237,7 +237,9 @@ ferretdb_up() {
     if [ -n "$pid" ] && [ -e "/proc/$pid/exe" ] && [ "$(readlink "/proc/$pid/exe")" != "$FERRETDB_BIN" ]; then
         log "restarting FerretDB with $FERRETDB_BIN"
         kill "$pid" 2>/dev/null || true
-        wait_for "the old FerretDB to stop" bash -c "! (exec 3<>/dev/tcp/${FERRETDB_ADDR%:*}/${FERRETDB_ADDR##*:}) 2>/dev/null"
+        # Until the process is gone, not only its port: it holds SQLite's lock until it
+        # exits, and a FerretDB started before that fails with SQLITE_BUSY (seen in CI).
+        wait_for "the old FerretDB to stop" bash -c "! [ -e /proc/$pid ]"
     fi
     if port_open "$FERRETDB_ADDR"; then
         log "FerretDB already answering on $FERRETDB_ADDR"
