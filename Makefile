@@ -39,7 +39,7 @@ test: services ## Run every test against real services
 test-fuzz: services ## Schemathesis on /openapi.json of a running edge node, as admin and viewer: 0 5xx, 0 schema violations, >= 10,000 requests
 	$(WITH_SERVICES) scripts/fuzz.sh
 
-# How long the soak runs, in seconds (CI runs the default).
+# How long the soak runs, in seconds.
 SOAK_SECS ?= 600
 
 test-soak: services ## An edge node at half its measured ingest, buckets closing, reads alongside, for SOAK_SECS (600): RSS of the node and FerretDB flat, backlog and read p99 steady
@@ -52,7 +52,7 @@ lint: ## Format check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-ci: lint test test-fuzz test-soak ## What CI runs: lint, the tests, the fuzzer, then the soak
+ci: lint test test-fuzz ## What CI runs: lint, the tests, then the fuzzer
 
 bench: bench-ingest bench-api bench-store bench-webhook bench-tracking bench-jobs bench-console bench-alarms ## Every benchmark, each printed as a table with ratios to baselines
 
